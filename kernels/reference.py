@@ -1,0 +1,86 @@
+"""Plain-torch twins of the bitserve ops (the numerical contract of the kernels).
+
+These run anywhere torch runs (CPU and CUDA) and are what the Triton kernels
+are tested against. They never materialise a full dense weight: ternary
+weights are unpacked tile by tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# float32 adds integers exactly while every partial sum stays below 2**24:
+# |x_q| <= 128 and |t| <= 1, so an int8 x ternary dot product of length K is
+# exact in float32 as long as 128 * K < 2**24.
+_EXACT_FP32_MAX_K = (1 << 24) // 128
+
+# Target size of one unpacked fp32 weight tile (elements).
+_TILE_ELEMENTS = 1 << 21
+
+
+def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric absmax int8 quantization (FORMATS.md §1.5).
+
+    Returns ``(x_q, s_x)`` with ``x_q`` int8 of x's shape and ``s_x`` float32
+    of shape ``[..., 1]`` such that ``x ~= x_q / s_x``. Rounding is half-to-even
+    like torch.round (and transformers' BitNet).
+    """
+    xf = x.float()
+    scale = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    x_q = (xf * scale).round().clamp(-128, 127)
+    return x_q.to(torch.int8), scale
+
+
+def _ternary_lut(device: torch.device) -> torch.Tensor:
+    """``[256, 4]`` float32: the four ternary values (slabs 0..3) held by each byte."""
+    codes = torch.arange(256, device=device, dtype=torch.int32)
+    return torch.stack([((codes >> (2 * s)) & 3) - 1 for s in range(4)], dim=1).float()
+
+
+def ternary_matmul_int(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Exact ``x_q @ T.T`` for int-valued ``x_q [M, K]`` and kernel-layout ``packed [N, K/4]``.
+
+    Returns float32 ``[M, N]`` holding the integer accumulators. Unpacks at most
+    ``_TILE_ELEMENTS`` weights at a time.
+    """
+    m, k = x_q.shape
+    n, q = packed.shape
+    if 4 * q != k:
+        raise ValueError(f"packed weight has K={4 * q} but activations have K={k}")
+    acc_dtype = torch.float32 if k <= _EXACT_FP32_MAX_K else torch.float64
+    # Activations in (j, s) order so that a LUT-expanded packed row [Q, 4] is a
+    # contiguous length-K row matching them.
+    xs = x_q.to(acc_dtype).view(m, 4, q).transpose(1, 2).reshape(m, k)
+    lut = _ternary_lut(packed.device).to(acc_dtype)
+    out = torch.empty((m, n), dtype=acc_dtype, device=x_q.device)
+    rows = max(1, _TILE_ELEMENTS // k)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        w = F.embedding(packed[start:stop].int(), lut).view(stop - start, k)
+        torch.matmul(xs, w.t(), out=out[:, start:stop])
+    return out.float()
+
+
+def ternary_linear_w2a8(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W1.58A8 linear: ``y = (x_q @ T.T) / s_x * weight_scale (+ bias)``.
+
+    x: ``[..., K]`` float; packed: ``uint8[N, K/4]`` kernel layout
+    (:mod:`bitserve.kernels.packing`); weight_scale: float ``[1]`` (per tensor)
+    or ``[N]`` (per output channel), always a multiplier; bias: ``[N]`` or None.
+    Activations are quantized per token to int8 (absmax), the dot products are
+    accumulated exactly, and the result is returned in ``x.dtype``.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    x_q, s_x = quantize_activations_int8(x2)
+    acc = ternary_matmul_int(x_q, packed)
+    y = acc / s_x * weight_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, packed.shape[0])

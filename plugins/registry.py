@@ -1,0 +1,72 @@
+"""Find format plugins through the ``bitserve.formats`` entry-point group."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import entry_points
+from typing import Collection, Mapping
+
+from bitserve.plugins.base import FormatPlugin
+from bitserve.plugins.checkpoint import CheckpointReader
+
+ENTRY_POINT_GROUP = "bitserve.formats"
+
+log = logging.getLogger(__name__)
+
+
+class UnknownFormatError(ValueError):
+    """No installed plugin has the requested name or claims the checkpoint."""
+
+
+class FormatRegistry:
+    """The installed format plugins, by name.
+
+    Built from entry points by default; tests may pass plugin classes directly.
+    """
+
+    def __init__(self, plugins: Mapping[str, type[FormatPlugin]] | None = None):
+        if plugins is None:
+            plugins = self._from_entry_points()
+        self._plugins = dict(plugins)
+
+    @staticmethod
+    def _from_entry_points() -> dict[str, type[FormatPlugin]]:
+        found: dict[str, type[FormatPlugin]] = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in found:
+                continue  # the same distribution seen twice on sys.path
+            try:
+                cls = ep.load()
+            except Exception as e:  # a broken third-party plugin must not break loading
+                log.warning("format plugin %r (%s) failed to import: %s", ep.name, ep.value, e)
+                continue
+            if not (isinstance(cls, type) and issubclass(cls, FormatPlugin)):
+                log.warning("entry point %r (%s) is not a FormatPlugin subclass; ignored", ep.name, ep.value)
+                continue
+            found[ep.name] = cls
+        return found
+
+    def names(self) -> list[str]:
+        return sorted(self._plugins)
+
+    def _installed(self) -> str:
+        return ", ".join(self.names()) or "(none)"
+
+    def get(self, name: str, config: dict | None = None) -> FormatPlugin:
+        try:
+            return self._plugins[name](config)
+        except KeyError:
+            raise UnknownFormatError(f"unknown format '{name}'; installed formats: {self._installed()}") from None
+
+    def detect(self, config: dict, tensor_names: Collection[str], reader: CheckpointReader) -> FormatPlugin:
+        """The highest-priority plugin that claims the checkpoint."""
+        ordered = sorted(self._plugins.items(), key=lambda kv: (-kv[1].priority, kv[0]))
+        for _, cls in ordered:
+            plugin = cls(config)
+            if plugin.detect(config, tensor_names, reader):
+                return plugin
+        raise UnknownFormatError(
+            f"{reader.folder}: no installed format recognises this checkpoint "
+            f"(quantization_config={config.get('quantization_config')!r}); installed formats: "
+            f"{self._installed()}. Pass format=NAME to force one."
+        )

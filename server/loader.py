@@ -1,0 +1,141 @@
+"""Load a checkpoint folder into a ready model: config, format plugin, linears, tensors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bitserve.model import LlamaForCausalLM
+from bitserve.model_config import ModelConfig
+from bitserve.plugins.base import FormatPlugin
+from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader
+from bitserve.plugins.registry import FormatRegistry
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    plugin: FormatPlugin
+    hf_config: dict
+    path: Path
+    weight_bytes: int  # bytes of every tensor the model holds
+    checkpoint_bytes: int  # tensor bytes of the checkpoint files
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> Path:
+    """A local folder, or a Hugging Face repo id downloaded with huggingface_hub when installed."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if _REPO_ID.match(model) and not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise CheckpointError(
+                f"{model}: not a local folder, and huggingface_hub is not installed to download it"
+            ) from None
+        try:
+            return Path(snapshot_download(model, revision=revision,
+                                          allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+        except Exception as e:
+            raise CheckpointError(f"{model}: cannot download from the Hugging Face Hub: {e}") from e
+    raise CheckpointError(f"{model}: checkpoint folder does not exist")
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path}: file is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed JSON: {e}") from e
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, hf_config: dict, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+    chosen = _DTYPES.get(name, torch.float32)
+    if chosen == torch.float16 and device.type == "cpu":
+        return torch.float32  # fp16 matmuls are slow and lossy on CPU
+    return chosen
+
+
+def load_model(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    registry: FormatRegistry | None = None,
+    progress: bool | None = None,
+) -> LoadedModel:
+    """Read config.json, pick the format plugin, and build the model.
+
+    Either returns a complete model or raises (CheckpointError naming the file
+    and tensor, UnknownFormatError listing the installed formats).
+    """
+    path = Path(path)
+    hf_config = read_json(path / "config.json")
+    reader = CheckpointReader(path)
+    registry = registry or FormatRegistry()
+    plugin = registry.get(format, hf_config) if format else registry.detect(hf_config, reader.names(), reader)
+    cfg = ModelConfig.from_hf(hf_config, plugin.model_overrides(hf_config))
+    gen_path = path / "generation_config.json"
+    if gen_path.exists():
+        eos = read_json(gen_path).get("eos_token_id")
+        cfg = cfg.with_eos(tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)))
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, hf_config, dev)
+
+    bar = tqdm(total=4 * cfg.num_layers, desc=f"loading {path.name} ({plugin.name})", unit="linear",
+               disable=(not progress) if progress is not None else None, leave=False)
+
+    def build_linear(specs):
+        layer = plugin.load_linear(reader, specs, device=dev, dtype=torch_dtype)
+        bar.update(1)
+        return layer
+
+    try:
+        model = LlamaForCausalLM(cfg, build_linear)
+    finally:
+        bar.close()
+    _load_dense_tensors(model, reader, dev, torch_dtype)
+    model.eval()
+    weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers(recurse=True))
+                       if t.device.type != "meta")
+    log.info("loaded %s as %s: %d layers, %.1f MB of weights", path, plugin.name, cfg.num_layers, weight_bytes / 1e6)
+    return LoadedModel(model, cfg, plugin, hf_config, path, weight_bytes, reader.nbytes())
+
+
+def _load_dense_tensors(model: LlamaForCausalLM, reader: CheckpointReader, device, dtype) -> None:
+    """Fill the meta-device parameters (embeddings, norms, untied lm_head) from the checkpoint."""
+    state = {}
+    for name, param in model.named_parameters():
+        if param.device.type != "meta":
+            continue
+        tensor = reader.get(name, shape=tuple(param.shape), dtypes=FLOAT_DTYPES)
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{reader.file_of(name)}: tensor '{name}' contains NaN or Inf")
+        state[name] = torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+    model.load_state_dict(state, strict=False, assign=True)
+    # the rotary inverse frequencies are computed, not loaded
+    model.model.rope.to(device)

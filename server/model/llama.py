@@ -1,0 +1,127 @@
+"""LLaMA-family decoder over flat (varlen) token batches.
+
+Linear layers are built by a callback (``build_linear(specs)``) so that format
+plugins decide their storage and kernels; q/k/v and gate/up are fused. Norms
+and embeddings are created on the meta device and filled by the loader, so
+building a model never allocates a throw-away copy of the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from bitserve.model.attention import AttentionBackend
+from bitserve.model.layers import ACTIVATIONS, RMSNorm, RotaryEmbedding
+from bitserve.model_config import ModelConfig
+from bitserve.plugins.base import LinearSpec
+
+BuildLinear = Callable[[Sequence[LinearSpec]], nn.Module]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, build_linear: BuildLinear, rope: RotaryEmbedding):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.qkv_proj = build_linear([
+            LinearSpec(f"{prefix}.q_proj", cfg.q_size, h),
+            LinearSpec(f"{prefix}.k_proj", cfg.kv_size, h),
+            LinearSpec(f"{prefix}.v_proj", cfg.kv_size, h),
+        ])
+        self.attn_sub_norm = RMSNorm(cfg.q_size, cfg.rms_norm_eps) if cfg.attn_sub_norm else None
+        self.o_proj = build_linear([LinearSpec(f"{prefix}.o_proj", h, cfg.q_size)])
+        self.rope = rope
+        self.head_dim = d
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, attn: AttentionBackend):
+        cfg = self.cfg
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        t = x.shape[0]
+        q = self.rope.apply(q.reshape(t, cfg.num_heads, self.head_dim), cos, sin)
+        k = self.rope.apply(k.reshape(t, cfg.num_kv_heads, self.head_dim), cos, sin)
+        out = attn(layer, q, k, v.reshape(t, cfg.num_kv_heads, self.head_dim))
+        if self.attn_sub_norm is not None:
+            out = self.attn_sub_norm(out)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, build_linear: BuildLinear):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_up_proj = build_linear([
+            LinearSpec(f"{prefix}.gate_proj", i, h),
+            LinearSpec(f"{prefix}.up_proj", i, h),
+        ])
+        self.ffn_sub_norm = RMSNorm(i, cfg.rms_norm_eps) if cfg.ffn_sub_norm else None
+        self.down_proj = build_linear([LinearSpec(f"{prefix}.down_proj", h, i)])
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.intermediate = i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        y = self.act(gate) * up
+        if self.ffn_sub_norm is not None:
+            y = self.ffn_sub_norm(y)
+        return self.down_proj(y)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, build_linear: BuildLinear, rope: RotaryEmbedding):
+        super().__init__()
+        prefix = f"model.layers.{index}"
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", build_linear, rope)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, f"{prefix}.mlp", build_linear)
+
+    def forward(self, x, cos, sin, attn):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, self.index, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """``model.*`` of the Hugging Face layout: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, build_linear: BuildLinear):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
+        self.embed_tokens.weight.requires_grad_(False)
+        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, build_linear, rope) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = rope
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, build_linear: BuildLinear):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg, build_linear)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+            self.lm_head.weight.requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """input_ids, positions: ``[T]`` (a flat batch); returns hidden states ``[T, hidden]``."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rope.cos_sin(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attn)
+        return self.model.norm(x)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[T, vocab]`` for the given hidden states."""
+        return nn.functional.linear(hidden, self.lm_head_weight()).float()

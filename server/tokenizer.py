@@ -1,0 +1,132 @@
+"""Tokenizer and chat template of a checkpoint (``tokenizer.json`` + ``tokenizer_config.json``).
+
+Encoding/decoding use the ``tokenizers`` library; the chat template is rendered
+with jinja2 the way Hugging Face's ``apply_chat_template`` does (sandboxed,
+``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``strftime_now``).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from bitserve.plugins.checkpoint import CheckpointError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered (no template, or the template refused it)."""
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
+        return value.get("content")
+    return value
+
+
+def _raise(message: str):
+    raise ChatTemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class Tokenizer:
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise CheckpointError(f"{path}: tokenizer file is missing (bitserve needs a tokenizer.json)")
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot parse tokenizer: {e}") from e
+        config_path = folder / "tokenizer_config.json"
+        self.config: dict = {}
+        if config_path.exists():
+            try:
+                self.config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{config_path}: malformed JSON: {e}") from e
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.chat_template = self._find_template(folder)
+        self._template = None
+
+    def _find_template(self, folder: Path) -> str | None:
+        jinja_file = folder / "chat_template.jinja"
+        if jinja_file.exists():
+            return jinja_file.read_text()
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: use "default"
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        return template
+
+    # -- ids ------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        tid = self.token_to_id(self.eos_token) if self.eos_token else None
+        return () if tid is None else (tid,)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- chat -----------------------------------------------------------------------
+    def _compiled(self):
+        if self._template is None:
+            if not self.chat_template:
+                raise ChatTemplateError("this model has no chat template (tokenizer_config.json 'chat_template')")
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+            )
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(self.chat_template)
+        return self._template
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render a conversation to the prompt text the model was trained on."""
+        if not messages:
+            raise ChatTemplateError("messages must not be empty")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise ChatTemplateError(f"messages[{i}] must be a dict with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise ChatTemplateError(f"messages[{i}].role '{m['role']}' is not one of {ROLES}")
+        special = {
+            key: _token_text(self.config.get(key))
+            for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
+        try:
+            return self._compiled().render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **special, **kwargs
+            )
+        except ChatTemplateError:
+            raise
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"chat template failed: {e}") from e
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Token ids of the rendered conversation (the template emits any special tokens itself)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False)
