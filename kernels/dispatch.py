@@ -19,3 +19,13 @@ def ternary_linear_w2a8(
 ) -> torch.Tensor:
     """See :func:`bitserve.kernels.reference.ternary_linear_w2a8` for the contract."""
     return reference.ternary_linear_w2a8(x, packed, weight_scale, bias)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """See :func:`bitserve.kernels.reference.write_kv_cache`."""
+    reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> torch.Tensor:
+    """See :func:`bitserve.kernels.reference.paged_attention`."""
+    return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)

@@ -84,3 +84,72 @@ def ternary_linear_w2a8(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, packed.shape[0])
+
+
+# -- attention ---------------------------------------------------------------------
+
+
+def causal_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention where a query at position p sees keys at positions <= p.
+
+    q: ``[T, H, D]``; keys/values: ``[S, KVH, D]`` (GQA: H a multiple of KVH);
+    positions: ``[T]`` and ``[S]``. Returns ``[T, H*D]``; scale ``D**-0.5``.
+    """
+    heads, kv_heads = q.shape[1], keys.shape[1]
+    if heads != kv_heads:
+        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+        values = values.repeat_interleave(heads // kv_heads, dim=1)
+    mask = k_positions.unsqueeze(0) <= q_positions.unsqueeze(1)  # [T, S]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys.to(q.dtype).transpose(0, 1), values.to(q.dtype).transpose(0, 1), attn_mask=mask
+    )
+    return out.transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store new keys/values ``[T, KVH, D]`` at flat slots ``block * block_size + offset``.
+
+    k_cache/v_cache: ``[num_blocks, block_size, KVH, D]`` of one layer.
+    """
+    nb, bs = k_cache.shape[:2]
+    k_cache.view(nb * bs, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(nb * bs, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+) -> torch.Tensor:
+    """Causal attention of a flat batch of query chunks over paged K/V.
+
+    q: ``[T, H, D]``, the queries of sequence ``s`` at rows
+    ``query_start_loc[s]:query_start_loc[s+1]``; they are that sequence's last
+    tokens, so query ``i`` of a chunk of length ``L`` sits at position
+    ``seq_lens[s] - L + i``. K/V of all ``seq_lens[s]`` tokens (new ones
+    included) are in the blocks ``block_tables[s, :ceil(seq_lens[s] / block_size)]``.
+    Covers prefill, chunked prefill over a cached prefix, and decode (L = 1).
+    Returns ``[T, H*D]``.
+    """
+    bs = k_cache.shape[1]
+    out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for s, seq_len in enumerate(lens):
+        q0, q1 = starts[s], starts[s + 1]
+        if q1 == q0:
+            continue
+        nblocks = -(-seq_len // bs)
+        table = block_tables[s, :nblocks]
+        keys = k_cache[table].reshape(nblocks * bs, *k_cache.shape[2:])[:seq_len]
+        values = v_cache[table].reshape(nblocks * bs, *v_cache.shape[2:])[:seq_len]
+        k_pos = torch.arange(seq_len, device=q.device)
+        out[q0:q1] = causal_attention(q[q0:q1], keys, values, k_pos[seq_len - (q1 - q0):], k_pos)
+    return out

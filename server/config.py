@@ -22,3 +22,32 @@ class ModelLoadConfig:
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one step"})
+    max_num_batched_tokens: int = field(default=1024, metadata={"help": "token budget of one step (prefill chunks + decodes)"})
+    max_queue: int = field(default=1024, metadata={"help": "most waiting requests; more are refused"})
+    scheduling_policy: str = field(default="fcfs", metadata={"help": "fcfs or priority (lower value first)"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "share KV blocks of equal prefixes"})
+    kv_cache_dtype: str = field(default="auto", metadata={"help": "auto (model dtype), bf16, fp16, fp32"})
+    kv_cache_memory_mb: int | None = field(
+        default=None, metadata={"help": "KV-cache budget in MiB (default: enough for max_num_seqs full contexts "
+                                        "on CPU, capped at 2 GiB; gpu_memory_utilization of free memory on CUDA)"})
+    num_kv_blocks: int | None = field(default=None, metadata={"help": "exact number of KV blocks (overrides the budget)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "fraction of free GPU memory for the KV cache"})
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_mb is not None and self.kv_cache_memory_mb < 1:
+            raise ValueError(f"kv_cache_memory_mb must be >= 1, got {self.kv_cache_memory_mb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -6,32 +6,42 @@ from dataclasses import fields
 from typing import Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
 
-from bitserve.config import ModelLoadConfig
+from bitserve.config import EngineConfig, ModelLoadConfig
 from bitserve.demo import DEMO_MODEL_PATH
-from bitserve.generate import generate_one, prefill_logits
+from bitserve.engine.core import EngineCore
+from bitserve.engine.llm_engine import LLMEngine
+from bitserve.engine.output_processor import CompletionDelta
+from bitserve.engine.request import FinishReason
 from bitserve.loader import LoadedModel, load_model, resolve_model_path
-from bitserve.outputs import RequestOutput
+from bitserve.model.prefill import prefill_logits
+from bitserve.outputs import CompletionOutput, RequestOutput
 from bitserve.sampling_params import SamplingParams
 from bitserve.tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
+_LOAD_FIELDS = {f.name for f in fields(ModelLoadConfig)}
+_ENGINE_FIELDS = {f.name for f in fields(EngineConfig)}
 
 
 class LLM:
-    """Load a model once and generate from it in-process.
+    """Load a model once and generate from it in-process, through the paged engine.
 
-    ``LLM()`` loads the bundled demo model; options are the fields of
+    ``LLM()`` loads the bundled demo model. Options are the fields of
     :class:`bitserve.config.ModelLoadConfig` (``format``, ``dtype``, ``device``,
-    ``max_model_len``, ``seed``, ``revision``).
+    ``max_model_len``, ``seed``, ...) and :class:`bitserve.config.EngineConfig`
+    (``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``kv_cache_dtype``, ...).
     """
 
     def __init__(self, model: str | None = None, **options):
-        known = {f.name for f in fields(ModelLoadConfig)}
-        unknown = set(options) - known
+        unknown = set(options) - _LOAD_FIELDS - _ENGINE_FIELDS
         if unknown:
-            raise TypeError(f"unknown LLM option(s) {sorted(unknown)}; known: {sorted(known - {'model'})}")
-        self.load_config = ModelLoadConfig(model=str(model or DEMO_MODEL_PATH), **options)
+            raise TypeError(f"unknown LLM option(s) {sorted(unknown)}; "
+                            f"known: {sorted((_LOAD_FIELDS | _ENGINE_FIELDS) - {'model'})}")
+        self.load_config = ModelLoadConfig(model=str(model or DEMO_MODEL_PATH),
+                                           **{k: v for k, v in options.items() if k in _LOAD_FIELDS})
+        self.engine_config = EngineConfig(**{k: v for k, v in options.items() if k in _ENGINE_FIELDS})
         path = resolve_model_path(self.load_config.model, self.load_config.revision)
         self.tokenizer = Tokenizer(path)
         self.loaded: LoadedModel = load_model(
@@ -42,72 +52,90 @@ class LLM:
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + self.tokenizer.eos_token_ids))
         self.max_model_len = min(self.load_config.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings)
-        self._requests = 0
+        self.core = EngineCore(self.model, self.engine_config, max_model_len=self.max_model_len,
+                               eos_token_ids=self.eos_token_ids, default_seed=self.load_config.seed)
+        self.engine = LLMEngine(self.core, self.tokenizer)
+        self._counter = 0
 
     # -- helpers ------------------------------------------------------------------
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-            vocab = self.loaded.config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        if not ids:
-            raise ValueError("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens, leaving no room to generate"
-            )
-        return ids
-
-    def _generator(self, params: SamplingParams) -> torch.Generator | None:
-        if params.greedy:
-            return None
-        seed = params.seed if params.seed is not None else self.load_config.seed + self._requests
-        return torch.Generator(device=self.model.model.norm.weight.device).manual_seed(seed)
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
 
     @staticmethod
-    def _as_batch(prompts) -> tuple[list, bool]:
+    def _as_batch(prompts) -> list:
         if isinstance(prompts, str):
-            return [prompts], True
+            return [prompts]
         if len(prompts) and isinstance(prompts[0], int):
-            return [prompts], True
-        return list(prompts), False
+            return [prompts]
+        return list(prompts)
+
+    def _run(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams | list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        param_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(param_list) != len(prompts):
+            raise ValueError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts")
+        ids = []
+        try:
+            for (_, prompt_ids), p in zip(prompts, param_list):
+                rid = str(self._counter)
+                self._counter += 1
+                self.engine.add_request(rid, prompt_ids, p)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        results = {rid: RequestOutput(text, prompt_ids, [CompletionOutput(i, "", [], "") for i in range(p.n)])
+                   for rid, (text, prompt_ids), p in zip(ids, prompts, param_list)}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
+        while self.engine.has_unfinished():
+            for delta in self.engine.step():
+                self._accumulate(results[delta.request_id], delta, bar)
+        bar.close()
+        return [results[rid] for rid in ids]
+
+    @staticmethod
+    def _accumulate(result: RequestOutput, delta: CompletionDelta, bar) -> None:
+        out = result.outputs[delta.index]
+        out.text += delta.text
+        out.token_ids.extend(delta.token_ids)
+        if delta.samples and delta.samples[0].top_logprobs is not None:
+            out.logprobs = (out.logprobs or []) + [
+                {**dict(s.top_logprobs), s.token_id: s.logprob} for s in delta.samples
+            ]
+        if delta.finished:
+            reason = delta.finish_reason
+            # vLLM's vocabulary: eos, stop tokens and stop strings all finish with "stop"
+            out.finish_reason = "stop" if reason in (FinishReason.EOS, FinishReason.STOP) else reason.value
+            out.stop_reason = delta.stop_reason
+            result.num_cached_tokens = delta.num_cached_tokens
+            if all(o.finish_reason for o in result.outputs):
+                bar.update(1)
 
     # -- API ----------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids). Returns one RequestOutput per prompt."""
-        params = params or SamplingParams()
-        batch, _ = self._as_batch(prompts)
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids), all batched through the engine."""
+        batch = self._as_batch(prompts)
         prepared = [(p if isinstance(p, str) else None, self._prompt_ids(p)) for p in batch]
-        results = []
-        for text, ids in prepared:
-            completion = generate_one(
-                self.model, self.tokenizer, ids, params, max_model_len=self.max_model_len,
-                eos_token_ids=self.eos_token_ids, generator=self._generator(params),
-            )
-            self._requests += 1
-            results.append(RequestOutput(text, ids, [completion]))
-        return results
+        return self._run(prepared, params or SamplingParams(), use_tqdm)
 
-    def chat(
-        self,
-        messages: Sequence[dict] | Sequence[Sequence[dict]],
-        params: SamplingParams | None = None,
-        add_generation_prompt: bool = True,
-    ) -> list[RequestOutput]:
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
+             params: SamplingParams | list[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"} dicts) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.encode_chat(c, add_generation_prompt=add_generation_prompt) for c in conversations]
-        outputs = self.generate(prompts, params)
-        for out, conv in zip(outputs, conversations):
-            out.prompt = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
-        return outputs
+        prepared = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            prepared.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
+        return self._run(prepared, params or SamplingParams(), use_tqdm)
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """float32 ``[len, vocab]`` next-token logits at every position of one sequence."""
+        """float32 ``[len, vocab]`` next-token logits at every position of one sequence
+        (computed outside the engine, through a contiguous KV cache)."""
         ids = [int(t) for t in token_ids]
         if not ids:
             raise ValueError("token_ids is empty")

@@ -12,6 +12,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" (eos, stop token or stop string) or "length"
     stop_reason: str | int | None = None  # the matched stop string / token id, if any
+    logprobs: list[dict[int, float]] | None = None  # per token: sampled token + top-k, when asked
 
 
 @dataclass
@@ -19,6 +20,7 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def text(self) -> str:

@@ -119,3 +119,44 @@ def load_oracle(folder: Path):
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     return model.eval()
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+
+
+def write_char_tokenizer(folder: Path, vocab_size: int) -> dict[str, int]:
+    """A character-level tokenizer (ids 0-4 special, then printable ASCII) with a Llama-3-style
+    chat template; bos = 1, eos = 2, matching the tiny configs above. Returns the vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in chars[: vocab_size - len(vocab) - 1]:
+        vocab[ch] = len(vocab)
+    vocab["<unk>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<pad>",
+        "chat_template": CHAT_TEMPLATE,
+    }))
+    return vocab
+
+
+def write_tiny_bitnet_model(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A complete tiny BitNet model folder (packed autobitlinear weights + char tokenizer)."""
+    config = bitnet_config(**{"vocab_size": 100, "max_position_embeddings": 256, **overrides})
+    state = random_bitnet_state(config, seed)
+    state["model.embed_tokens.weight"] *= 0.15  # a flatter next-token distribution, so sampling varies
+    write_bitnet_checkpoint(folder, config, state)
+    write_char_tokenizer(folder, config.vocab_size)
+    return folder

@@ -10,28 +10,14 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
+
+from bitserve.kernels.reference import causal_attention
 
 
 class AttentionBackend(Protocol):
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: ``[T, H, D]``, k/v: ``[T, KVH, D]`` (RoPE applied) -> ``[T, H*D]``."""
         ...
-
-
-def causal_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor
-) -> torch.Tensor:
-    """Softmax attention where query at position p sees keys at positions <= p (GQA aware)."""
-    heads, kv_heads = q.shape[1], keys.shape[1]
-    if heads != kv_heads:
-        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
-        values = values.repeat_interleave(heads // kv_heads, dim=1)
-    mask = k_positions.unsqueeze(0) <= q_positions.unsqueeze(1)  # [T, S]
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask
-    )
-    return out.transpose(0, 1).reshape(q.shape[0], -1)
 
 
 class ContiguousKVCache:

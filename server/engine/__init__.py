@@ -1,0 +1,1 @@
+"""The continuous-batching engine: scheduler, block manager, model runner, sampler, detokenizer."""

@@ -1,0 +1,157 @@
+"""The only place threads meet asyncio: an engine thread with an inbox, and
+per-request asyncio queues that carry its token deltas back to coroutines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import AsyncIterator
+
+from bitserve.engine.core import EngineCore, EngineRequest, EngineStats, TokenDelta
+from bitserve.engine.request import FinishReason
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+class AsyncEngine:
+    """Run an :class:`EngineCore` on its own thread.
+
+    ``generate()`` is an async iterator of a request's ``TokenDelta``s; leaving
+    it early (client cancel, deadline, exception) aborts the request and frees
+    its blocks. ``abort()`` is safe from any thread or coroutine.
+    """
+
+    def __init__(self, core: EngineCore, name: str = "bitserve-engine"):
+        self.core = core
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._stats = core.stats()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- public API (any thread / coroutine) ---------------------------------------------
+    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+        if not self._thread.is_alive():
+            raise EngineDeadError("the engine is not running")
+        self.core.validate(request)  # reads only configuration: safe off the engine thread
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request.request_id in self._streams:
+                raise ValueError(f"request_id '{request.request_id}' is already in use")
+            self._streams[request.request_id] = (loop, stream)
+        finished = False
+        try:
+            accepted: Future = Future()
+            self._inbox.put(("add", request, accepted))
+            await asyncio.wrap_future(accepted)  # raises QueueFullError / ValueError from the engine thread
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT, stop_reason=None) -> None:
+        """Finish a request and free its blocks (no-op for unknown or finished ones)."""
+        self._inbox.put(("abort", (request_id, reason, stop_reason), None))
+
+    def stats(self) -> EngineStats:
+        """The snapshot taken after the engine's latest step."""
+        return self._stats
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the thread; in-flight requests end with finish reason ABORT."""
+        self._stopping.set()
+        self._inbox.put(("wake", None, None))
+        self._thread.join(timeout)
+
+    # -- engine thread ----------------------------------------------------------------------
+    def _send(self, delta: TokenDelta | BaseException, request_id: str) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, delta)
+            except RuntimeError:  # the client's loop is closed
+                pass
+
+    def _handle(self, command: str, payload, future: Future | None) -> None:
+        if command == "add":
+            try:
+                self.core.add_request(payload)
+            except Exception as e:  # refused: report to the waiting coroutine
+                future.set_exception(e)
+            else:
+                future.set_result(None)
+        elif command == "abort":
+            request_id, reason, stop_reason = payload
+            final = self.core.abort(request_id, reason, stop_reason)
+            if final is not None:
+                self._stats = self.core.stats()  # visible before the stream sees its end
+                self._send(final, request_id)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._drain(block=not self.core.has_unfinished())
+            if not self.core.has_unfinished():
+                self._stats = self.core.stats()
+                continue
+            try:
+                deltas = self.core.step()
+            except Exception as e:  # a failed step must not strand requests: end them all with ERROR
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            self._stats = self.core.stats()
+            for delta in deltas:
+                self._send(delta, delta.request_id)
+        self._fail_all(None)
+        while True:  # refuse what arrived during shutdown
+            try:
+                command, _, future = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if command == "add":
+                future.set_exception(EngineDeadError("the engine is shutting down"))
+
+    def _fail_all(self, error: Exception | None) -> None:
+        reason = FinishReason.ERROR if error is not None else FinishReason.ABORT
+        for request_id in list(self.core.scheduler.requests):
+            final = self.core.abort(request_id, reason, str(error) if error else None)
+            if final is not None:
+                self._send(final, request_id)
+        self._stats = self.core.stats()

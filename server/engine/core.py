@@ -1,0 +1,241 @@
+"""The synchronous, token-level engine: requests in, token deltas out, one step at a time.
+
+No threads, asyncio, grpc, ray or prometheus here. Text (tokenizing,
+detokenizing, stop strings, ``n`` fan-out) belongs to the front end
+(:mod:`bitserve.engine.llm_engine`, :mod:`bitserve.engine.async_engine`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bitserve.config import EngineConfig
+from bitserve.engine.block_manager import BlockManager
+from bitserve.engine.kv_cache import KVCacheSpec, PagedKVCache, canonical_kv_dtype
+from bitserve.engine.model_runner import ModelRunner
+from bitserve.engine.request import FinishReason, Request, RequestStatus, Timings
+from bitserve.engine.sampler import Sampler, SampleResult, SamplingState, make_generator
+from bitserve.engine.scheduler import Scheduler
+from bitserve.model import LlamaForCausalLM
+from bitserve.sampling_params import SamplingParams
+
+_CPU_DEFAULT_KV_CAP = 2 << 30
+
+
+@dataclass
+class EngineRequest:
+    """What the front end submits: token ids and how to sample them (one of n samples)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
+    sample_index: int = 0
+
+
+@dataclass
+class TokenDelta:
+    """New tokens of one request from one step; the last one carries the finish reason."""
+
+    request_id: str
+    token_ids: list[int]
+    samples: list[SampleResult] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    timings: Timings | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_kv_blocks: int = 0
+    num_free_kv_blocks: int = 0
+    kv_bytes_per_token: int = 0
+    kv_capacity_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+
+
+def plan_num_blocks(spec: KVCacheSpec, cfg: EngineConfig, max_model_len: int, device: torch.device) -> int:
+    """How many KV blocks fit the budget for the chosen KV dtype."""
+    if cfg.num_kv_blocks is not None:
+        return cfg.num_kv_blocks
+    if cfg.kv_cache_memory_mb is not None:
+        budget = cfg.kv_cache_memory_mb << 20
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * cfg.gpu_memory_utilization)
+    else:
+        budget = min(cfg.max_num_seqs * max_model_len * spec.bytes_per_token, _CPU_DEFAULT_KV_CAP)
+    blocks = spec.num_blocks_for(budget)
+    if blocks < 1:
+        raise ValueError(f"the KV-cache budget of {budget} bytes holds no block of {spec.bytes_per_block} bytes")
+    return blocks
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: EngineConfig,
+        *,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...] = (),
+        default_seed: int = 0,
+    ):
+        cfg = model.config
+        device = model.model.norm.weight.device
+        self.config = config
+        self.max_model_len = max_model_len
+        self.vocab_size = cfg.vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.default_seed = default_seed
+        self.spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size,
+                                canonical_kv_dtype(config.kv_cache_dtype, model.dtype))
+        num_blocks = plan_num_blocks(self.spec, config, max_model_len, device)
+        self.kv_cache = PagedKVCache(self.spec, num_blocks, device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_queue=config.max_queue,
+            max_model_len=max_model_len,
+            policy=config.scheduling_policy,
+        )
+        self.runner = ModelRunner(model, self.kv_cache)
+        self.sampler = Sampler()
+        self._states: dict[str, SamplingState] = {}
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._steps = 0
+
+    # -- requests ---------------------------------------------------------------------
+    def validate(self, req: EngineRequest) -> None:
+        """Raise ValueError (naming the problem) for a request this engine can never serve."""
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if n + 1 > self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; the context is {self.max_model_len} tokens, "
+                             f"leaving no room to generate")
+        if n + req.params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({req.params.max_tokens}) exceeds the context "
+                             f"of {self.max_model_len} tokens")
+        needed = self.blocks.blocks_needed(n + req.params.max_tokens)
+        if needed > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_tokens need {needed} KV blocks but the cache holds "
+                             f"{self.blocks.num_blocks}")
+        req.params.validate_for_vocab(self.vocab_size)
+
+    def add_request(self, req: EngineRequest) -> None:
+        self.validate(req)
+        request = Request(
+            request_id=req.request_id,
+            prompt_token_ids=list(req.prompt_token_ids),
+            params=req.params,
+            eos_token_ids=self.eos_token_ids,
+            priority=req.priority,
+            cache_salt=req.cache_salt,
+        )
+        self.scheduler.add(request)
+        self._prompt_tokens += len(request.prompt_token_ids)
+        generator = None if req.params.greedy else make_generator(req.params.seed, self.default_seed, req.sample_index)
+        self._states[req.request_id] = SamplingState(
+            params=req.params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            generator=generator,
+            eos_token_ids=self.eos_token_ids,
+        )
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
+              stop_reason: int | str | None = None) -> TokenDelta | None:
+        """Finish a request now and free its blocks; returns its final delta (None if unknown)."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return None
+        self.scheduler.abort(request_id)
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        self._states.pop(request_id, None)
+        return self._final_delta(req, [], [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step ---------------------------------------------------------------------
+    def step(self) -> list[TokenDelta]:
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        logits = self.runner.execute(out.chunks)
+        self._steps += 1
+        sampling = [c for c in out.chunks if c.samples]
+        results = self.sampler(logits, [self._states[c.request.request_id] for c in sampling]) if sampling else []
+        by_request = {id(c.request): r for c, r in zip(sampling, results)}
+        now = time.monotonic()
+        deltas = []
+        for chunk in out.chunks:
+            req = chunk.request
+            self.scheduler.advance(chunk)
+            result = by_request.get(id(req))
+            if result is None:
+                continue
+            req.output_token_ids.append(result.token_id)
+            self._generation_tokens += 1
+            if req.timings.first_token is None:
+                req.timings.first_token = now
+            req.timings.last_token = now
+            stop = self.scheduler.check_stop(req, result.token_id)
+            if stop is None:
+                deltas.append(TokenDelta(req.request_id, [result.token_id], [result],
+                                         num_prompt_tokens=req.num_prompt_tokens,
+                                         num_cached_tokens=req.num_cached_tokens))
+            else:
+                self.scheduler.finish(req, *stop)
+                self._states.pop(req.request_id, None)
+                deltas.append(self._final_delta(req, [result.token_id], [result]))
+        return deltas
+
+    @staticmethod
+    def _final_delta(req: Request, tokens: list[int], samples: list[SampleResult]) -> TokenDelta:
+        return TokenDelta(req.request_id, tokens, samples, req.finish_reason, req.stop_reason,
+                          req.num_prompt_tokens, req.num_cached_tokens, req.timings)
+
+    # -- observability ------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        running = sum(1 for r in self.scheduler.running if r.status == RequestStatus.RUNNING)
+        return EngineStats(
+            num_running=running,
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.blocks.usage,
+            num_kv_blocks=self.blocks.num_blocks,
+            num_free_kv_blocks=self.blocks.num_free_blocks,
+            kv_bytes_per_token=self.spec.bytes_per_token,
+            kv_capacity_tokens=self.blocks.num_blocks * self.spec.block_size,
+            prefix_cache_queries=self.blocks.prefix_queries,
+            prefix_cache_hits=self.blocks.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            steps=self._steps,
+        )

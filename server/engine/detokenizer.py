@@ -1,0 +1,149 @@
+"""Incremental detokenization with stop strings, for streaming.
+
+Text is decoded from a sliding window of recent tokens (the ``prefix_offset`` /
+``read_offset`` technique of TGI and vLLM): ``decode(ids[prefix:])`` minus
+``decode(ids[prefix:read])`` is the new text, so decoders that depend on
+context (SentencePiece's leading-space rule) stay right without re-decoding
+the whole output. New text whose decode ends with U+FFFD (a character whose
+bytes span tokens) is held back until the character completes, or until
+``finish()``.
+
+Stop strings are searched in the decoded text, across token boundaries. Text
+that could still be the start of a stop string (the longest suffix that is a
+proper prefix of one) is held back, so a stop string is never streamed in
+part. On a match the text is cut before it (or after it with
+``include_stop_str_in_output``) and nothing more is emitted.
+
+``text`` is always the concatenation of every delta returned. Without stop
+strings and without a prompt context, the final text equals
+``tokenizer.decode(all_ids, skip_special_tokens)``; with ``prompt_token_ids``
+the first output token is decoded in the prompt's context (vLLM's
+behaviour), which only differs for decoders with a leading-space rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from bitserve.sampling_params import SamplingParams
+from bitserve.tokenizer import Tokenizer
+
+_REPLACEMENT = "\ufffd"
+_PROMPT_CONTEXT = 6  # prompt tokens decoded as context for the first output token
+
+
+@dataclass
+class DetokenizerUpdate:
+    text_delta: str  # new text, safe to stream now
+    stop: str | None = None  # the stop string that matched: finish with reason "stop", stop_reason = this
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_token_ids: Sequence[int] | None = None):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = params.skip_special_tokens
+        self.include_stop = params.include_stop_str_in_output
+        self.stops = list(params.stop)
+        self.text = ""  # concatenation of all deltas returned
+        self.stop_reason: str | None = None  # the matched stop string, once matched
+        self.finished = False
+        self._decoded = ""  # all complete text decoded so far (text + held-back part)
+        self._ids: list[int] = self._prompt_context(list(prompt_token_ids or []))
+        self._prefix = 0
+        self._read = len(self._ids)
+        self._prefix_text = self._decode(self._ids) if self._ids else ""
+
+    # -- helpers -----------------------------------------------------------------------
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _prompt_context(self, prompt: list[int]) -> list[int]:
+        """The last few prompt tokens, or none when the prompt ends inside a character."""
+        tail = prompt[-_PROMPT_CONTEXT:]
+        if tail and self._decode(tail).endswith(_REPLACEMENT):
+            return []  # the output would be decoded as completing the prompt's character
+        return tail
+
+    def _holdback(self) -> int:
+        """Length of the longest suffix of the decoded text that is a proper prefix of a stop string."""
+        text, best = self._decoded, 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def _find_stop(self, old_len: int) -> tuple[int, str] | None:
+        """Earliest stop string ending after ``old_len`` chars of the decoded text (ties: list order)."""
+        best = None
+        for stop in self.stops:
+            idx = self._decoded.find(stop, max(0, old_len - len(stop) + 1))
+            if idx >= 0 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        return best
+
+    def _emit(self, old_len: int, final: bool) -> DetokenizerUpdate:
+        """Emit what is safe after the decoded text grew from ``old_len`` chars."""
+        hit = self._find_stop(old_len) if self.stops and len(self._decoded) > old_len else None
+        if hit is not None:
+            idx, stop = hit
+            end = idx + len(stop) if self.include_stop else idx
+            self.stop_reason = stop
+            self.finished = True
+        elif final:
+            end = len(self._decoded)
+        else:
+            end = len(self._decoded) - self._holdback()
+        delta = self._decoded[len(self.text):end] if end > len(self.text) else ""
+        self.text += delta
+        return DetokenizerUpdate(delta, self.stop_reason if hit is not None else None)
+
+    # -- API ----------------------------------------------------------------------------
+    def add_tokens(self, token_ids: Sequence[int], stop_terminated: bool = False) -> DetokenizerUpdate:
+        """Add newly sampled tokens; returns the text that may be streamed now.
+
+        ``stop_terminated``: the last token ended the request (eos or a stop token
+        id); its text is left out unless ``include_stop_str_in_output`` (vLLM v1).
+        The caller still calls :meth:`finish` afterwards.
+        """
+        if self.finished:
+            return DetokenizerUpdate("")
+        token_ids = list(token_ids)
+        if stop_terminated and token_ids and not self.include_stop:
+            token_ids = token_ids[:-1]
+        delta, stop = [], None
+        for tok in token_ids:
+            self._ids.append(int(tok))
+            new_text = self._decode(self._ids[self._prefix:])
+            if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
+                continue  # nothing new yet, or a character still incomplete
+            old_len = len(self._decoded)
+            self._decoded += new_text[len(self._prefix_text):]
+            self._prefix, self._read = self._read, len(self._ids)
+            self._prefix_text = self._decode(self._ids[self._prefix:self._read])
+            update = self._emit(old_len, final=False)
+            delta.append(update.text_delta)
+            if update.stop is not None:
+                stop = update.stop
+                break
+        return DetokenizerUpdate("".join(delta), stop)
+
+    def finish(self) -> str:
+        """Flush the held-back text when the request ends (for a reason other than a stop string).
+
+        Returns the last delta. A stop string completed by the flushed text still
+        cuts it (``stop_reason`` is then set).
+        """
+        if self.finished:
+            return ""
+        old_len = len(self._decoded)
+        if self._read < len(self._ids):
+            new_text = self._decode(self._ids[self._prefix:])
+            if len(new_text) > len(self._prefix_text):
+                self._decoded += new_text[len(self._prefix_text):]
+            self._prefix, self._read = self._read, len(self._ids)
+        update = self._emit(old_len, final=True)
+        self.finished = True
+        return update.text_delta

@@ -1,0 +1,69 @@
+"""Turn a scheduled step into one flat forward pass over the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from bitserve.engine.kv_cache import PagedKVCache
+from bitserve.engine.scheduler import ScheduledChunk
+from bitserve.kernels import dispatch
+from bitserve.model import LlamaForCausalLM
+
+
+class PagedAttention:
+    """Attention backend of one step: writes new K/V to their slots, attends over the blocks."""
+
+    def __init__(self, cache: PagedKVCache, slot_mapping, block_tables, seq_lens, query_start_loc):
+        self.cache = cache
+        self.slot_mapping = slot_mapping
+        self.block_tables = block_tables
+        self.seq_lens = seq_lens
+        self.query_start_loc = query_start_loc
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        dispatch.write_kv_cache(k, v, k_cache, v_cache, self.slot_mapping)
+        return dispatch.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens, self.query_start_loc)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: PagedKVCache):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.spec.block_size
+        self.device = model.model.norm.weight.device
+
+    def _batch(self, chunks: list[ScheduledChunk]):
+        ids, positions, slots, qsl, seq_lens, tables = [], [], [], [0], [], []
+        sample_rows: list[int] = []
+        for chunk in chunks:
+            req = chunk.request
+            start = req.num_computed_tokens
+            end = start + chunk.num_new_tokens
+            ids.extend(req.all_token_ids[start:end])
+            for p in range(start, end):
+                positions.append(p)
+                slots.append(req.block_ids[p // self.block_size] * self.block_size + p % self.block_size)
+            qsl.append(qsl[-1] + chunk.num_new_tokens)
+            seq_lens.append(end)
+            tables.append(req.block_ids)
+            if chunk.samples:
+                sample_rows.append(qsl[-1] - 1)
+        width = max(len(t) for t in tables)
+        table = torch.zeros((len(tables), width), dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return (as_long(ids), as_long(positions), as_long(slots), table.to(self.device), as_long(seq_lens),
+                as_long(qsl), sample_rows)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run the step; return float32 logits ``[num_sampling_chunks, vocab]`` in chunk order."""
+        ids, positions, slots, tables, seq_lens, qsl, sample_rows = self._batch(chunks)
+        attn = PagedAttention(self.kv_cache, slots, tables, seq_lens, qsl)
+        hidden = self.model(ids, positions, attn)
+        if not sample_rows:
+            return torch.empty((0, self.model.config.vocab_size), dtype=torch.float32)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)
+        return self.model.compute_logits(hidden.index_select(0, rows)).cpu()

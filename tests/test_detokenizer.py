@@ -1,0 +1,260 @@
+"""IncrementalDetokenizer against tokenizer.decode(all ids), with a tiny byte-level BPE trained here."""
+
+import random
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from bitserve.engine.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
+from bitserve.sampling_params import SamplingParams
+from bitserve.tokenizer import Tokenizer
+
+FFFD = "\ufffd"
+SPECIALS = ["<s>", "</s>", "<|eot|>"]
+CORPUS = [
+    "héllo wörld, the quick brown fox jumps over the lazy dog.",
+    "日本語のテキスト 🙂 emoji and more text, naïve café déjà vu",
+    "STOP here. the end! héllo again wörld ### done",
+    "Ünïcödé wörds and ascii words side by side: 10 + 20 = 30",
+]
+TEXTS = [
+    "héllo wörld 日本語 🙂",
+    "the quick brown fox 🙂🙂 jumps; naïve café",
+    "Ünïcödé → ∑ 日本 語 ### end",
+    "plain ascii only, nothing fancy at all here",
+    "🙂日🙂本🙂語🙂 mixed émojis ✨ and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+]
+
+
+def _save(tok: HFTokenizer, folder) -> Tokenizer:
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    return Tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> Tokenizer:
+    """Byte-level BPE (like Llama 3's) with so few merges that rare characters span several tokens."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return _save(tok, tmp_path_factory.mktemp("bpe") / "tok")
+
+
+@pytest.fixture(scope="module")
+def metaspace(tmp_path_factory) -> Tokenizer:
+    """SentencePiece-style tokenizer: the decoder drops the leading space of the first token."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=SPECIALS, show_progress=False)
+    tok.train_from_iterator([c for c in CORPUS if c.isascii()] * 4 + ["hello world again and again"], trainer)
+    return _save(tok, tmp_path_factory.mktemp("meta") / "tok")
+
+
+def stream(tok, ids, params=None, prompt=None, chunks=1, rng=None):
+    """Feed ids (in chunks of 1..chunks), return (detokenizer, deltas, stop string or None)."""
+    d = IncrementalDetokenizer(tok, params or SamplingParams(), prompt)
+    deltas, stop, i = [], None, 0
+    while i < len(ids) and stop is None:
+        n = rng.randint(1, chunks) if rng else chunks
+        up = d.add_tokens(ids[i:i + n])
+        assert isinstance(up, DetokenizerUpdate)
+        deltas.append(up.text_delta)
+        assert d.text == "".join(deltas)
+        stop = up.stop
+        i += n
+    if stop is None:
+        deltas.append(d.finish())
+    assert d.text == "".join(deltas)
+    return d, deltas, stop
+
+
+def test_some_characters_span_tokens(bpe):
+    ids = bpe.encode("日本語 🙂", add_special_tokens=False)
+    singles = [bpe.decode([i]) for i in ids]
+    assert any(FFFD in s for s in singles), singles
+    assert bpe.decode(ids) == "日本語 🙂"
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_deltas_concatenate_to_decode_for_texts(bpe, chunks):
+    rng = random.Random(chunks)
+    for text in TEXTS:
+        ids = bpe.encode(text, add_special_tokens=False)
+        d, deltas, stop = stream(bpe, ids, chunks=chunks, rng=rng)
+        assert stop is None
+        assert d.text == bpe.decode(ids) == text
+        assert not any(FFFD in x for x in deltas), deltas
+
+
+def test_text_is_always_a_prefix_of_the_final_text(bpe):
+    text = TEXTS[4]
+    ids = bpe.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(bpe, SamplingParams())
+    emitted_before_end = False
+    for i, t in enumerate(ids):
+        d.add_tokens([t])
+        assert text.startswith(d.text) and FFFD not in d.text
+        assert d.text == text or len(d.text) < len(text)
+        emitted_before_end |= 0 < len(d.text) and i < len(ids) - 1
+    assert emitted_before_end  # it streams, it does not wait for the end
+    d.finish()
+    assert d.text == text
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_random_token_sequences_match_decode(bpe, skip):
+    rng = random.Random(int(skip))
+    V = bpe.vocab_size
+    params = SamplingParams(skip_special_tokens=skip)
+    for _ in range(150):
+        ids = [rng.randrange(V) for _ in range(rng.randint(1, 30))]
+        d, deltas, _ = stream(bpe, ids, params, chunks=rng.choice([1, 2, 4]), rng=rng)
+        full = bpe.decode(ids, skip_special_tokens=skip)
+        assert d.text == full
+        if FFFD not in full:
+            assert not any(FFFD in x for x in deltas)
+
+
+def test_prompt_context_byte_level_matches_decode(bpe):
+    prompt = bpe.encode("日本語 prompt 🙂", add_special_tokens=False)
+    rng = random.Random(5)
+    for text in TEXTS:
+        ids = bpe.encode(text, add_special_tokens=False)
+        d, _, _ = stream(bpe, ids, prompt=prompt, chunks=2, rng=rng)
+        assert d.text == text
+    partial = prompt + bpe.encode("日", add_special_tokens=False)[:1]  # prompt ends inside a character
+    assert bpe.decode(partial).endswith(FFFD)
+    ids = bpe.encode("abc 語", add_special_tokens=False)
+    assert stream(bpe, ids, prompt=partial)[0].text == "abc 語"
+    # output that starts with the rest of the prompt's character: still decode(output)
+    ids = bpe.encode("日", add_special_tokens=False)[1:] + bpe.encode("abc", add_special_tokens=False)
+    assert stream(bpe, ids, prompt=partial)[0].text == bpe.decode(ids) == FFFD * 2 + "abc"
+
+
+def test_metaspace_leading_space(metaspace):
+    out = metaspace.encode("hello world again", add_special_tokens=False)
+    d, _, _ = stream(metaspace, out)
+    assert d.text == metaspace.decode(out) == "hello world again"
+    prompt = metaspace.encode("the quick brown fox", add_special_tokens=False)
+    d, deltas, _ = stream(metaspace, out, prompt=prompt)
+    full, head = metaspace.decode(prompt + out), metaspace.decode(prompt)
+    assert full.startswith(head) and d.text == full[len(head):] == " hello world again"
+    assert not any(x.startswith("▁") for x in deltas)
+
+
+def test_skip_special_tokens(bpe):
+    eot = bpe.token_to_id("<|eot|>")
+    ids = bpe.encode("héllo", add_special_tokens=False) + [eot] + bpe.encode(" wörld", add_special_tokens=False)
+    skipped = stream(bpe, ids)[0].text
+    kept = stream(bpe, ids, SamplingParams(skip_special_tokens=False))[0].text
+    assert skipped == bpe.decode(ids) == "héllo wörld"
+    assert kept == bpe.decode(ids, skip_special_tokens=False) == "héllo<|eot|> wörld"
+
+
+def test_stop_terminated_drops_the_last_token_text(bpe):
+    eot = bpe.token_to_id("<|eot|>")
+    ids = bpe.encode("héllo", add_special_tokens=False) + [eot]
+    for include, want in ((False, "héllo"), (True, "héllo<|eot|>")):
+        d = IncrementalDetokenizer(bpe, SamplingParams(skip_special_tokens=False, include_stop_str_in_output=include))
+        d.add_tokens(ids[:-1])
+        d.add_tokens(ids[-1:], stop_terminated=True)
+        d.finish()
+        assert d.text == want
+
+
+def _stop_run(bpe, text, stops, include=False, chunks=1):
+    ids = bpe.encode(text, add_special_tokens=False)
+    params = SamplingParams(stop=stops, include_stop_str_in_output=include)
+    d = IncrementalDetokenizer(bpe, params)
+    full = bpe.decode(ids)
+    first = min((full.find(s), k, s) for k, s in enumerate(stops) if s in full)
+    idx, _, stop = first
+    got_stop, i = None, 0
+    while i < len(ids):
+        up = d.add_tokens(ids[i:i + chunks])
+        i += chunks
+        # never streams any part of the stop string (nor anything after it)
+        assert len(d.text) <= (idx + len(stop) if include else idx)
+        if include and up.stop is None:
+            assert len(d.text) <= idx
+        if up.stop is not None:
+            got_stop = up.stop
+            break
+    assert got_stop == stop
+    assert d.stop_reason == stop
+    assert d.text == (full[: idx + len(stop)] if include else full[:idx])
+    # after a match: nothing more
+    assert d.add_tokens(ids[:3]) == DetokenizerUpdate("", None)
+    assert d.finish() == ""
+    return d
+
+
+def test_stop_string_spanning_tokens_is_cut(bpe):
+    stop = "wörld 日"
+    assert len(bpe.encode(stop, add_special_tokens=False)) >= 3
+    _stop_run(bpe, "héllo wörld 日本語 🙂 more", [stop])
+    _stop_run(bpe, "héllo wörld 日本語 🙂 more", [stop], include=True)
+    # a near miss first ("wörld x") must be streamed, the real match cut
+    d = _stop_run(bpe, "wörld x wörld 日本", [stop])
+    assert d.text == "wörld x "
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_random_stop_strings_against_oracle(bpe, include):
+    rng = random.Random(7 + include)
+    for _ in range(60):
+        text = rng.choice(TEXTS) + " " + rng.choice(TEXTS)
+        start = rng.randrange(len(text) - 4)
+        stop = text[start:start + rng.randint(1, 6)].strip() or "e"
+        stops = [stop] + ([rng.choice(["zzz", "日本", "ö", "🙂 "])] if rng.random() < 0.5 else [])
+        _stop_run(bpe, text, stops, include=include, chunks=rng.choice([1, 2, 5]))
+
+
+def test_earliest_stop_wins(bpe):
+    d = _stop_run(bpe, "the quick brown fox jumps", ["fox", "quick"])
+    assert d.text == "the " and d.stop_reason == "quick"
+    # both complete on the same character: the one that starts first wins, whatever the list order
+    d = _stop_run(bpe, "xabcdx yz", ["d", "bcd"])
+    assert d.text == "xa" and d.stop_reason == "bcd"
+
+
+def test_unmatched_stop_prefix_is_held_then_flushed(bpe):
+    ids = bpe.encode("plain ascii ST", add_special_tokens=False)
+    d = IncrementalDetokenizer(bpe, SamplingParams(stop=["STOP"]))
+    for t in ids:
+        assert d.add_tokens([t]).stop is None
+    assert d.text == "plain ascii " and d.finish() == "ST" and d.text == "plain ascii ST"
+    assert d.stop_reason is None
+
+
+def test_multibyte_stop_string(bpe):
+    stop = "語"
+    assert all(FFFD in bpe.decode([t]) for t in bpe.encode(stop, add_special_tokens=False))
+    d = _stop_run(bpe, "日本語 text", [stop])
+    assert d.text == "日本"
+
+
+def test_windowed_decoding_is_incremental(bpe):
+    """Each step decodes a few recent tokens, not the whole output."""
+
+    class Spy:
+        def __init__(self, tok):
+            self.tok, self.lengths = tok, []
+
+        def decode(self, ids, skip_special_tokens=True):
+            self.lengths.append(len(ids))
+            return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    text = " ".join(TEXTS * 6)
+    ids = bpe.encode(text, add_special_tokens=False)
+    spy = Spy(bpe)
+    d, _, _ = stream(spy, ids, SamplingParams(stop=["never-there"]))
+    assert d.text == text
+    assert len(ids) > 300 and max(spy.lengths) <= 8
+    assert sum(spy.lengths) <= 6 * len(ids)

@@ -1,0 +1,221 @@
+"""The paged engine: batch invariance, preemption, prefix cache, chunked prefill, abort,
+seeded sampling, stop strings, n > 1, logprobs. Oracle: the same engine running each
+request alone with ample resources, and LLM.logits (contiguous-cache path)."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from bitserve import LLM, SamplingParams
+from bitserve.engine.async_engine import AsyncEngine
+from bitserve.engine.core import EngineRequest
+from bitserve.engine.request import FinishReason
+from tiny_checkpoints import write_tiny_bitnet_model
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return write_tiny_bitnet_model(tmp_path_factory.mktemp("engine") / "tiny", seed=7)
+
+
+def make_llm(path, **options):
+    options.setdefault("dtype", "float32")
+    options.setdefault("block_size", 4)
+    return LLM(str(path), **options)
+
+
+def random_prompts(n, seed=0, lo=3, hi=40, vocab=100):
+    rng = random.Random(seed)
+    return [[rng.randrange(6, vocab - 1) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def all_blocks_free(llm):
+    blocks = llm.core.blocks
+    return blocks.num_free_blocks == blocks.num_blocks and not any(blocks.ref_counts)
+
+
+def test_batch_invariance(tiny_model):
+    llm = make_llm(tiny_model, max_num_seqs=32, max_num_batched_tokens=256)
+    prompts = random_prompts(24, seed=1)
+    together = llm.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, together):
+        alone = llm.generate([prompt], GREEDY)[0]
+        assert out.token_ids == alone.token_ids
+    assert len({tuple(o.token_ids) for o in together}) > 1  # the model is not degenerate
+    assert all_blocks_free(llm)
+
+
+def test_preemption_keeps_outputs(tiny_model):
+    prompts = random_prompts(12, seed=2, lo=10, hi=30)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    reference = make_llm(tiny_model, enable_prefix_caching=False).generate(prompts, params)
+    # 40 blocks of 4 tokens: two or three requests fit at a time
+    small = make_llm(tiny_model, num_kv_blocks=40, enable_prefix_caching=False)
+    got = small.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in reference]
+    assert small.core.stats().num_preemptions > 0
+    assert all_blocks_free(small)
+
+
+def test_prefix_cache_hits_and_salt(tiny_model):
+    llm = make_llm(tiny_model)
+    prompt = random_prompts(1, seed=3, lo=37, hi=37)[0]
+    first = llm.generate([prompt], GREEDY)[0]
+    second = llm.generate([prompt], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens >= 32  # all full blocks but the one holding the last prompt token
+    assert second.token_ids == first.token_ids
+    stats = llm.core.stats()
+    assert stats.prefix_cache_hits > 0 and stats.prefix_cache_queries >= stats.prefix_cache_hits
+
+    # tenants with different salts never share blocks
+    a = llm.engine
+    a.add_request("salt-a", prompt, GREEDY, cache_salt="tenant-a")
+    a.add_request("salt-b", prompt, GREEDY, cache_salt="tenant-b")
+    cached = {}
+    while a.has_unfinished():
+        for d in a.step():
+            if d.finished:
+                cached[d.request_id] = d.num_cached_tokens
+    assert cached == {"salt-a": 0, "salt-b": 0}
+    a.add_request("salt-a2", prompt, GREEDY, cache_salt="tenant-a")
+    while a.has_unfinished():
+        for d in a.step():
+            if d.finished:
+                cached[d.request_id] = d.num_cached_tokens
+    assert cached["salt-a2"] >= 32
+    assert all_blocks_free(llm)
+
+
+def test_chunked_prefill_matches_large_budget(tiny_model):
+    prompt = random_prompts(1, seed=4, lo=150, hi=150)[0]
+    big = make_llm(tiny_model, max_num_batched_tokens=1024).generate([prompt], GREEDY)[0]
+    small_llm = make_llm(tiny_model, max_num_batched_tokens=16)
+    # run it beside decodes of other requests so chunks mix with decode steps
+    outs = small_llm.generate([prompt] + random_prompts(3, seed=5), GREEDY)
+    assert outs[0].token_ids == big.token_ids
+    assert all_blocks_free(small_llm)
+
+
+def test_seeded_sampling_independent_of_batch(tiny_model):
+    llm = make_llm(tiny_model)
+    params = SamplingParams(temperature=4.0, top_p=0.95, max_tokens=16, seed=1234, ignore_eos=True)
+    prompt = random_prompts(1, seed=6)[0]
+    alone = llm.generate([prompt], params)[0].token_ids
+    others = [SamplingParams(temperature=0.8, max_tokens=10, seed=i, ignore_eos=True) for i in range(5)]
+    batch = llm.generate([prompt] + random_prompts(5, seed=7), [params] + others)
+    assert batch[0].token_ids == alone
+    other_seed = llm.generate([prompt], SamplingParams(temperature=4.0, top_p=0.95, max_tokens=16, seed=99,
+                                                       ignore_eos=True))[0].token_ids
+    assert other_seed != alone
+
+
+def test_n_samples_differ_and_share_prompt(tiny_model):
+    llm = make_llm(tiny_model)
+    out = llm.generate([random_prompts(1, seed=8, lo=20, hi=20)[0]],
+                       SamplingParams(n=3, temperature=4.0, max_tokens=10, seed=5, ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert all(len(o.token_ids) == 10 and o.finish_reason == "length" for o in out.outputs)
+    assert all_blocks_free(llm)
+
+
+def test_stop_string_across_tokens(tiny_model):
+    llm = make_llm(tiny_model)
+    prompt = random_prompts(1, seed=9)[0]
+    full = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0]
+    text = full.text
+    assert len(text) >= 8
+    stop = text[4:7]  # three characters = three tokens of the char tokenizer
+    cut = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    assert cut.text == text[: text.index(stop)]
+    assert cut.finish_reason == "stop" and cut.outputs[0].stop_reason == stop
+    assert all_blocks_free(llm)
+
+
+def test_logprobs_match_llm_logits(tiny_model):
+    llm = make_llm(tiny_model)
+    prompt = random_prompts(1, seed=10)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=5))[0]
+    logits = llm.logits(prompt + out.token_ids)
+    for step, token in enumerate(out.token_ids):
+        ref = torch.log_softmax(logits[len(prompt) - 1 + step].double(), -1)
+        got = out.outputs[0].logprobs[step]
+        assert token in got
+        assert abs(got[token] - ref[token].item()) < 1e-4
+        top = torch.topk(ref, 5)
+        assert set(top.indices.tolist()) <= set(got)
+
+
+def test_queue_limit_and_validation(tiny_model):
+    llm = make_llm(tiny_model, max_queue=2)
+    llm.engine.add_request("a", [10, 11], GREEDY)
+    llm.engine.add_request("b", [10, 11], GREEDY)
+    with pytest.raises(RuntimeError, match="queue is full"):
+        llm.engine.add_request("c", [10, 11], GREEDY)
+    with pytest.raises(ValueError, match="context"):
+        llm.engine.add_request("d", [10] * 300, GREEDY)
+    llm.engine.abort("a")
+    llm.engine.abort("b")
+    assert all_blocks_free(llm) and not llm.engine.has_unfinished()
+
+
+def test_async_abort_running_and_waiting_frees_blocks(tiny_model):
+    llm = make_llm(tiny_model, max_num_seqs=1)
+    engine = AsyncEngine(llm.core)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def scenario():
+        running = engine.generate(EngineRequest("run", random_prompts(1, seed=11)[0], long))
+        waiting = engine.generate(EngineRequest("wait", random_prompts(1, seed=12)[0], long))
+        got = []
+        first = await running.__anext__()
+        got.append(first)
+        wait_task = asyncio.ensure_future(waiting.__anext__())
+        await asyncio.sleep(0.05)
+        engine.abort("wait")  # still queued behind "run" (max_num_seqs=1)
+        wait_final = await asyncio.wait_for(wait_task, 10)
+        engine.abort("run")
+        async for delta in running:
+            got.append(delta)
+        return got, wait_final
+
+    try:
+        got, wait_final = asyncio.run(scenario())
+        assert wait_final.finish_reason == FinishReason.ABORT and wait_final.token_ids == []
+        assert got[-1].finish_reason == FinishReason.ABORT
+        assert 1 <= len(got) < 200
+        stats = engine.stats()
+        assert stats.num_running == 0 and stats.num_waiting == 0
+        assert all_blocks_free(llm)
+    finally:
+        engine.shutdown()
+
+
+def test_async_client_cancel_frees_blocks(tiny_model):
+    llm = make_llm(tiny_model)
+    engine = AsyncEngine(llm.core)
+
+    async def scenario():
+        agen = engine.generate(EngineRequest("c", random_prompts(1, seed=13)[0],
+                                             SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)))
+        n = 0
+        async for _ in agen:
+            n += 1
+            if n == 3:
+                break  # the client walks away
+        await agen.aclose()
+        for _ in range(100):
+            if engine.stats().num_running == 0 and all_blocks_free(llm):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    try:
+        assert asyncio.run(scenario())
+    finally:
+        engine.shutdown()

@@ -1,0 +1,150 @@
+"""Format discovery: entry points, detection, explicit override, third-party plugins."""
+
+import json
+import logging
+from importlib.metadata import EntryPoint, entry_points
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bitserve.loader import load_model
+from bitserve.plugins import registry as registry_mod
+from bitserve.plugins.bitnet import BitNetFormat, TernaryLinear
+from bitserve.plugins.checkpoint import CheckpointReader
+from bitserve.plugins.dense import DenseFormat, DenseLinear
+from bitserve.plugins.registry import ENTRY_POINT_GROUP, FormatRegistry, UnknownFormatError
+from tiny_checkpoints import bitnet_config, random_bitnet_state, write_bitnet_checkpoint, write_llama_checkpoint
+
+
+@pytest.fixture(scope="module")
+def dense_folder(tmp_path_factory):
+    return write_llama_checkpoint(tmp_path_factory.mktemp("dense") / "llama", num_hidden_layers=1)
+
+
+@pytest.fixture(scope="module")
+def bitnet_folder(tmp_path_factory):
+    config = bitnet_config(num_hidden_layers=1)
+    return write_bitnet_checkpoint(tmp_path_factory.mktemp("bitnet") / "ckpt", config, random_bitnet_state(config, 1))
+
+
+def _detect(folder, registry=None):
+    registry = registry or FormatRegistry()
+    config = json.loads((folder / "config.json").read_text())
+    reader = CheckpointReader(folder)
+    return registry.detect(config, reader.names(), reader)
+
+
+def test_entry_points_installed():
+    eps = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    assert eps.get("dense") == "bitserve.plugins.dense:DenseFormat"
+    assert eps.get("bitnet") == "bitserve.plugins.bitnet:BitNetFormat"
+    reg = FormatRegistry()
+    assert {"dense", "bitnet"} <= set(reg.names())
+    assert type(reg.get("bitnet")) is BitNetFormat and type(reg.get("dense")) is DenseFormat
+    assert reg.get("bitnet").name == "bitnet" and reg.get("dense").name == "dense"
+
+
+def test_detection(dense_folder, bitnet_folder):
+    assert _detect(bitnet_folder).name == "bitnet"
+    assert _detect(dense_folder).name == "dense"
+    loaded = load_model(bitnet_folder, device="cpu", dtype="float32")
+    assert loaded.plugin.name == "bitnet"
+    assert isinstance(loaded.model.model.layers[0].self_attn.qkv_proj, TernaryLinear)
+
+
+def test_bitnet_detected_for_llama_model_type(tmp_path):
+    # HF1BitLLM-style: model_type llama + quant_method bitnet is still bitnet (FORMATS.md §1.1)
+    config = bitnet_config(num_hidden_layers=1)
+    folder = write_bitnet_checkpoint(tmp_path / "c", config, random_bitnet_state(config, 2), linear_class="bitlinear")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert _detect(folder).name == "bitnet"
+
+
+def test_explicit_override(dense_folder):
+    loaded = load_model(dense_folder, format="dense", device="cpu", dtype="float32")
+    assert loaded.plugin.name == "dense"
+    assert isinstance(loaded.model.model.layers[0].mlp.down_proj, DenseLinear)
+    with pytest.raises(UnknownFormatError) as err:
+        load_model(dense_folder, format="nope", device="cpu")
+    msg = str(err.value)
+    assert "nope" in msg and "bitnet" in msg and "dense" in msg
+
+
+def test_unclaimed_checkpoint(tmp_path):
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    cfg = dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2,
+               quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 32})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tensors = {
+        "model.layers.0.self_attn.q_proj.qweight": torch.zeros(8, 64, dtype=torch.int32),
+        "model.layers.0.self_attn.q_proj.qzeros": torch.zeros(2, 8, dtype=torch.int32),
+        "model.layers.0.self_attn.q_proj.scales": torch.ones(2, 64, dtype=torch.float16),
+        "model.embed_tokens.weight": torch.zeros(96, 64),
+    }
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(UnknownFormatError) as err:
+        load_model(folder, device="cpu")
+    msg = str(err.value)
+    assert "gptq" in msg and "bitnet" in msg and "dense" in msg and str(folder) in msg
+
+
+class MyFormat(DenseFormat):
+    """A third-party plugin that claims plain llama checkpoints ahead of ``dense``."""
+
+    name = "mine"
+    priority = 50
+
+
+class LowFormat(DenseFormat):
+    """Claims everything, but ranks below bitnet."""
+
+    name = "low"
+    priority = 5
+
+    def detect(self, config, tensor_names, reader):
+        return True
+
+
+def test_third_party_plugin_by_priority(dense_folder, bitnet_folder):
+    reg = FormatRegistry({"dense": DenseFormat, "bitnet": BitNetFormat, "mine": MyFormat, "low": LowFormat})
+    assert reg.names() == ["bitnet", "dense", "low", "mine"]
+    loaded = load_model(dense_folder, registry=reg, device="cpu", dtype="float32")
+    assert loaded.plugin.name == "mine" and type(loaded.plugin) is MyFormat
+    # a lower-priority plugin does not steal a checkpoint bitnet claims
+    assert _detect(bitnet_folder, reg).name == "bitnet"
+    # but does take one nobody with higher priority claims
+    assert _detect(dense_folder, FormatRegistry({"dense": DenseFormat, "low": LowFormat})).name == "low"
+    # and is usable by name
+    assert type(reg.get("mine")) is MyFormat
+
+
+def test_broken_entry_point_is_skipped(monkeypatch, caplog):
+    fakes = [
+        EntryPoint("broken", "bitserve_no_such_module_xyz:Plugin", ENTRY_POINT_GROUP),
+        EntryPoint("notaplugin", "json:dumps", ENTRY_POINT_GROUP),
+        EntryPoint("raises", "bitserve.plugins.registry:NoSuchAttribute", ENTRY_POINT_GROUP),
+        EntryPoint("dense", "bitserve.plugins.dense:DenseFormat", ENTRY_POINT_GROUP),
+        EntryPoint("bitnet", "bitserve.plugins.bitnet:BitNetFormat", ENTRY_POINT_GROUP),
+        EntryPoint("dense", "bitserve_no_such_module_xyz:Dup", ENTRY_POINT_GROUP),  # duplicate name
+    ]
+    calls = []
+
+    def fake_entry_points(**kwargs):
+        calls.append(kwargs)
+        return fakes if kwargs.get("group") == ENTRY_POINT_GROUP else []
+
+    monkeypatch.setattr(registry_mod, "entry_points", fake_entry_points)
+    with caplog.at_level(logging.WARNING, logger=registry_mod.__name__):
+        reg = FormatRegistry()
+    assert calls, "the registry did not consult entry points"
+    assert reg.names() == ["bitnet", "dense"]
+    assert type(reg.get("dense")) is DenseFormat
+    text = caplog.text
+    assert "broken" in text and "notaplugin" in text and "raises" in text
+    with pytest.raises(UnknownFormatError, match="installed formats: bitnet, dense"):
+        reg.get("broken")
