@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bitserve.loader import load_model
-from bitserve.generate import prefill_logits
+from bitserve.model.prefill import prefill_logits
 from tiny_checkpoints import (
     bitnet_config, load_oracle, random_bitnet_state, write_bitnet_checkpoint, write_llama_checkpoint,
 )
