@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from bitserve.cli_args import add_dataclass_arguments, dataclass_from_args
-from bitserve.config import ModelLoadConfig
+from bitserve.config import EngineConfig, ModelLoadConfig, ServerConfig
 from bitserve.sampling_params import SamplingParams
 
 
@@ -14,7 +14,20 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitserve", description="Serve extreme low-bit LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    chat = sub.add_parser("chat", help="chat with a model in-process (interactive, piped lines, or one-shot -m)")
+    serve = sub.add_parser("serve", help="serve a model over gRPC (default: the bundled demo model)")
+    add_dataclass_arguments(serve, ModelLoadConfig)
+    add_dataclass_arguments(serve, EngineConfig)
+    add_dataclass_arguments(serve, ServerConfig)
+    serve.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    serve.set_defaults(func=_serve)
+
+    chat = sub.add_parser("chat", help="chat with a running server (streaming REPL, piped lines, or one-shot -m)")
+    chat.add_argument("--address", default="localhost:50051", help="server address (default: localhost:50051)")
+    chat.add_argument("--tls", action="store_true", help="use TLS (system roots, or --ca-cert)")
+    chat.add_argument("--ca-cert", help="PEM CA certificate for TLS")
+    chat.add_argument("--api-token", help="API token (default: $BITSERVE_API_TOKEN)")
+    chat.add_argument("--local", action="store_true",
+                      help="no server: load the model in this process (the model flags below apply)")
     add_dataclass_arguments(chat, ModelLoadConfig)
     add_dataclass_arguments(chat, SamplingParams, skip=("stop_token_ids", "ignore_eos", "seed", "logit_bias"),
                             defaults={"temperature": 0.0, "max_tokens": 64})
@@ -24,30 +37,114 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _chat(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from bitserve.app import build_app
+    from bitserve.metrics import Metrics
+    from bitserve.rpc.server import RpcServer, run_until_signalled
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    load = dataclass_from_args(ModelLoadConfig, args)
+    engine = dataclass_from_args(EngineConfig, args)
+    server_cfg = dataclass_from_args(ServerConfig, args)
+    print(f"loading {load.model or 'the bundled demo model'} ...", file=sys.stderr, flush=True)
+    metrics_box: list = []
+    app = build_app(load, engine, server_cfg.served_model_name,
+                    on_finish=lambda final: metrics_box[0].observe_finished(final) if metrics_box else None)
+    metrics = Metrics(app.info, app.replica.stats)
+    metrics_box.append(metrics)
+    info = app.info
+    metrics_port = metrics.serve_http(server_cfg.host, server_cfg.metrics_port) if server_cfg.metrics_port >= 0 else None
+
+    def ready(port: int) -> None:
+        scheme = "grpcs" if server_cfg.tls_cert else "grpc"
+        print(f"serving '{info.name}' ({info.format}, {info.bits_per_weight:.2f} bits/weight, "
+              f"{info.weight_bytes / 1e6:.1f} MB weights, KV {info.kv_cache_dtype} "
+              f"{info.kv_capacity_tokens} tokens) on {scheme}://{server_cfg.host}:{port}", file=sys.stderr)
+        if metrics_port is not None:
+            print(f"metrics on http://{server_cfg.host}:{metrics_port}/metrics", file=sys.stderr)
+        print(f"try: bitserve chat --address localhost:{port}    (Ctrl-C drains and stops)", file=sys.stderr,
+              flush=True)
+
+    try:
+        asyncio.run(run_until_signalled(RpcServer(app, server_cfg, metrics), on_ready=ready))
+    finally:
+        metrics.close()
+    return 0
+
+
+def _local_answerer(args: argparse.Namespace):
     from bitserve.llm import LLM
 
     load = dataclass_from_args(ModelLoadConfig, args)
     params = dataclass_from_args(SamplingParams, args, seed=None)
     print(f"loading {load.model or 'the bundled demo model'} ...", file=sys.stderr)
-    llm = LLM(**{k: v for k, v in vars(load).items()})
-    fmt = llm.loaded.plugin.name
-    print(f"ready: {llm.loaded.path.name} ({fmt}, {llm.loaded.weight_bytes / 1e6:.1f} MB of weights, "
-          f"{llm.max_model_len} tokens of context). /reset clears the history, /exit quits.", file=sys.stderr)
+    llm = LLM(**vars(load))
+    print(f"ready: {llm.loaded.path.name} ({llm.loaded.plugin.name}, in-process). "
+          f"/reset clears the history, /exit quits.", file=sys.stderr)
 
+    def answer(history: list[dict], interactive: bool) -> str:
+        text = llm.chat(history, params)[0].text
+        print(f"bitserve> {text}" if interactive else text, flush=True)
+        return text
+
+    return answer
+
+
+def _remote_answerer(args: argparse.Namespace):
+    import os
+
+    import grpc
+
+    from bitserve.rpc.client import ChatClient, sampling_options
+
+    client = ChatClient(args.address, tls=args.tls, ca_cert=args.ca_cert,
+                        api_token=args.api_token or os.environ.get("BITSERVE_API_TOKEN"))
+    try:
+        info = client.model_info()
+    except grpc.RpcError as e:
+        raise OSError(f"cannot reach a bitserve server at {args.address}: {e.code().name}: {e.details()} "
+                      f"(start one with 'bitserve serve', or use --local)") from None
+    print(f"connected to {args.address}: '{info.name}' ({info.format}, {info.bits_per_weight:.2f} bits/weight). "
+          f"/reset clears the history, /exit quits.", file=sys.stderr)
+    sampling = sampling_options(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, stop=args.stop or None)
+
+    def answer(history: list[dict], interactive: bool) -> str:
+        parts = []
+        if interactive:
+            print("bitserve> ", end="", flush=True)
+        try:
+            for event in client.stream_chat(history, sampling):
+                if event.HasField("delta"):
+                    parts.append(event.delta.text)
+                    print(event.delta.text, end="", flush=True)
+        except grpc.RpcError as e:
+            print(file=sys.stdout)
+            raise ValueError(f"{e.code().name}: {e.details()}") from None
+        print(flush=True)
+        return "".join(parts)
+
+    return answer
+
+
+def _chat(args: argparse.Namespace) -> int:
+    answer_fn = _local_answerer(args) if args.local else _remote_answerer(args)
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
+    interactive = sys.stdin.isatty() and args.message is None
 
     def answer(text: str) -> str:
         history.append({"role": "user", "content": text})
-        out = llm.chat(history, params)[0]
-        history.append({"role": "assistant", "content": out.text})
-        return out.text
+        reply = answer_fn(history, interactive)
+        history.append({"role": "assistant", "content": reply})
+        return reply
 
     if args.message is not None:
-        print(answer(args.message))
+        answer(args.message)
         return 0
-    interactive = sys.stdin.isatty()
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -63,12 +160,10 @@ def _chat(args: argparse.Namespace) -> int:
             print("(history cleared)", file=sys.stderr)
             continue
         try:
-            reply = answer(line)
+            answer(line)
         except ValueError as e:  # e.g. the conversation outgrew the context
             print(f"error: {e} (use /reset)", file=sys.stderr)
             history.pop()
-            continue
-        print(f"bitserve> {reply}" if interactive else reply, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

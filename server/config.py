@@ -51,3 +51,31 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_mb must be >= 1, got {self.kv_cache_memory_mb}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass
+class ServerConfig:
+    host: str = field(default="0.0.0.0", metadata={"help": "address to listen on"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
+    metrics_port: int = field(default=9400, metadata={"help": "Prometheus /metrics port (0 = any free port, -1 = off)"})
+    served_model_name: str | None = field(default=None, metadata={"help": "model name clients use (default: folder name)"})
+    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request sets none"})
+    max_concurrent_streams: int = field(default=512, metadata={"help": "concurrent RPCs; more get RESOURCE_EXHAUSTED"})
+    max_message_mb: int = field(default=16, metadata={"help": "largest gRPC message, MiB"})
+    keepalive_time_s: int = field(default=30, metadata={"help": "HTTP/2 keepalive ping interval"})
+    keepalive_timeout_s: int = field(default=10, metadata={"help": "keepalive ping ack timeout"})
+    grace_period_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may finish"})
+    tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain (enables TLS with --tls-key)"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key"})
+    api_token: str | None = field(default=None, metadata={"help": "require 'authorization: Bearer TOKEN' "
+                                                                  "(default: $BITSERVE_API_TOKEN if set)"})
+
+    def __post_init__(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.max_concurrent_streams < 1:
+            raise ValueError(f"max_concurrent_streams must be >= 1, got {self.max_concurrent_streams}")
+        if self.grace_period_s < 0:
+            raise ValueError(f"grace_period_s must be >= 0, got {self.grace_period_s}")

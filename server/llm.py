@@ -10,11 +10,11 @@ from tqdm.auto import tqdm
 
 from bitserve.config import EngineConfig, ModelLoadConfig
 from bitserve.demo import DEMO_MODEL_PATH
-from bitserve.engine.core import EngineCore
+from bitserve.app import build_core, load_serving_model
 from bitserve.engine.llm_engine import LLMEngine
 from bitserve.engine.output_processor import CompletionDelta
 from bitserve.engine.request import FinishReason
-from bitserve.loader import LoadedModel, load_model, resolve_model_path
+from bitserve.loader import LoadedModel
 from bitserve.model.prefill import prefill_logits
 from bitserve.outputs import CompletionOutput, RequestOutput
 from bitserve.sampling_params import SamplingParams
@@ -42,18 +42,13 @@ class LLM:
         self.load_config = ModelLoadConfig(model=str(model or DEMO_MODEL_PATH),
                                            **{k: v for k, v in options.items() if k in _LOAD_FIELDS})
         self.engine_config = EngineConfig(**{k: v for k, v in options.items() if k in _ENGINE_FIELDS})
-        path = resolve_model_path(self.load_config.model, self.load_config.revision)
-        self.tokenizer = Tokenizer(path)
-        self.loaded: LoadedModel = load_model(
-            path, format=self.load_config.format, dtype=self.load_config.dtype, device=self.load_config.device
-        )
+        served = load_serving_model(self.load_config)
+        self.tokenizer: Tokenizer = served.tokenizer
+        self.loaded: LoadedModel = served.loaded
         self.model = self.loaded.model
-        cfg = self.loaded.config
-        self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + self.tokenizer.eos_token_ids))
-        self.max_model_len = min(self.load_config.max_model_len or cfg.max_position_embeddings,
-                                 cfg.max_position_embeddings)
-        self.core = EngineCore(self.model, self.engine_config, max_model_len=self.max_model_len,
-                               eos_token_ids=self.eos_token_ids, default_seed=self.load_config.seed)
+        self.eos_token_ids = served.eos_token_ids
+        self.max_model_len = served.max_model_len
+        self.core = build_core(served, self.engine_config, self.load_config.seed)
         self.engine = LLMEngine(self.core, self.tokenizer)
         self._counter = 0
 

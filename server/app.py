@@ -1,0 +1,98 @@
+"""Assemble a served model from configs: load, size the KV cache, start the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bitserve.config import EngineConfig, ModelLoadConfig
+from bitserve.demo import DEMO_MODEL_PATH
+from bitserve.engine.async_engine import AsyncEngine
+from bitserve.engine.core import EngineCore
+from bitserve.engine.output_processor import CompletionDelta
+from bitserve.frontend import Frontend, ModelInfo
+from bitserve.loader import LoadedModel, load_model, resolve_model_path
+from bitserve.plugins.base import QuantLinear
+from bitserve.replica import LocalReplica
+from bitserve.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedServingModel:
+    path: Path
+    tokenizer: Tokenizer
+    loaded: LoadedModel
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+
+
+def load_serving_model(cfg: ModelLoadConfig, progress: bool | None = None) -> LoadedServingModel:
+    path = resolve_model_path(cfg.model or str(DEMO_MODEL_PATH), cfg.revision)
+    tokenizer = Tokenizer(path)
+    loaded = load_model(path, format=cfg.format, dtype=cfg.dtype, device=cfg.device, progress=progress)
+    mc = loaded.config
+    eos = tuple(dict.fromkeys(mc.eos_token_ids + tokenizer.eos_token_ids))
+    max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    return LoadedServingModel(path, tokenizer, loaded, eos, max_len)
+
+
+def build_core(model: LoadedServingModel, engine_cfg: EngineConfig, seed: int = 0) -> EngineCore:
+    return EngineCore(model.loaded.model, engine_cfg, max_model_len=model.max_model_len,
+                      eos_token_ids=model.eos_token_ids, default_seed=seed)
+
+
+def linear_bits_per_weight(loaded: LoadedModel) -> float:
+    """Stored bits per weight over all linear layers (scales included)."""
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    weights = sum(m.in_features * m.out_features for m in layers)
+    return 8.0 * sum(m.nbytes for m in layers) / max(1, weights)
+
+
+def model_info(model: LoadedServingModel, core: EngineCore, name: str) -> ModelInfo:
+    mc, hf = model.loaded.config, model.loaded.hf_config
+    return ModelInfo(
+        name=name,
+        architecture=(hf.get("architectures") or [mc.model_type])[0],
+        format=model.loaded.plugin.name,
+        bits_per_weight=linear_bits_per_weight(model.loaded),
+        max_context=model.max_model_len,
+        kv_cache_dtype=core.spec.dtype,
+        vocab_size=mc.vocab_size,
+        weight_bytes=model.loaded.weight_bytes,
+        kv_bytes_per_token=core.spec.bytes_per_token,
+        kv_capacity_tokens=core.blocks.num_blocks * core.spec.block_size,
+        num_layers=mc.num_layers,
+        hidden_size=mc.hidden_size,
+    )
+
+
+@dataclass
+class App:
+    """What a server process serves: the frontend over its replica(s)."""
+
+    frontend: Frontend
+    replica: LocalReplica
+    model: LoadedServingModel
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.frontend.info
+
+    def shutdown(self) -> None:
+        self.replica.shutdown()
+
+
+def build_app(
+    load_cfg: ModelLoadConfig,
+    engine_cfg: EngineConfig,
+    served_model_name: str | None = None,
+    on_finish: Callable[[CompletionDelta], None] | None = None,
+    progress: bool | None = None,
+) -> App:
+    model = load_serving_model(load_cfg, progress=progress)
+    core = build_core(model, engine_cfg, load_cfg.seed)
+    replica = LocalReplica(AsyncEngine(core))
+    name = served_model_name or model.path.name
+    frontend = Frontend(model.tokenizer, replica, model_info(model, core, name), on_finish=on_finish)
+    return App(frontend, replica, model)

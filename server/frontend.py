@@ -1,0 +1,131 @@
+"""Text in, text deltas out, over a replica: prompts, ``n`` fan-out, stop strings, cancel.
+
+Protocol-neutral (no grpc here): the gRPC servicer, the CLI and tests drive it.
+Token ids cross to the replica; text stays here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Sequence
+
+from bitserve.engine.output_processor import CompletionDelta, RequestState
+from bitserve.engine.request import FinishReason
+from bitserve.replica import Replica
+from bitserve.sampling_params import SamplingParams
+from bitserve.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    format: str
+    bits_per_weight: float
+    max_context: int
+    kv_cache_dtype: str
+    vocab_size: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    kv_capacity_tokens: int
+    num_layers: int
+    hidden_size: int
+
+
+class Frontend:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        replica: Replica,
+        info: ModelInfo,
+        on_finish: Callable[[CompletionDelta], None] | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.replica = replica
+        self.info = info
+        self.on_finish = on_finish
+        self._active: dict[str, RequestState] = {}
+
+    # -- prompts ------------------------------------------------------------------------
+    def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation (ChatTemplateError for bad roles / empty messages)."""
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+
+    def text_prompt(self, text: str) -> list[int]:
+        if not text:
+            raise ValueError("prompt is empty")
+        return self.tokenizer.encode(text)
+
+    @staticmethod
+    def new_request_id() -> str:
+        return uuid.uuid4().hex
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    # -- generation ---------------------------------------------------------------------
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[CompletionDelta]:
+        """Deltas of every choice, interleaved; each choice ends with one finished delta.
+
+        Raises ValueError for requests the engine cannot serve (before anything is
+        queued) and QueueFullError when the engine refuses more work. Leaving the
+        iterator early aborts every choice and frees their KV blocks.
+        """
+        if request_id in self._active:
+            raise ValueError(f"request_id '{request_id}' is already in use")
+        state = RequestState(request_id, prompt_token_ids, params, self.tokenizer)
+        core_requests = state.core_requests(prompt_token_ids, priority, cache_salt)
+        for req in core_requests:
+            self.replica.validate(req)
+        self._active[request_id] = state
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(req):
+            try:
+                async for delta in self.replica.generate(req):
+                    queue.put_nowait(delta)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # refused (queue full), engine died, ...
+                queue.put_nowait(e)
+
+        tasks = [asyncio.create_task(pump(r)) for r in core_requests]
+        try:
+            while not state.finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                completion, abort_core = state.process(item)
+                if abort_core:
+                    self.replica.abort(item.request_id, FinishReason.STOP, completion.stop_reason)
+                if completion is None:
+                    continue
+                if completion.finished and self.on_finish is not None:
+                    self.on_finish(completion)
+                yield completion
+        finally:
+            self._active.pop(request_id, None)
+            for cid in state.choices:  # idempotent; frees blocks even if a pump is mid-await
+                self.replica.abort(cid)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request by id; its stream ends with finish reason ABORT. False if unknown."""
+        state = self._active.get(request_id)
+        if state is None:
+            return False
+        for cid in state.choices:
+            self.replica.abort(cid)
+        return True

@@ -1,0 +1,1 @@
+"""The gRPC API: servicer, error/auth/metrics interceptor, server lifecycle, client helpers."""

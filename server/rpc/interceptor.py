@@ -1,0 +1,143 @@
+"""One interceptor around every call: draining, auth, error -> status code, RPC metrics.
+
+Errors never leak a traceback to the client: known errors map to their codes
+with their message; anything else is INTERNAL ("see server log") and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Callable
+
+import grpc
+
+from bitserve.engine.async_engine import EngineDeadError
+from bitserve.engine.scheduler import QueueFullError
+from bitserve.rpc.servicer import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+# Health checks and reflection stay open without a token and while draining.
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # also ChatTemplateError
+    (TypeError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    for cls, code in ERROR_CODES:
+        if isinstance(error, cls):
+            return code, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        *,
+        is_draining: Callable[[], bool],
+        api_token: str | None = None,
+        observe: Callable[[str, str, float], None] | None = None,
+        observe_started: Callable[[str], None] | None = None,
+    ):
+        self.is_draining = is_draining
+        self.api_token = api_token
+        self.observe = observe
+        self.observe_started = observe_started
+
+    def _refusal(self, method: str, context) -> tuple[grpc.StatusCode, str] | None:
+        if method.startswith(OPEN_SERVICES):
+            return None
+        if self.is_draining():
+            return grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another instance"
+        if self.api_token:
+            metadata = dict(context.invocation_metadata() or ())
+            given = metadata.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else metadata.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), self.api_token.encode()):
+                return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API token (metadata 'authorization: Bearer <token>')"
+        return None
+
+    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        if self.observe is not None:
+            self.observe(method, code.name, time.monotonic() - started)
+
+    @staticmethod
+    def _cancel_code(context) -> grpc.StatusCode:
+        remaining = context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                started = time.monotonic()
+                if self.observe_started:
+                    self.observe_started(method)
+                refusal = self._refusal(method, context)
+                if refusal:
+                    self._record(method, refusal[0], started)
+                    await context.abort(*refusal)
+                try:
+                    response = await inner(request, context)
+                except asyncio.CancelledError:
+                    self._record(method, self._cancel_code(context), started)
+                    raise
+                except Exception as e:  # noqa: BLE001 - mapped to a status below
+                    if isinstance(e, grpc.aio.AbortError):
+                        raise
+                    code, message = status_for(e)
+                    if code == grpc.StatusCode.INTERNAL:
+                        log.exception("%s failed", method)
+                    self._record(method, code, started)
+                    await context.abort(code, message)
+                self._record(method, grpc.StatusCode.OK, started)
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request, context):
+                started = time.monotonic()
+                if self.observe_started:
+                    self.observe_started(method)
+                refusal = self._refusal(method, context)
+                if refusal:
+                    self._record(method, refusal[0], started)
+                    await context.abort(*refusal)
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except asyncio.CancelledError:
+                    self._record(method, self._cancel_code(context), started)
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    if isinstance(e, grpc.aio.AbortError):
+                        raise
+                    code, message = status_for(e)
+                    if code == grpc.StatusCode.INTERNAL:
+                        log.exception("%s failed", method)
+                    self._record(method, code, started)
+                    await context.abort(code, message)
+                self._record(method, grpc.StatusCode.OK, started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # stream-unary / stream-stream (reflection): untouched

@@ -1,0 +1,123 @@
+"""The gRPC server's lifecycle: start, health, reflection, warm-up, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from bitserve.app import App
+from bitserve.config import ServerConfig
+from bitserve.rpc.interceptor import ServerInterceptor
+from bitserve.rpc.servicer import ChatServicer
+from bitserve.sampling_params import SamplingParams
+from bitserve.v1 import chat_pb2, chat_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+
+class RpcServer:
+    """A grpc.aio server in front of an App. Health turns SERVING only after warm-up."""
+
+    def __init__(self, app: App, config: ServerConfig, metrics=None):
+        self.app = app
+        self.config = config
+        self.metrics = metrics
+        self.draining = False
+        self.port: int | None = None
+        self.health = health.aio.HealthServicer()
+        token = config.api_token or os.environ.get("BITSERVE_API_TOKEN") or None
+        interceptor = ServerInterceptor(
+            is_draining=lambda: self.draining,
+            api_token=token,
+            observe=metrics.observe_rpc if metrics is not None else None,
+            observe_started=metrics.observe_rpc_started if metrics is not None else None,
+        )
+        mb = config.max_message_mb << 20
+        self.server = grpc.aio.server(
+            interceptors=[interceptor],
+            maximum_concurrent_rpcs=config.max_concurrent_streams,
+            options=[
+                ("grpc.max_send_message_length", mb),
+                ("grpc.max_receive_message_length", mb),
+                ("grpc.keepalive_time_ms", config.keepalive_time_s * 1000),
+                ("grpc.keepalive_timeout_ms", config.keepalive_timeout_s * 1000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(app.frontend, config.default_max_tokens),
+                                                        self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (CHAT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+
+    async def _set_health(self, status) -> None:
+        await self.health.set("", status)
+        await self.health.set(CHAT_SERVICE, status)
+
+    async def start(self) -> int:
+        """Bind, start, warm up, then report SERVING. Returns the bound port."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        await self.server.start()
+        await self.warm_up()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def warm_up(self) -> None:
+        """One tiny generation through the whole path, so the first client does not pay for it."""
+        frontend = self.app.frontend
+        prompt = frontend.text_prompt("warm up") or [0]
+        async for _ in frontend.generate("warmup-" + frontend.new_request_id(), prompt,
+                                         SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)):
+            pass
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting (UNAVAILABLE, health NOT_SERVING), let in-flight requests finish
+        within the grace period, abort the rest, then stop the server."""
+        grace = self.config.grace_period_s if grace is None else grace
+        self.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.app.frontend.num_active and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(max(0.0, deadline - loop.time()) + 1.0)
+        self.app.shutdown()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def run_until_signalled(rpc: RpcServer, on_ready=None) -> None:
+    """Start the server and drain it on SIGTERM / SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await rpc.start()
+    if on_ready is not None:
+        on_ready(port)
+    await stop.wait()
+    log.info("draining (grace %.0fs)", rpc.config.grace_period_s)
+    await rpc.drain()

@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs of proto/bitserve/v1 (scripts/gen_proto.py). Do not edit."""

@@ -1,0 +1,314 @@
+"""The gRPC API end to end over loopback (in-process server on port 0)."""
+
+import threading
+import time
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from bitserve.v1 import chat_pb2 as pb
+from grpc_harness import ServerThread, chat_request
+from tiny_checkpoints import write_tiny_bitnet_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return write_tiny_bitnet_model(tmp_path_factory.mktemp("grpc") / "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    srv = ServerThread(tiny_model, engine={"max_num_seqs": 64, "max_queue": 256}, metrics=True)
+    yield srv
+    srv.close()
+
+
+def wait_all_blocks_free(stub, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        load = stub.GetLoad(pb.GetLoadRequest())
+        if load.kv_blocks_free == load.kv_blocks_total and load.running == 0 and load.waiting == 0:
+            return load
+        time.sleep(0.02)
+    raise AssertionError(f"blocks still held: {load}")
+
+
+def test_reflection_only_client_streams(server):
+    """A client that knows nothing but reflection finds the service and streams a completion."""
+    channel = server.channel()
+    db = ProtoReflectionDescriptorDatabase(channel)
+    services = db.get_services()
+    assert "bitserve.v1.ChatService" in services
+    pool = descriptor_pool.DescriptorPool(db)
+    service = pool.FindServiceByName("bitserve.v1.ChatService")
+    method = service.methods_by_name["ChatStream"]
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    response_cls = message_factory.GetMessageClass(method.output_type)
+    request = request_cls()
+    msg = request.messages.add()
+    msg.role, msg.content = "user", "hello"
+    request.sampling.max_tokens = 5
+    request.sampling.temperature = 0.0
+    call = channel.unary_stream("/bitserve.v1.ChatService/ChatStream",
+                                request_serializer=request_cls.SerializeToString,
+                                response_deserializer=response_cls.FromString)
+    events = list(call(request, timeout=30))
+    assert events and events[-1].WhichOneof("event") == "end"
+    assert events[-1].end.usage.completion_tokens == 5
+    assert sum(len(e.delta.token_ids) for e in events if e.WhichOneof("event") == "delta") == 5
+
+
+def test_unary_equals_stream_and_model_info(server):
+    stub = server.stub()
+    request = chat_request("abc", temperature=0.0, max_tokens=8, ignore_eos=True)
+    response = stub.Chat(request, timeout=30)
+    events = list(stub.ChatStream(request, timeout=30))
+    text = "".join(e.delta.text for e in events if e.HasField("delta"))
+    ids = [t for e in events if e.HasField("delta") for t in e.delta.token_ids]
+    assert response.choices[0].text == text and list(response.choices[0].token_ids) == ids
+    assert response.choices[0].finish_reason == pb.FINISH_REASON_LENGTH
+    assert response.usage.completion_tokens == 8 and response.usage.prompt_tokens > 0
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.format == "bitnet" and info.architecture == "BitNetForCausalLM"
+    assert 1.5 < info.bits_per_weight < 2.5
+    assert info.vocab_size == 100 and info.max_context == 256 and info.kv_bytes_per_token > 0
+    assert [m.name for m in stub.ListModels(pb.ListModelsRequest()).models] == [info.name]
+
+
+def test_completion_with_token_ids_and_stop_string(server):
+    stub = server.stub()
+    ids = pb.CompletionRequest(token_ids=pb.TokenIds(ids=[10, 20, 30, 40]),
+                               sampling=pb.SamplingOptions(temperature=0.0, max_tokens=12, ignore_eos=True))
+    full = stub.Complete(ids, timeout=30).choices[0]
+    stop = full.text[3:5]
+    ids.sampling.stop.append(stop)
+    cut = stub.Complete(ids, timeout=30).choices[0]
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.finish_reason == pb.FINISH_REASON_STOP_STRING and cut.stop_string == stop
+
+
+def test_n_choices_and_logprobs(server):
+    stub = server.stub()
+    events = list(stub.ChatStream(chat_request("xyz", temperature=1.5, max_tokens=4, n=3, seed=7, logprobs=2,
+                                               ignore_eos=True), timeout=30))
+    ends = [e.end for e in events if e.HasField("end")]
+    assert sorted(e.index for e in ends) == [0, 1, 2]
+    deltas = [e.delta for e in events if e.HasField("delta")]
+    assert all(len(lp.top) == 2 for d in deltas for lp in d.logprobs)
+    assert sum(len(d.logprobs) for d in deltas) == 12
+
+
+def test_cancel_mid_stream_frees_blocks(server):
+    stub = server.stub()
+    call = stub.ChatStream(chat_request("cancel me", temperature=0.0, max_tokens=200, ignore_eos=True), timeout=60)
+    got = 0
+    for event in call:
+        got += event.HasField("delta")
+        if got == 3:
+            call.cancel()
+            break
+    wait_all_blocks_free(stub)
+
+
+def test_deadline_exceeded_frees_blocks(server):
+    stub = server.stub()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.ChatStream(chat_request("slow", temperature=0.0, max_tokens=200, ignore_eos=True), timeout=0.3))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_all_blocks_free(stub)
+
+
+def test_abort_rpc_ends_stream_with_abort(server):
+    stub = server.stub()
+    call = stub.ChatStream(pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="q")], request_id="to-abort",
+                                          sampling=pb.SamplingOptions(temperature=0.0, max_tokens=200,
+                                                                      ignore_eos=True)), timeout=60)
+    first = next(call)
+    assert first.request_id == "to-abort"
+    assert stub.Abort(pb.AbortRequest(request_id="to-abort")).found
+    rest = list(call)
+    assert rest[-1].end.finish_reason == pb.FINISH_REASON_ABORT
+    assert not stub.Abort(pb.AbortRequest(request_id="to-abort")).found  # idempotent
+    wait_all_blocks_free(stub)
+
+
+def test_64_concurrent_streams(server):
+    stub = server.stub()
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            req = chat_request(f"q{i}", temperature=0.0, max_tokens=3 + i % 5, ignore_eos=True)
+            events = list(stub.ChatStream(req, timeout=120))
+            results[i] = events
+        except grpc.RpcError as e:  # pragma: no cover - reported below
+            errors.append((i, e.code(), e.details()))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors
+    assert len(results) == 64
+    for i, events in results.items():
+        end = events[-1].end
+        assert end.finish_reason == pb.FINISH_REASON_LENGTH and end.usage.completion_tokens == 3 + i % 5
+    wait_all_blocks_free(stub)
+
+
+@pytest.mark.parametrize("request_, code", [
+    (chat_request("x", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
+    (chat_request("x", top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT),
+    (chat_request("x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT),
+    (chat_request("x", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT),
+    (chat_request("x", max_tokens=10_000), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.ChatRequest(messages=[pb.ChatMessage(role="wizard", content="x")]), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.ChatRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.ChatRequest(model="no-such-model", messages=[pb.ChatMessage(role="user", content="x")]),
+     grpc.StatusCode.NOT_FOUND),
+])
+def test_bad_requests_get_status_codes(server, request_, code):
+    stub = server.stub()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Chat(request_, timeout=30)
+    assert err.value.code() == code
+    assert err.value.details() and "Traceback" not in err.value.details()
+    with pytest.raises(grpc.RpcError) as err2:
+        list(stub.ChatStream(request_, timeout=30))
+    assert err2.value.code() == code
+
+
+def test_prompt_beyond_context_is_invalid(server):
+    stub = server.stub()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Chat(chat_request("y" * 300, max_tokens=1), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetModelInfo(pb.GetModelInfoRequest(model="other"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_metrics_count_what_was_sent(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples():
+        out = {}
+        for fam in text_string_to_metric_families(server.metrics.render().decode()):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name")))] = s.value
+        return out
+
+    stub = server.stub()
+    wait_all_blocks_free(stub)
+    before = samples()
+    prompt_tokens = 0
+    for i in range(3):
+        r = stub.Chat(chat_request(f"m{i}", temperature=0.0, max_tokens=4 + i, ignore_eos=True), timeout=30)
+        prompt_tokens += r.usage.prompt_tokens
+    after = samples()
+    delta = lambda name, labels=(): after.get((name, labels), 0) - before.get((name, labels), 0)  # noqa: E731
+    assert delta("bitserve_generation_tokens_total") == 4 + 5 + 6
+    assert delta("bitserve_prompt_tokens_total") == prompt_tokens
+    assert delta("bitserve_request_success_total", (("finished_reason", "length"),)) == 3
+    assert delta("bitserve_time_to_first_token_seconds_count") == 3
+    assert delta("bitserve_e2e_request_latency_seconds_count") == 3
+    handled = (("grpc_code", "OK"), ("grpc_method", "Chat"), ("grpc_service", "bitserve.v1.ChatService"))
+    assert delta("bitserve_grpc_server_handled_total", handled) == 3
+
+
+def test_health_and_drain(tiny_model):
+    srv = ServerThread(tiny_model, start=False)
+    try:
+        release = threading.Event()
+        original = srv.rpc.warm_up
+
+        async def slow_warm_up():
+            import asyncio
+
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+            await original()
+
+        srv.rpc.warm_up = slow_warm_up
+        started = srv.submit(srv.rpc.start())
+        deadline = time.monotonic() + 10
+        while srv.rpc.port is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        srv.port = srv.rpc.port
+        health = health_pb2_grpc.HealthStub(srv.channel())
+        check = lambda: health.Check(health_pb2.HealthCheckRequest(service="bitserve.v1.ChatService"),  # noqa: E731
+                                     timeout=5).status
+        assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+        release.set()
+        started.result(30)
+        assert check() == health_pb2.HealthCheckResponse.SERVING
+
+        stub = srv.stub()
+        stream = stub.ChatStream(chat_request("long", temperature=0.0, max_tokens=60, ignore_eos=True), timeout=60)
+        first = next(stream)
+        drained = srv.submit(srv.rpc.drain(grace=30))
+        deadline = time.monotonic() + 5
+        while not srv.rpc.draining and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Chat(chat_request("new"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        rest = list(stream)  # the in-flight stream still finishes normally
+        assert rest[-1].end.finish_reason == pb.FINISH_REASON_LENGTH
+        assert sum(len(e.delta.token_ids) for e in [first] + rest if e.HasField("delta")) == 60
+        drained.result(30)
+    finally:
+        srv.close()
+
+
+def test_auth_token(tiny_model):
+    srv = ServerThread(tiny_model, server={"api_token": "s3cret"})
+    try:
+        stub = srv.stub()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=(("authorization", "Bearer wrong"),))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=(("authorization", "Bearer s3cret"),))
+        assert info.format == "bitnet"
+        health = health_pb2_grpc.HealthStub(srv.channel())  # health stays open for probes
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        srv.close()
+
+
+def test_queue_full_is_resource_exhausted(tiny_model):
+    srv = ServerThread(tiny_model, engine={"max_num_seqs": 1, "max_queue": 1})
+    try:
+        stub = srv.stub()
+        long = chat_request("hold", temperature=0.0, max_tokens=200, ignore_eos=True)
+        running = stub.ChatStream(long, timeout=60)
+        next(running)  # running
+        queued = stub.ChatStream(long, timeout=60)  # fills the queue (max_queue = 1)
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Chat(chat_request("overflow", max_tokens=2), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        running.cancel()
+        queued.cancel()
+        wait_all_blocks_free(stub)
+    finally:
+        srv.close()
+
+
+def test_stubs_are_fresh():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "scripts" / "gen_proto.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
