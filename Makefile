@@ -7,10 +7,9 @@ PY := $(VENV)/bin/python
 bootstrap:
 	@scripts/bootstrap.sh
 
-# The main job on the bundled demo model (interactive chat on a terminal,
-# one answer per line when stdin is piped).
+# The main job: the gRPC server on the bundled demo model (Ctrl-C drains and stops).
 run: bootstrap
-	@$(VENV)/bin/bitserve chat
+	@$(VENV)/bin/bitserve serve
 
 # The whole test suite.
 test: bootstrap

@@ -34,6 +34,13 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("-m", "--message", help="send one message, print the answer, exit")
     chat.add_argument("--system", help="system prompt for the conversation")
     chat.set_defaults(func=_chat)
+
+    from bitserve.rpc.bench import BenchConfig  # light: grpc is imported when the bench runs
+
+    bench = sub.add_parser("bench", help="load-test a running server (concurrency sweep or request rate); "
+                                         "reports req/s, tok/s, TTFT/TPOT/ITL percentiles")
+    add_dataclass_arguments(bench, BenchConfig)
+    bench.set_defaults(func=_bench)
     return parser
 
 
@@ -96,16 +103,14 @@ def _local_answerer(args: argparse.Namespace):
 def _remote_answerer(args: argparse.Namespace):
     import os
 
-    import grpc
-
-    from bitserve.rpc.client import ChatClient, sampling_options
+    from bitserve.rpc.client import ChatClient, ServerError, sampling_options
 
     client = ChatClient(args.address, tls=args.tls, ca_cert=args.ca_cert,
                         api_token=args.api_token or os.environ.get("BITSERVE_API_TOKEN"))
     try:
         info = client.model_info()
-    except grpc.RpcError as e:
-        raise OSError(f"cannot reach a bitserve server at {args.address}: {e.code().name}: {e.details()} "
+    except ServerError as e:
+        raise OSError(f"cannot reach a bitserve server at {args.address}: {e} "
                       f"(start one with 'bitserve serve', or use --local)") from None
     print(f"connected to {args.address}: '{info.name}' ({info.format}, {info.bits_per_weight:.2f} bits/weight). "
           f"/reset clears the history, /exit quits.", file=sys.stderr)
@@ -121,9 +126,9 @@ def _remote_answerer(args: argparse.Namespace):
                 if event.HasField("delta"):
                     parts.append(event.delta.text)
                     print(event.delta.text, end="", flush=True)
-        except grpc.RpcError as e:
+        except ServerError as e:
             print(file=sys.stdout)
-            raise ValueError(f"{e.code().name}: {e.details()}") from None
+            raise ValueError(str(e)) from None
         print(flush=True)
         return "".join(parts)
 
@@ -164,6 +169,24 @@ def _chat(args: argparse.Namespace) -> int:
         except ValueError as e:  # e.g. the conversation outgrew the context
             print(f"error: {e} (use /reset)", file=sys.stderr)
             history.pop()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from bitserve.rpc.bench import BenchConfig, format_table, run_bench
+
+    cfg = dataclass_from_args(BenchConfig, args)
+    rate = "all at once" if cfg.request_rate == float("inf") else f"{cfg.request_rate:g} req/s (Poisson)"
+    print(f"bench {cfg.address}: {cfg.num_requests} requests per level, concurrency {cfg.levels}, arrivals {rate}, "
+          f"dataset {cfg.dataset}, max_tokens {cfg.max_tokens}", file=sys.stderr, flush=True)
+    result = run_bench(cfg)
+    server = result["server"]
+    print(f"model '{server['model']}' ({server['format']}, {server['bits_per_weight']:.2f} bits/weight); "
+          f"latencies in ms, 'in'/'out' = mean prompt/output tokens")
+    print(format_table(result))
+    for path in (cfg.out_json, cfg.out_png):
+        if path:
+            print(f"wrote {path}", file=sys.stderr)
+    return 0 if any(level["completed"] for level in result["levels"]) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,8 +40,21 @@ def sampling_options(**values) -> pb.SamplingOptions:
     return opts
 
 
+class ServerError(RuntimeError):
+    """A call failed; ``code`` is the gRPC status name (e.g. "UNAVAILABLE")."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
+def _server_error(e: grpc.RpcError) -> ServerError:
+    return ServerError(e.code().name, e.details() or "")
+
+
 class ChatClient:
-    """Blocking client: ``stream_chat`` yields text deltas and returns the end event."""
+    """Blocking client; gRPC failures surface as :class:`ServerError`."""
 
     def __init__(self, address: str, *, tls: bool = False, ca_cert: str | None = None, api_token: str | None = None):
         self.channel = open_channel(address, tls=tls, ca_cert=ca_cert)
@@ -49,14 +62,20 @@ class ChatClient:
         self.metadata = metadata(api_token)
 
     def model_info(self, timeout: float = 10.0) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=timeout,
-                                      wait_for_ready=True)
+        try:
+            return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=timeout,
+                                          wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise _server_error(e) from None
 
     def stream_chat(self, messages: list[dict], sampling: pb.SamplingOptions, timeout: float | None = None
                     ) -> Iterator[pb.StreamEvent]:
         request = pb.ChatRequest(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
                                  sampling=sampling)
-        yield from self.stub.ChatStream(request, metadata=self.metadata, timeout=timeout)
+        try:
+            yield from self.stub.ChatStream(request, metadata=self.metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            raise _server_error(e) from None
 
     def close(self) -> None:
         self.channel.close()
