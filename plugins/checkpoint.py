@@ -155,6 +155,11 @@ class CheckpointReader:
         if handle is None:
             handle = self._handles[file] = safe_open(str(file), framework="pt")
         try:
-            return handle.get_tensor(name)
+            tensor = handle.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{file}: cannot read tensor '{name}': {e}") from e
+        # safetensors returns a view into a private mmap of the *whole* file: a kept
+        # view would pin that mapping, so every page read while loading (e.g. the
+        # packed bytes that get repacked) would stay resident next to the model's
+        # own copies. Return a tensor that owns its memory.
+        return tensor.clone()

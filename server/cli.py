@@ -75,8 +75,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"try: bitserve chat --address localhost:{port}    (Ctrl-C drains and stops)", file=sys.stderr,
               flush=True)
 
+    async def run() -> None:
+        # grpc.aio objects bind to the running loop: build the server inside it
+        await run_until_signalled(RpcServer(app, server_cfg, metrics), on_ready=ready)
+
     try:
-        asyncio.run(run_until_signalled(RpcServer(app, server_cfg, metrics), on_ready=ready))
+        asyncio.run(run())
     finally:
         metrics.close()
     return 0
