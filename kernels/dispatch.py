@@ -1,14 +1,30 @@
 """Choose the implementation of each op for the tensors at hand.
 
-Today every op runs its plain-torch twin (correct on CPU and CUDA); the Triton
-kernels plug in here, selected for CUDA tensors, without changing callers.
+Weight ops (what the plugins' QuantLinears call):
+
+- CUDA tensors -> the ``torch.ops.bitserve.*`` custom ops (:mod:`bitserve.kernels.ops`), which run
+  the Triton kernels (GEMV for small M, tiled GEMM for prefill; see each kernel module) and are
+  opaque to ``torch.compile`` / safe under CUDA graphs once autotuned (warm up every M bucket
+  before capturing).
+- CPU tensors -> the plain-torch twins directly (no custom-op overhead per call).
+- ``with use_triton(True):`` forces the Triton path on any device (tests on CPU, with
+  ``TRITON_INTERPRET=1`` set before the kernel modules are imported); ``use_triton(False)`` forces
+  the twins, also on CUDA.
+
+Nothing here imports Triton or touches a GPU at import time.
 """
 
 from __future__ import annotations
 
 import torch
 
-from bitserve.kernels import reference
+from bitserve.kernels import ops, reference, reference_lowbit
+from bitserve.kernels.ops import forced_backend, use_triton  # noqa: F401  (public API)
+
+
+def _via_op(x: torch.Tensor) -> bool:
+    # CUDA: always the custom op (it falls back to the twin inside use_triton(False)); CPU: only when forced
+    return x.is_cuda or forced_backend() == "triton"
 
 
 def ternary_linear_w2a8(
@@ -18,7 +34,62 @@ def ternary_linear_w2a8(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """See :func:`bitserve.kernels.reference.ternary_linear_w2a8` for the contract."""
+    if _via_op(x):
+        return ops.ternary_w2a8(x, packed, weight_scale.float(), bias)
     return reference.ternary_linear_w2a8(x, packed, weight_scale, bias)
+
+
+def ternary_linear_w2a16(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """See :func:`bitserve.kernels.reference_lowbit.ternary_linear_w2a16`."""
+    if _via_op(x):
+        return ops.ternary_w2a16(x, packed, weight_scale.float(), bias)
+    return reference_lowbit.ternary_linear_w2a16(x, packed, weight_scale, bias)
+
+
+def binary_linear_w1a16(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    in_scale: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    in_bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """See :func:`bitserve.kernels.reference_lowbit.binary_linear_w1a16`."""
+    if _via_op(x):
+        return ops.binary_w1a16(x, packed, in_scale, out_scale, in_bias, bias)
+    return reference_lowbit.binary_linear_w1a16(x, packed, in_scale, out_scale, in_bias, bias)
+
+
+def dual_binary_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    alpha1: torch.Tensor,
+    alpha2: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """See :func:`bitserve.kernels.reference_lowbit.dual_binary_linear`."""
+    if _via_op(x):
+        return ops.dual_binary(x, packed, alpha1, alpha2, group_size, bias)
+    return reference_lowbit.dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """See :func:`bitserve.kernels.reference_lowbit.int8_linear` (the opt-in int8 LM head)."""
+    if _via_op(x):
+        return ops.int8_linear(x, weight, scale, bias, out_dtype)
+    return reference_lowbit.int8_linear(x, weight, scale, bias, out_dtype)
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:

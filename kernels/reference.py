@@ -38,6 +38,38 @@ def _ternary_lut(device: torch.device) -> torch.Tensor:
     return torch.stack([((codes >> (2 * s)) & 3) - 1 for s in range(4)], dim=1).float()
 
 
+# int32 accumulators of int8 x codes (0..2) stay exact while 256 * K < 2**31.
+_INT8_PATH_MAX_K = (1 << 31) // 256
+
+
+def _unpack_codes(packed: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Codes ``t + 1`` (uint8 0/1/2) of kernel-layout rows ``packed [r, Q]`` as ``[r, K]`` in
+    natural K order (slab ``s`` -> columns ``[s*Q, (s+1)*Q)``), written into ``buf [>= r, 4, Q]``."""
+    r = packed.shape[0]
+    u = buf[:r]
+    for s in range(4):
+        torch.bitwise_right_shift(packed, 2 * s, out=u[:, s])
+    u.bitwise_and_(3)
+    return u.view(r, -1)
+
+
+def _ternary_matmul_int8_cpu(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """CPU path of :func:`ternary_matmul_int` for int8 ``x_q``: ``x_q @ T.T = x_q @ C.T - rowsum(x_q)``
+    with the codes ``C = T + 1`` unpacked by shifts (no gather) tile by tile, an int8 GEMM with int32
+    accumulation (``torch._int_mm``: VNNI/AMX where the CPU has them), exact for any K it accepts."""
+    m, k = x_q.shape
+    n, q = packed.shape
+    rows = min(n, max(1, _TILE_ELEMENTS // k))
+    buf = torch.empty((rows, 4, q), dtype=torch.uint8)
+    out = torch.empty((m, n), dtype=torch.int32)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        codes = _unpack_codes(packed[start:stop], buf).view(torch.int8)
+        out[:, start:stop] = torch._int_mm(x_q, codes.t())
+    out -= x_q.sum(dim=1, keepdim=True, dtype=torch.int32)
+    return out.float()
+
+
 def ternary_matmul_int(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """Exact ``x_q @ T.T`` for int-valued ``x_q [M, K]`` and kernel-layout ``packed [N, K/4]``.
 
@@ -48,6 +80,9 @@ def ternary_matmul_int(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     n, q = packed.shape
     if 4 * q != k:
         raise ValueError(f"packed weight has K={4 * q} but activations have K={k}")
+    if (x_q.dtype == torch.int8 and x_q.device.type == "cpu" and packed.device.type == "cpu"
+            and k <= _INT8_PATH_MAX_K and m > 0 and n > 0 and hasattr(torch, "_int_mm")):
+        return _ternary_matmul_int8_cpu(x_q.contiguous(), packed.contiguous())
     acc_dtype = torch.float32 if k <= _EXACT_FP32_MAX_K else torch.float64
     # Activations in (j, s) order so that a LUT-expanded packed row [Q, 4] is a
     # contiguous length-K row matching them.
@@ -142,14 +177,52 @@ def paged_attention(
     out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    for s, seq_len in enumerate(lens):
-        q0, q1 = starts[s], starts[s + 1]
-        if q1 == q0:
-            continue
-        nblocks = -(-seq_len // bs)
-        table = block_tables[s, :nblocks]
-        keys = k_cache[table].reshape(nblocks * bs, *k_cache.shape[2:])[:seq_len]
-        values = v_cache[table].reshape(nblocks * bs, *v_cache.shape[2:])[:seq_len]
-        k_pos = torch.arange(seq_len, device=q.device)
-        out[q0:q1] = causal_attention(q[q0:q1], keys, values, k_pos[seq_len - (q1 - q0):], k_pos)
+    active = [s for s in range(len(lens)) if starts[s + 1] > starts[s]]
+    if not active:
+        return out
+    # The blocks of a group of sequences are gathered in one indexing op; each sequence then
+    # attends over a contiguous slice of its own keys: the same tensor (shape, strides, values)
+    # whatever else is in the batch, so results stay batch invariant.
+    per_seq = -(-max(lens[s] for s in active) // bs) * bs * k_cache.shape[2] * k_cache.shape[3]
+    step = max(1, _GATHER_ELEMENTS // max(1, per_seq))
+    for g in range(0, len(active), step):
+        group = active[g:g + step]
+        width = -(-max(lens[s] for s in group) // bs)
+        rows = torch.tensor(group, dtype=torch.long, device=block_tables.device)
+        tables = block_tables.index_select(0, rows)[:, :width]
+        k_all = k_cache[tables].reshape(len(group), width * bs, *k_cache.shape[2:])
+        v_all = v_cache[tables].reshape(len(group), width * bs, *v_cache.shape[2:])
+        for i, s in enumerate(group):
+            _attend_one(q, out, starts[s], starts[s + 1], lens[s], k_all[i], v_all[i])
     return out
+
+
+# paged_attention gathers at most this many K (and as many V) elements at a time.
+_GATHER_ELEMENTS = 1 << 24
+
+
+def _attend_one(q, out, q0: int, q1: int, seq_len: int, k_seq: torch.Tensor, v_seq: torch.Tensor) -> None:
+    """Queries ``q[q0:q1]`` (the last ``q1 - q0`` tokens) of one sequence over its ``seq_len``
+    keys/values, the leading rows of ``k_seq``/``v_seq``; writes ``out[q0:q1]``."""
+    keys, values = k_seq[:seq_len], v_seq[:seq_len]
+    if q1 - q0 == 1:  # one query (a decode step): the last token, it sees every key; no mask
+        out[q0] = single_query_attention(q[q0], keys, values)
+        return
+    k_pos = torch.arange(seq_len, device=q.device)
+    out[q0:q1] = causal_attention(q[q0:q1], keys, values, k_pos[seq_len - (q1 - q0):], k_pos)
+
+
+def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention of one query ``[H, D]`` over all of ``keys``/``values`` ``[S, KVH, D]`` -> ``[H*D]``.
+
+    GQA without repeating K/V: the ``H / KVH`` query heads served by one KV head are that head's
+    query rows (heads ``j*G .. j*G+G-1`` share KV head ``j``, like Hugging Face's ``repeat_kv``).
+    """
+    heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    out = F.scaled_dot_product_attention(
+        q.reshape(kv_heads, heads // kv_heads, dim),
+        keys.to(q.dtype).transpose(0, 1), values.to(q.dtype).transpose(0, 1),
+    )
+    return out.reshape(heads * dim)
+

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+KV_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32", "int8", "int4", "int2")
+
 
 @dataclass
 class ModelLoadConfig:
@@ -26,13 +28,18 @@ class ModelLoadConfig:
 
 @dataclass
 class EngineConfig:
-    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    block_size: int | None = field(default=None, metadata={
+        "help": "tokens per KV-cache block (default 16; 64 for int4/int2, whose key scales are per block)"})
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one step"})
     max_num_batched_tokens: int = field(default=1024, metadata={"help": "token budget of one step (prefill chunks + decodes)"})
     max_queue: int = field(default=1024, metadata={"help": "most waiting requests; more are refused"})
     scheduling_policy: str = field(default="fcfs", metadata={"help": "fcfs or priority (lower value first)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "share KV blocks of equal prefixes"})
-    kv_cache_dtype: str = field(default="auto", metadata={"help": "auto (model dtype), bf16, fp16, fp32"})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "KV-cache storage: auto (model dtype), bf16, fp16, fp32, int8 (per-token scales), int4/int2 "
+                "(keys per channel per block, values per token; docs/kv_cache.md)"})
+    kv_pre_rope_keys: bool = field(default=False, metadata={
+        "help": "int4/int2: quantize keys before RoPE and rotate them after dequantization (KVQuant)"})
     kv_cache_memory_mb: int | None = field(
         default=None, metadata={"help": "KV-cache budget in MiB (default: enough for max_num_seqs full contexts "
                                         "on CPU, capped at 2 GiB; gpu_memory_utilization of free memory on CUDA)"})
@@ -40,7 +47,14 @@ class EngineConfig:
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "fraction of free GPU memory for the KV cache"})
 
     def __post_init__(self):
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_dtype not in KV_DTYPE_CHOICES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPE_CHOICES)}; "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.kv_pre_rope_keys and self.kv_cache_dtype not in ("int4", "int2"):
+            raise ValueError("kv_pre_rope_keys applies to kv_cache_dtype int4/int2 only")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.scheduling_policy not in ("fcfs", "priority"):

@@ -15,6 +15,16 @@ from bitserve.engine.request import FinishReason
 from tiny_checkpoints import write_tiny_bitnet_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+# every KV-cache layout: float (auto = the model's float32), int8, int4/int2 (with staging)
+KV_DTYPES = ["auto", "int8", "int4", "int2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: on a shared 2-core machine extra threads only add latency
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +48,10 @@ def all_blocks_free(llm):
     return blocks.num_free_blocks == blocks.num_blocks and not any(blocks.ref_counts)
 
 
-def test_batch_invariance(tiny_model):
-    llm = make_llm(tiny_model, max_num_seqs=32, max_num_batched_tokens=256)
-    prompts = random_prompts(24, seed=1)
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_batch_invariance(tiny_model, kv_dtype):
+    llm = make_llm(tiny_model, max_num_seqs=32, max_num_batched_tokens=256, kv_cache_dtype=kv_dtype)
+    prompts = random_prompts(24 if kv_dtype == "auto" else 12, seed=1)
     together = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, together):
         alone = llm.generate([prompt], GREEDY)[0]
@@ -49,20 +60,23 @@ def test_batch_invariance(tiny_model):
     assert all_blocks_free(llm)
 
 
-def test_preemption_keeps_outputs(tiny_model):
-    prompts = random_prompts(12, seed=2, lo=10, hi=30)
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_preemption_keeps_outputs(tiny_model, kv_dtype):
+    prompts = random_prompts(12 if kv_dtype == "auto" else 6, seed=2, lo=10, hi=30)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    reference = make_llm(tiny_model, enable_prefix_caching=False).generate(prompts, params)
+    reference = make_llm(tiny_model, enable_prefix_caching=False, kv_cache_dtype=kv_dtype).generate(prompts, params)
     # 40 blocks of 4 tokens: two or three requests fit at a time
-    small = make_llm(tiny_model, num_kv_blocks=40, enable_prefix_caching=False)
+    small = make_llm(tiny_model, num_kv_blocks=40 if kv_dtype == "auto" else 24, enable_prefix_caching=False,
+                     kv_cache_dtype=kv_dtype)
     got = small.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in reference]
     assert small.core.stats().num_preemptions > 0
     assert all_blocks_free(small)
 
 
-def test_prefix_cache_hits_and_salt(tiny_model):
-    llm = make_llm(tiny_model)
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_prefix_cache_hits_and_salt(tiny_model, kv_dtype):
+    llm = make_llm(tiny_model, kv_cache_dtype=kv_dtype)
     prompt = random_prompts(1, seed=3, lo=37, hi=37)[0]
     first = llm.generate([prompt], GREEDY)[0]
     second = llm.generate([prompt], GREEDY)[0]
@@ -91,10 +105,11 @@ def test_prefix_cache_hits_and_salt(tiny_model):
     assert all_blocks_free(llm)
 
 
-def test_chunked_prefill_matches_large_budget(tiny_model):
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_chunked_prefill_matches_large_budget(tiny_model, kv_dtype):
     prompt = random_prompts(1, seed=4, lo=150, hi=150)[0]
-    big = make_llm(tiny_model, max_num_batched_tokens=1024).generate([prompt], GREEDY)[0]
-    small_llm = make_llm(tiny_model, max_num_batched_tokens=16)
+    big = make_llm(tiny_model, max_num_batched_tokens=1024, kv_cache_dtype=kv_dtype).generate([prompt], GREEDY)[0]
+    small_llm = make_llm(tiny_model, max_num_batched_tokens=16, kv_cache_dtype=kv_dtype)
     # run it beside decodes of other requests so chunks mix with decode steps
     outs = small_llm.generate([prompt] + random_prompts(3, seed=5), GREEDY)
     assert outs[0].token_ids == big.token_ids

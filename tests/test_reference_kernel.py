@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bitserve.kernels import reference
-from bitserve.kernels.packing import pack_ternary
+from bitserve.kernels.packing import pack_ternary, unpack_ternary
 from bitserve.kernels.reference import quantize_activations_int8, ternary_linear_w2a8, ternary_matmul_int
 
 
@@ -147,6 +147,18 @@ def test_integer_accumulation_beyond_fp32_limit():
     assert torch.equal(acc, exact.float())
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 4, 4), (6, 37, 132), (33, 64, 1024)])
+def test_int8_cpu_path_equals_lut_path(m, n, k):
+    # int8 activations on CPU take the shift-unpack + int8 GEMM path; any other dtype the LUT path
+    gen = torch.Generator().manual_seed(m * n)
+    x_q = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    packed = pack_ternary(_ternary(n, k, gen))
+    exact = (x_q.long() @ unpack_ternary(packed, torch.int64).t()).float()
+    assert torch.equal(ternary_matmul_int(x_q, packed), exact)
+    assert torch.equal(ternary_matmul_int(x_q.to(torch.int32), packed), exact)
+    assert torch.equal(ternary_matmul_int(x_q.float(), packed), exact)
+
+
 def test_k_mismatch_raises():
     with pytest.raises(ValueError, match="K="):
         ternary_matmul_int(torch.zeros(1, 8, dtype=torch.int8), torch.zeros(2, 3, dtype=torch.uint8))
@@ -162,7 +174,16 @@ def test_no_full_dense_weight(monkeypatch):
         seen.append(out.numel())
         return out
 
+    real_codes = reference._unpack_codes
+
+    def spy_codes(packed, buf):
+        out = real_codes(packed, buf)
+        seen.append(out.numel())
+        assert buf.numel() <= 1 << 14
+        return out
+
     monkeypatch.setattr(reference.F, "embedding", spy)
+    monkeypatch.setattr(reference, "_unpack_codes", spy_codes)
     monkeypatch.setattr(reference, "_TILE_ELEMENTS", 1 << 14)
     gen = torch.Generator().manual_seed(0)
     n, k = 256, 512  # N*K = 2^17 > tile
@@ -174,3 +195,38 @@ def test_no_full_dense_weight(monkeypatch):
     assert max(seen) < n * k
     assert max(seen) <= 1 << 14
     assert sum(seen) == n * k  # every weight unpacked exactly once
+
+
+# -- paged attention -----------------------------------------------------------------------------
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 3), (8, 1)])
+@pytest.mark.parametrize("gather", [1 << 24, 200, 1])
+def test_paged_attention_matches_contiguous(monkeypatch, heads, kv_heads, gather):
+    """Decode rows and prefill chunks over scattered blocks == per-sequence causal attention,
+    bit for bit the same whichever sequences are gathered together."""
+    monkeypatch.setattr(reference, "_GATHER_ELEMENTS", gather)
+    gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    bs, dim, num_blocks = 4, 8, 32
+    seq_lens, q_lens = [5, 9, 1, 13, 7, 16], [1, 1, 1, 4, 7, 1]
+    k_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, width = [], max(-(-n // bs) for n in seq_lens)
+    for n in seq_lens:
+        need = -(-n // bs)
+        tables.append([perm.pop() for _ in range(need)] + [0] * (width - need))
+    qsl = [0]
+    for L in q_lens:
+        qsl.append(qsl[-1] + L)
+    q = torch.randn(qsl[-1], heads, dim, generator=gen)
+    got = reference.paged_attention(q, k_cache, v_cache, torch.tensor(tables), torch.tensor(seq_lens),
+                                    torch.tensor(qsl))
+    for s, (n, L) in enumerate(zip(seq_lens, q_lens)):
+        blocks = torch.tensor(tables[s][: -(-n // bs)])
+        keys = k_cache[blocks].reshape(-1, kv_heads, dim)[:n]
+        values = v_cache[blocks].reshape(-1, kv_heads, dim)[:n]
+        pos = torch.arange(n)
+        want = reference.causal_attention(q[qsl[s]:qsl[s + 1]], keys, values, pos[n - L:], pos)
+        torch.testing.assert_close(got[qsl[s]:qsl[s + 1]], want, rtol=1e-5, atol=1e-5)
+        alone = reference.paged_attention(q[qsl[s]:qsl[s + 1]], k_cache, v_cache, torch.tensor([tables[s]]),
+                                          torch.tensor([n]), torch.tensor([0, L]))
+        assert torch.equal(alone, got[qsl[s]:qsl[s + 1]])  # batch invariant

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def hash_block(parent: bytes | None, token_ids: Sequence[int], salt: str | None) -> bytes:
@@ -36,7 +36,11 @@ def block_hashes(token_ids: Sequence[int], block_size: int, salt: str | None, st
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    """``on_free(block_id)`` is called when a block's last reference is dropped (the KV cache
+    frees per-block side storage, e.g. the int4/int2 staging slot of a partial block)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 on_free: Callable[[int], None] | None = None):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -49,6 +53,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
+        self.on_free = on_free
 
     # -- queries ------------------------------------------------------------------
     @property
@@ -124,3 +129,5 @@ class BlockManager:
                 raise RuntimeError(f"block {b} released more often than taken")
             if self.ref_counts[b] == 0:
                 self.free[b] = None
+                if self.on_free is not None:
+                    self.on_free(b)

@@ -14,7 +14,7 @@ import torch
 
 from bitserve.config import EngineConfig
 from bitserve.engine.block_manager import BlockManager
-from bitserve.engine.kv_cache import KVCacheSpec, PagedKVCache, canonical_kv_dtype
+from bitserve.engine.kv_cache import KVCacheSpec, PagedKVCache, canonical_kv_dtype, default_block_size
 from bitserve.engine.model_runner import ModelRunner
 from bitserve.engine.request import FinishReason, Request, RequestStatus, Timings
 from bitserve.engine.sampler import Sampler, SampleResult, SamplingState, make_generator
@@ -73,7 +73,8 @@ class EngineStats:
 
 
 def plan_num_blocks(spec: KVCacheSpec, cfg: EngineConfig, max_model_len: int, device: torch.device) -> int:
-    """How many KV blocks fit the budget for the chosen KV dtype."""
+    """How many KV blocks fit the budget for the chosen KV dtype (``bytes_per_block`` with
+    scales; the int4/int2 staging pool is taken off the budget first)."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
     if cfg.kv_cache_memory_mb is not None:
@@ -82,10 +83,11 @@ def plan_num_blocks(spec: KVCacheSpec, cfg: EngineConfig, max_model_len: int, de
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * cfg.gpu_memory_utilization)
     else:
-        budget = min(cfg.max_num_seqs * max_model_len * spec.bytes_per_token, _CPU_DEFAULT_KV_CAP)
+        budget = min(cfg.max_num_seqs * max_model_len * spec.bytes_per_token + spec.stage_bytes, _CPU_DEFAULT_KV_CAP)
     blocks = spec.num_blocks_for(budget)
     if blocks < 1:
-        raise ValueError(f"the KV-cache budget of {budget} bytes holds no block of {spec.bytes_per_block} bytes")
+        raise ValueError(f"the KV-cache budget of {budget} bytes holds no block of {spec.bytes_per_block} bytes "
+                         f"(after {spec.stage_bytes} bytes of staging)")
     return blocks
 
 
@@ -106,11 +108,19 @@ class EngineCore:
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.default_seed = default_seed
-        self.spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size,
-                                canonical_kv_dtype(config.kv_cache_dtype, model.dtype))
+        kv_dtype = canonical_kv_dtype(config.kv_cache_dtype, model.dtype)
+        block_size = config.block_size or default_block_size(kv_dtype)
+        self.spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, kv_dtype,
+                                stage_dtype=str(model.dtype).replace("torch.", ""),
+                                num_stage_slots=config.max_num_seqs if kv_dtype in ("int4", "int2") else 0,
+                                pre_rope_keys=config.kv_pre_rope_keys)
         num_blocks = plan_num_blocks(self.spec, config, max_model_len, device)
-        self.kv_cache = PagedKVCache(self.spec, num_blocks, device)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        rope = None
+        if self.spec.pre_rope_keys:
+            rope = model.model.rope.cos_sin(torch.arange(max_model_len, device=device), torch.float32)
+        self.kv_cache = PagedKVCache(self.spec, num_blocks, device, rope)
+        self.blocks = BlockManager(num_blocks, block_size, config.enable_prefix_caching,
+                                   on_free=self.kv_cache.free_block)
         self.scheduler = Scheduler(
             self.blocks,
             max_num_seqs=config.max_num_seqs,

@@ -5,25 +5,20 @@ from __future__ import annotations
 import torch
 
 from bitserve.engine.kv_cache import PagedKVCache
+from bitserve.engine.kv_layouts import StepBatch
 from bitserve.engine.scheduler import ScheduledChunk
-from bitserve.kernels import dispatch
 from bitserve.model import LlamaForCausalLM
 
 
 class PagedAttention:
-    """Attention backend of one step: writes new K/V to their slots, attends over the blocks."""
+    """Attention backend of one step: the cache's layout writes new K/V to their slots and attends."""
 
-    def __init__(self, cache: PagedKVCache, slot_mapping, block_tables, seq_lens, query_start_loc):
+    def __init__(self, cache: PagedKVCache, batch: StepBatch):
         self.cache = cache
-        self.slot_mapping = slot_mapping
-        self.block_tables = block_tables
-        self.seq_lens = seq_lens
-        self.query_start_loc = query_start_loc
+        self.state = cache.begin_step(batch)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        dispatch.write_kv_cache(k, v, k_cache, v_cache, self.slot_mapping)
-        return dispatch.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens, self.query_start_loc)
+        return self.cache.forward(layer, q, k, v, self.state)
 
 
 class ModelRunner:
@@ -34,7 +29,7 @@ class ModelRunner:
         self.device = model.model.norm.weight.device
 
     def _batch(self, chunks: list[ScheduledChunk]):
-        ids, positions, slots, qsl, seq_lens, tables = [], [], [], [0], [], []
+        ids, positions, slots, qsl, seq_lens, tables, starts = [], [], [], [0], [], [], []
         sample_rows: list[int] = []
         for chunk in chunks:
             req = chunk.request
@@ -45,6 +40,7 @@ class ModelRunner:
                 positions.append(p)
                 slots.append(req.block_ids[p // self.block_size] * self.block_size + p % self.block_size)
             qsl.append(qsl[-1] + chunk.num_new_tokens)
+            starts.append(start)
             seq_lens.append(end)
             tables.append(req.block_ids)
             if chunk.samples:
@@ -54,14 +50,16 @@ class ModelRunner:
         for i, t in enumerate(tables):
             table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return (as_long(ids), as_long(positions), as_long(slots), table.to(self.device), as_long(seq_lens),
-                as_long(qsl), sample_rows)
+        pos = as_long(positions)
+        batch = StepBatch(as_long(slots), pos, table.to(self.device), as_long(seq_lens), as_long(qsl), starts,
+                          seq_lens, qsl, tables)
+        return as_long(ids), pos, batch, sample_rows
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run the step; return float32 logits ``[num_sampling_chunks, vocab]`` in chunk order."""
-        ids, positions, slots, tables, seq_lens, qsl, sample_rows = self._batch(chunks)
-        attn = PagedAttention(self.kv_cache, slots, tables, seq_lens, qsl)
+        ids, positions, batch, sample_rows = self._batch(chunks)
+        attn = PagedAttention(self.kv_cache, batch)
         hidden = self.model(ids, positions, attn)
         if not sample_rows:
             return torch.empty((0, self.model.config.vocab_size), dtype=torch.float32)

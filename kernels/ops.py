@@ -1,0 +1,150 @@
+"""The weight ops as torch custom ops (``torch.ops.bitserve.*``), so models compile and graph-capture.
+
+Each op has a fake (meta) implementation for ``torch.compile`` and an eager implementation that
+runs the Triton kernel (CUDA tensors, or any tensor inside ``use_triton(True)`` -- the CPU then
+needs ``TRITON_INTERPRET=1``) or the plain-torch twin (CPU, or inside ``use_triton(False)``).
+Importing this module registers the ops and touches no GPU; Triton is imported on first use.
+
+| op | arguments | twin |
+|---|---|---|
+| ``bitserve::ternary_w2a8`` | x, packed u8[N,K/4], weight_scale f32[1/N], bias? | ``reference.ternary_linear_w2a8`` |
+| ``bitserve::ternary_w2a16`` | same | ``reference_lowbit.ternary_linear_w2a16`` |
+| ``bitserve::binary_w1a16`` | x, packed u8[N,K/8], in_scale?[K], out_scale?[N], in_bias?[K], bias? | ``reference_lowbit.binary_linear_w1a16`` |
+| ``bitserve::dual_binary`` | x, packed u8[N,K/4], alpha1/alpha2 [N,K/G], group_size, bias? | ``reference_lowbit.dual_binary_linear`` |
+| ``bitserve::int8_linear`` | x, weight i8[N,K], scale f32[1/N], bias?, out_dtype? | ``reference_lowbit.int8_linear`` |
+
+All map ``x [..., K]`` to ``[..., N]`` (x's dtype unless ``out_dtype``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from bitserve.kernels import reference, reference_lowbit
+
+_BACKEND: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("bitserve_kernel_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_triton(enabled: bool = True) -> Iterator[None]:
+    """Within the block, run the ops on Triton (True; on the CPU that needs ``TRITON_INTERPRET=1``)
+    or on the plain-torch twins (False), whatever the device. Scoped to the current context."""
+    token = _BACKEND.set("triton" if enabled else "reference")
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def forced_backend() -> Optional[str]:
+    """``"triton"``/``"reference"`` inside :func:`use_triton`, else None (choose by device)."""
+    return _BACKEND.get()
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton_for(x: Tensor) -> bool:
+    """The backend rule: forced choice if any, else Triton exactly for CUDA tensors (when installed)."""
+    forced = _BACKEND.get()
+    if forced is not None:
+        return forced == "triton"
+    return x.is_cuda and triton_available()
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _out_shape(x: Tensor, n: int) -> list[int]:
+    return [*x.shape[:-1], n]
+
+
+# -- ternary ----------------------------------------------------------------------------------------
+@torch.library.custom_op("bitserve::ternary_w2a8", mutates_args=())
+def ternary_w2a8(x: Tensor, packed: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    if use_triton_for(x):
+        from bitserve.kernels import ternary
+
+        y = ternary.ternary_linear(_flat(x), packed, weight_scale, bias, act_int8=True)
+        return y.reshape(_out_shape(x, packed.shape[0]))
+    return reference.ternary_linear_w2a8(x, packed, weight_scale, bias)
+
+
+@torch.library.custom_op("bitserve::ternary_w2a16", mutates_args=())
+def ternary_w2a16(x: Tensor, packed: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    if use_triton_for(x):
+        from bitserve.kernels import ternary
+
+        y = ternary.ternary_linear(_flat(x), packed, weight_scale, bias, act_int8=False)
+        return y.reshape(_out_shape(x, packed.shape[0]))
+    return reference_lowbit.ternary_linear_w2a16(x, packed, weight_scale, bias)
+
+
+@ternary_w2a8.register_fake
+def _(x, packed, weight_scale, bias=None):
+    return x.new_empty(_out_shape(x, packed.shape[0]))
+
+
+@ternary_w2a16.register_fake
+def _(x, packed, weight_scale, bias=None):
+    return x.new_empty(_out_shape(x, packed.shape[0]))
+
+
+# -- binary / dual-binary ----------------------------------------------------------------------------
+@torch.library.custom_op("bitserve::binary_w1a16", mutates_args=())
+def binary_w1a16(x: Tensor, packed: Tensor, in_scale: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
+                 in_bias: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    if use_triton_for(x):
+        from bitserve.kernels import binary
+
+        y = binary.binary_linear(_flat(x), packed, in_scale, out_scale, in_bias, bias)
+        return y.reshape(_out_shape(x, packed.shape[0]))
+    return reference_lowbit.binary_linear_w1a16(x, packed, in_scale, out_scale, in_bias, bias)
+
+
+@binary_w1a16.register_fake
+def _(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=None):
+    return x.new_empty(_out_shape(x, packed.shape[0]))
+
+
+@torch.library.custom_op("bitserve::dual_binary", mutates_args=())
+def dual_binary(x: Tensor, packed: Tensor, alpha1: Tensor, alpha2: Tensor, group_size: int,
+                bias: Optional[Tensor] = None) -> Tensor:
+    if use_triton_for(x):
+        from bitserve.kernels import binary
+
+        y = binary.dual_binary_linear(_flat(x), packed, alpha1, alpha2, group_size, bias)
+        return y.reshape(_out_shape(x, packed.shape[0]))
+    return reference_lowbit.dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias)
+
+
+@dual_binary.register_fake
+def _(x, packed, alpha1, alpha2, group_size, bias=None):
+    return x.new_empty(_out_shape(x, packed.shape[0]))
+
+
+# -- int8 (LM head) ----------------------------------------------------------------------------------
+@torch.library.custom_op("bitserve::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
+                out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    if use_triton_for(x):
+        from bitserve.kernels import int8_head
+
+        y = int8_head.int8_linear(_flat(x), weight, scale, bias, out_dtype=out_dtype)
+        return y.reshape(_out_shape(x, weight.shape[0]))
+    return reference_lowbit.int8_linear(x, weight, scale, bias, out_dtype)
+
+
+@int8_linear.register_fake
+def _(x, weight, scale, bias=None, out_dtype=None):
+    return x.new_empty(_out_shape(x, weight.shape[0]), dtype=out_dtype or x.dtype)

@@ -1,0 +1,198 @@
+"""Shared Triton pieces of the weight kernels: activation quantization, split-K epilogue, launch helpers.
+
+Imported only when a Triton kernel runs (never by ``import bitserve.kernels``). Whether Triton
+interprets kernels on the CPU is decided when a ``@triton.jit`` function is defined, i.e. when a
+kernel module is first imported: set ``TRITON_INTERPRET=1`` before that (the tests do).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# programs per SM that the split-K heuristics aim for (retune with bench.py's split sweep)
+WAVES = 2
+# columns per step of the activation quantization kernel
+QUANT_BLOCK_K = 1024
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 when interpreting, like an H100/H200)."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_split_k(tiles: int, k_iters: int, device: torch.device, max_split: int = 16) -> int:
+    """How many K slices so that ``tiles * split`` programs fill the GPU about ``WAVES`` times.
+
+    ``k_iters`` is the number of K steps of the smallest block one split must keep (>= 1 each).
+    """
+    target = WAVES * sm_count(device)
+    if tiles >= target or k_iters <= 1:
+        return 1
+    return int(max(1, min(max_split, k_iters, triton.cdiv(target, tiles))))
+
+
+def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Scratch a kernel fully overwrites (split-K partials ``[SPLIT_K, M, N]``, ``s_x``); tests poison it."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def bucket(m: int) -> int:
+    """Autotune key for M: the next power of two (at most 1024), so every M is not retuned."""
+    return min(1024, triton.next_power_of_2(max(1, m)))
+
+
+# -- per-token int8 activation quantization ---------------------------------------------------------
+
+
+@triton.jit
+def rne(v):
+    """Round half to even (fp32, |v| <= 2**22) like torch.round: ``(v + 1.5*2**23) - 1.5*2**23``.
+
+    On GPUs the compiler may fuse the product that produced ``v`` into the add (one rounding
+    instead of two), which can move a result that lies within an ulp of a .5 tie by one.
+    """
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def inv_times_127(amax, BLOCK: tl.constexpr):
+    """``[BLOCK]`` copies of ``(1 / amax) * 127`` rounded like torch's ``127.0 / t`` (a reciprocal, then a product)."""
+    return tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), tl.zeros([BLOCK], tl.float32) + amax) * 127.0
+
+
+@triton.jit
+def _quantize_int8_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    """Per-token absmax int8 (FORMATS.md §1.5).
+
+    x: ``[M, K]`` fp16/bf16/fp32 (row stride ``stride_xm``, unit column stride); xq: ``int8[M, K]``;
+    sx: ``float32[M]`` = ``127 / max(max|x[m]|, 1e-5)`` rounded as torch does (``(1 / a) * 127``).
+    ``xq = clamp(rne(x * sx), -128, 127)``. Grid: ``(M,)``.
+    """
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_ptr + m * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    amax_row = tl.maximum(tl.max(amax, axis=0), 1e-5)
+    s = inv_times_127(amax_row, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        mask = k0 + offs < K
+        v = tl.load(x_ptr + m * stride_xm + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(rne(v * s), -128.0), 127.0)
+        tl.store(xq_ptr + m * stride_qm + k0 + offs, q.to(tl.int8), mask=mask)
+    tl.store(sx_ptr + m + offs, s, mask=offs < 1)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`bitserve.kernels.reference.quantize_activations_int8` for ``[M, K]``.
+
+    Returns ``(x_q int8 [M, K], s_x float32 [M])``.
+    """
+    m, k = x.shape
+    xq = workspace((m, k), torch.int8, x.device)
+    sx = workspace((m,), torch.float32, x.device)
+    if m:
+        block = min(QUANT_BLOCK_K, triton.next_power_of_2(k))
+        _quantize_int8_kernel[(m,)](x, xq, sx, k, x.stride(0), xq.stride(0), BLOCK_K=block, num_warps=4)
+    return xq, sx
+
+
+# -- split-K epilogue ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _splitk_epilogue_kernel(part_ptr, out_ptr, rowdiv_ptr, colmul_ptr, bias_ptr, M, N, stride_om,
+                            SPLIT_K, HAS_ROWDIV: tl.constexpr, COLMUL: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum split-K partials and apply the epilogue.
+
+    part: ``[SPLIT_K, M, N]`` int32 (exact integer accumulators) or float32, contiguous;
+    ``y = sum / rowdiv[m] * colmul[n] + bias[n]`` where each factor is optional (COLMUL: 0 none,
+    1 one scalar, 2 a vector ``[N]``); the division is IEEE (``div_rn``). out: ``[M, N]`` with row
+    stride ``stride_om``, any float dtype. Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``.
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    idx = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    acc = tl.load(part_ptr + idx, mask=mask, other=0)
+    for s in range(1, SPLIT_K):
+        acc += tl.load(part_ptr + (s * M).to(tl.int64) * N + idx, mask=mask, other=0)
+    y = acc.to(tl.float32)
+    if HAS_ROWDIV:
+        r = tl.load(rowdiv_ptr + offs_m, mask=offs_m < M, other=1.0)
+        y = tl.math.div_rn(y, tl.broadcast_to(r[:, None], (BLOCK_M, BLOCK_N)))
+    if COLMUL == 1:
+        y = y * tl.load(colmul_ptr)
+    elif COLMUL == 2:
+        y = y * tl.load(colmul_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def splitk_epilogue(part: torch.Tensor, out: torch.Tensor, rowdiv: torch.Tensor | None,
+                    colmul: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    split, m, n = part.shape
+    colmul_kind = 0 if colmul is None else (1 if colmul.numel() == 1 else 2)
+    grid = (triton.cdiv(m, 16), triton.cdiv(n, 256))
+    _splitk_epilogue_kernel[grid](
+        part, out, rowdiv if rowdiv is not None else part, colmul if colmul is not None else part,
+        bias if bias is not None else part, m, n, out.stride(0),
+        SPLIT_K=split, HAS_ROWDIV=rowdiv is not None, COLMUL=colmul_kind, HAS_BIAS=bias is not None,
+        BLOCK_M=16, BLOCK_N=256, num_warps=4,
+    )
+
+
+# -- float dot helpers ------------------------------------------------------------------------------
+
+
+@triton.jit
+def dot_f32x(x, w, acc, SPLIT_X: tl.constexpr):
+    """``acc + x @ w`` for float32 ``x`` and bf16 ``w`` holding small exact values.
+
+    SPLIT_X: x as bf16 ``hi + lo`` (two dots, ~16 significant bits); else x rounded to bf16 once
+    (exact when x came from bf16 and was only scaled by powers of two).
+    """
+    hi = x.to(tl.bfloat16)
+    acc = tl.dot(hi, w, acc)
+    if SPLIT_X:
+        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(lo, w, acc)
+    return acc
+
+
+@triton.jit
+def to_bf16(v):
+    """Small integers (any int type) -> bf16, through float32 (exact below 256)."""
+    return v.to(tl.float32).to(tl.bfloat16)
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order (consecutive programs share weight tiles in L2)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m

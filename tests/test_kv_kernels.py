@@ -1,0 +1,273 @@
+"""Triton KV-cache kernels (quantize-and-write, paged decode / prefill attention) against
+their plain-torch twins: fresh random data, poisoned outputs, GQA ratios 1/4/8, odd
+context lengths and block boundaries. On a CPU the kernels run under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+
+pytest.importorskip("triton")
+
+from bitserve.kernels import kv_attention, kv_quant  # noqa: E402
+from bitserve.kernels import kv_reference as ref  # noqa: E402
+from bitserve.kernels.kv_reference import AttnMeta, KVLayer  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+B, KVH, D, NB, SLOTS = 16, 2, 32, 48, 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: threads only add latency
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_layer(kind: str, bits: int, gen: torch.Generator, dtype=torch.float32, poison: bool = False,
+               B: int = B, D: int = D, KVH: int = KVH, NB: int = NB) -> KVLayer:  # noqa: N803
+    """A layer with random contents (or poison: codes 0x5A, scales NaN)."""
+    def rnd(*shape, lo=0.0, hi=1.0):
+        return (torch.rand(*shape, generator=gen) * (hi - lo) + lo).to(DEVICE)
+
+    def codes(shape, lo, hi, dt):
+        if poison:
+            return torch.full(shape, 0x5A, dtype=dt, device=DEVICE)
+        return torch.randint(lo, hi, shape, generator=gen, dtype=torch.int32).to(dt).to(DEVICE)
+
+    def scales(*shape, signed=False):
+        if poison:
+            return torch.full(shape, float("nan"), dtype=torch.float16, device=DEVICE)
+        return (rnd(*shape, lo=-1, hi=1) if signed else rnd(*shape, lo=0.01, hi=0.3)).half()
+
+    if kind == "float":
+        x = lambda: torch.randn(NB, B, KVH, D, generator=gen).to(dtype).to(DEVICE)  # noqa: E731
+        return KVLayer("float", x(), x())
+    if kind == "int8":
+        shape = (NB, B, KVH, D)
+        return KVLayer("int8", codes(shape, -127, 128, torch.int8), codes(shape, -127, 128, torch.int8), 8,
+                       k_scale=scales(NB, B, KVH).mul(0.1), v_scale=scales(NB, B, KVH).mul(0.1))
+    shape = (NB, B, KVH, D * bits // 8)
+    stage = torch.randn(SLOTS, B, KVH, D, generator=gen).to(dtype).to(DEVICE)
+    return KVLayer("intn", codes(shape, 0, 256, torch.uint8), codes(shape, 0, 256, torch.uint8), bits,
+                   scales(NB, KVH, D), scales(NB, KVH, D, signed=True), scales(NB, B, KVH),
+                   scales(NB, B, KVH, signed=True), stage)
+
+
+def clone(layer: KVLayer) -> KVLayer:
+    return KVLayer(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(layer).items()})
+
+
+def assert_same_storage(a: KVLayer, b: KVLayer) -> None:
+    """Bitwise equal under the interpreter; on a GPU (its fp32 division may differ by an ulp)
+    a code may be off by one at a rounding boundary in a few elements, scales by an fp16 ulp."""
+    for name, x in vars(a).items():
+        if not isinstance(x, torch.Tensor):
+            continue
+        y = getattr(b, name)
+        if DEVICE.type == "cpu":
+            assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), name  # NaN poison compares bitwise
+        elif x.dtype == torch.float16:
+            torch.testing.assert_close(x, y, rtol=1e-3, atol=0, equal_nan=True, msg=name)
+        else:
+            cx = ref.unpack_planar(x, a.bits) if x.dtype == torch.uint8 else x
+            cy = ref.unpack_planar(y, a.bits) if y.dtype == torch.uint8 else y
+            diff = (cx.int() - cy.int()).abs()
+            assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3, name
+
+
+def random_slots(t: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(NB * B, generator=gen)[:t].to(DEVICE)
+
+
+def strided_rows(t: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """``[t, KVH, D]`` with a row stride wider than KVH * D (like a slice of a fused qkv)."""
+    wide = torch.randn(t, 3 * KVH * D, generator=gen).to(dtype).to(DEVICE)
+    return wide[:, KVH * D : 2 * KVH * D].view(t, KVH, D)
+
+
+# -- packing --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_planar_packing_layout(bits):
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (5, 3, 32), generator=gen)
+    packed = ref.pack_planar(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 3, 32 * bits // 8)
+    assert torch.equal(ref.unpack_planar(packed, bits), codes)
+    dp = 32 * bits // 8  # channel e sits in byte e % dp at bits (e // dp) * b
+    for e in (0, 1, dp - 1, dp, 31):
+        field = (packed[..., e % dp].int() >> (bits * (e // dp))) & ((1 << bits) - 1)
+        assert torch.equal(field, codes[..., e])
+
+
+# -- writes ---------------------------------------------------------------------------
+
+
+def test_write_int8_matches_twin():
+    gen = torch.Generator().manual_seed(1)
+    t = 37
+    k, v = strided_rows(t, gen) * 3, strided_rows(t, gen)
+    k[5] = 0.0  # a constant row: scale clamps to SCALE_MIN
+    slots = random_slots(t, gen)
+    twin = make_layer("int8", 8, gen, poison=True)
+    tri = clone(twin)
+    ref.write_kv_int8(k, v, twin, slots)
+    kv_quant.write_kv_int8(k, v, tri, slots)
+    assert_same_storage(twin, tri)
+    got = twin.k.view(-1, KVH, D)[slots].float() * twin.k_scale.view(-1, KVH)[slots].float().unsqueeze(-1)
+    assert (got - k).abs().max() <= k.abs().amax() / 127 * 0.51 + 1e-3  # half a step (fp16 scale rounding)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_write_v_intn_matches_twin(bits):
+    gen = torch.Generator().manual_seed(bits)
+    t = 29
+    v = strided_rows(t, gen)
+    v[3] = 1.5  # constant row
+    slots = random_slots(t, gen)
+    twin = make_layer("intn", bits, gen, poison=True)
+    tri = clone(twin)
+    ref.write_v_intn(v, twin, slots)
+    kv_quant.write_v_intn(v, tri, slots)
+    assert_same_storage(twin, tri)
+    codes = ref.unpack_planar(twin.v.view(-1, KVH, D * bits // 8)[slots], bits).float()
+    got = codes * twin.v_scale.view(-1, KVH)[slots].float().unsqueeze(-1) + \
+        twin.v_zero.view(-1, KVH)[slots].float().unsqueeze(-1)
+    step = (v.amax(-1) - v.amin(-1)) / ((1 << bits) - 1)
+    assert ((got - v).abs() <= step.unsqueeze(-1) * 0.51 + 2e-3).all()
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_finalize_k_intn_matches_twin(bits):
+    gen = torch.Generator().manual_seed(10 + bits)
+    t = 2 * B + 9
+    k_new = strided_rows(t, gen) + torch.linspace(-2, 2, D).to(DEVICE)  # per-channel offsets
+    # three blocks fill: one entirely from this step, one with 5 staged rows, one with B-1 staged rows
+    fin_block = torch.tensor([7, 3, 40], device=DEVICE)
+    fin_slot = torch.tensor([-1, 2, 4], dtype=torch.int32, device=DEVICE)
+    fin_old = torch.tensor([0, 5, B - 1], dtype=torch.int32, device=DEVICE)
+    fin_src = torch.tensor([0, B, 2 * B - 5], device=DEVICE)
+    twin = make_layer("intn", bits, gen, poison=True)
+    twin.k_stage = torch.randn(SLOTS, B, KVH, D, generator=gen).to(DEVICE)
+    tri = clone(twin)
+    ref.finalize_k_intn(k_new, twin, fin_block, fin_slot, fin_old, fin_src)
+    kv_quant.finalize_k_intn(k_new, tri, fin_block, fin_slot, fin_old, fin_src)
+    assert_same_storage(twin, tri)
+    # block 3 = staging rows 0..4 of slot 2, then k_new rows B..B+10
+    rows = torch.cat((twin.k_stage[2, :5], k_new[B : 2 * B - 5]))
+    deq = ref.unpack_planar(twin.k[3], bits).float() * twin.k_scale[3].float() + twin.k_zero[3].float()
+    step = (rows.amax(0) - rows.amin(0)) / ((1 << bits) - 1)
+    assert ((deq - rows).abs() <= step * 0.51 + 2e-3).all()
+    assert not torch.isnan(twin.k_scale[[7, 3, 40]]).any()
+
+
+# -- attention ------------------------------------------------------------------------
+
+# (context length, new tokens): decodes at odd lengths and block boundaries, a prefill
+# from scratch, chunks over a cached prefix starting mid-block and at a block boundary,
+# a chunk that fills exactly to a block boundary
+SEQS = [(37, 1), (16, 1), (17, 1), (1, 1), (50, 13), (23, 23), (64, 32), (48, 9), (33, 2)]
+
+
+def make_batch(gen: torch.Generator, seqs, heads: int, dtype=torch.float32, B: int = B, D: int = D,  # noqa: N803
+               KVH: int = KVH, NB: int = NB):  # noqa: N803
+    perm = torch.randperm(NB, generator=gen).tolist()
+    width = max(-(-n // B) for n, _ in seqs)
+    tables = torch.zeros(len(seqs), width, dtype=torch.long)
+    qsl, first, used = [0], [], 0
+    for i, (n, length) in enumerate(seqs):
+        nb = -(-n // B)
+        tables[i, :nb] = torch.tensor(perm[used : used + nb])
+        used += nb
+        qsl.append(qsl[-1] + length)
+        first.append(i % SLOTS if (n - length) % B else -1)
+    t = qsl[-1]
+    q = torch.randn(t, heads, D, generator=gen).to(dtype).to(DEVICE)
+    lens = [n for n, _ in seqs]
+    meta = AttnMeta(tables.to(DEVICE), torch.tensor(lens, device=DEVICE), torch.tensor(qsl, device=DEVICE), lens, qsl,
+                    torch.tensor(first, dtype=torch.int32, device=DEVICE),
+                    torch.randn(t, KVH, D, generator=gen).to(dtype).to(DEVICE))
+    return q, meta
+
+
+CASES = [("float", 16), ("int8", 8), ("int4", 4), ("int2", 2)]
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("kind,bits", CASES, ids=[c[0] for c in CASES])
+def test_paged_attention_matches_twin(kind, bits, group):
+    gen = torch.Generator().manual_seed(100 * bits + group)
+    layer = make_layer("intn" if kind in ("int4", "int2") else kind, bits, gen)
+    q, meta = make_batch(gen, SEQS, KVH * group)
+    want = ref.paged_attention(q, layer, meta)
+    for splits in (1, 3):
+        out = torch.full_like(want, float("nan"))
+        got = kv_attention.paged_attention(q, layer, meta, splits=splits, out=out)
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,bits", [("float", 16), ("int4", 4)])
+def test_paged_attention_bf16(kind, bits):
+    gen = torch.Generator().manual_seed(7)
+    layer = make_layer("intn" if kind == "int4" else kind, bits, gen, dtype=torch.bfloat16)
+    q, meta = make_batch(gen, SEQS[:6], KVH * 4, dtype=torch.bfloat16)
+    want = ref.paged_attention(q, layer, meta).float()
+    got = kv_attention.paged_attention(q, layer, meta, splits=2).float()
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+def test_paged_attention_pre_rope_keys_matches_twin():
+    gen = torch.Generator().manual_seed(3)
+    layer = make_layer("intn", 4, gen)
+    q, meta = make_batch(gen, SEQS, KVH * 4)
+    angles = torch.arange(64).float().unsqueeze(1) * (10000.0 ** (-torch.arange(0, D, 2).float() / D))
+    emb = torch.cat((angles, angles), dim=-1)
+    meta.rope_cos, meta.rope_sin = emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+    want = ref.paged_attention(q, layer, meta)
+    got = kv_attention.paged_attention(q, layer, meta, splits=2)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    # RoPE after dequantization is a rotation: removing the tables changes the result
+    meta.rope_cos = meta.rope_sin = None
+    assert (ref.paged_attention(q, layer, meta) - want).abs().max() > 1e-2
+
+
+def test_paged_attention_64_token_blocks_int4():
+    """int4/int2's default block size: one block per tile, long contexts, a chunk crossing blocks."""
+    gen = torch.Generator().manual_seed(5)
+    layer = make_layer("intn", 4, gen, B=64)
+    q, meta = make_batch(gen, [(130, 1), (64, 1), (200, 70), (65, 65), (128, 3)], KVH * 4, B=64)
+    want = ref.paged_attention(q, layer, meta)
+    torch.testing.assert_close(kv_attention.paged_attention(q, layer, meta, splits=2), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,bits", CASES, ids=[c[0] for c in CASES])
+def test_paged_attention_2b4t_shapes_gpu(kind, bits):
+    """2B4T attention shapes (20 heads, 5 KV heads, head_dim 128) in bf16 on the GPU."""
+    gen = torch.Generator().manual_seed(11)
+    bs = 64 if kind in ("int4", "int2") else 16
+    layer = make_layer("intn" if kind in ("int4", "int2") else kind, bits, gen, dtype=torch.bfloat16, B=bs,
+                       D=128, KVH=5, NB=320)
+    seqs = [(2048, 1), (1000, 1), (513, 1), (700, 300), (96, 96)]
+    q, meta = make_batch(gen, seqs, 20, dtype=torch.bfloat16, B=bs, D=128, KVH=5, NB=320)
+    want = ref.paged_attention(q, layer, meta).float()
+    for splits in (None, 1):
+        got = kv_attention.paged_attention(q, layer, meta, splits=splits).float()
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_unrope_inverts_rope():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(9, KVH, D, generator=gen)
+    angles = torch.rand(9, D // 2, generator=gen) * 50
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    torch.testing.assert_close(ref.unrope(ref.apply_rope(x, cos, sin), cos, sin), x, atol=1e-5, rtol=0)

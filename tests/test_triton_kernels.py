@@ -1,0 +1,496 @@
+"""Triton weight kernels against their plain-torch twins and a float64 dequantized oracle.
+
+Without a GPU the kernels run under ``TRITON_INTERPRET=1`` (tests/triton_interp.py); the ``gpu``
+variants run the same checks on CUDA (fixed GPU launch configs, so no autotuning here).
+
+Error bounds (``y`` the kernel, ``r`` the float64 oracle, ``S = |x| @ |W|.T`` the sum of absolute
+products, ``u`` the output's unit roundoff: 2**-8 bf16, 2**-11 fp16, 2**-24 fp32):
+``|y - r| <= 2u|r| + c*S`` with ``c = K * 2**-24`` for float accumulation of exact operands, plus
+``2**-15`` where fp32 (or scaled) activations enter a bf16 dot as hi + lo parts. W2A8: the oracle
+quantizes x exactly like the twin, so only the fp32 epilogue remains (``2u|r| +
+2**-21 * (|acc / s_x * ws| + |bias|)``); on GPUs fused multiply-adds may move an activation code by one at a rounding tie,
+allowed as two codes' worth (``2 * max|x| / 127 * |scale|``). Under the interpreter W2A8 must equal
+the twin bit for bit. Outputs and split-K workspaces are poisoned (NaN / INT32_MIN) before each
+launch and every output element must be finite.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triton_interp
+
+triton_interp.enable()
+pytest.importorskip("triton")
+
+from bitserve.kernels import binary, dispatch, int8_head, ops, reference, reference_lowbit, ternary, tl_common  # noqa: E402
+from bitserve.kernels.packing import (  # noqa: E402
+    pack_dual_binary,
+    pack_sign_bits,
+    pack_ternary,
+    quantize_weight_int8_rows,
+    signs_from_bits,
+)
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter runs on CPU-only hosts")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+MS = [1, 2, 7, 16, 33, 128]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+UNIT = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
+
+# launch configs on a GPU (None on the CPU: the interpreter defaults of each module)
+GPU_CFG = {
+    "gemv": {"BLOCK_N": 16, "BLOCK_J": 128, "num_warps": 4, "num_stages": 1},
+    "gemm": {"BLOCK_N": 64, "BLOCK_J": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    "binary": {"BLOCK_N": 64, "BLOCK_J": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    "dual": {"BLOCK_N": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    "head_gemv": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+    "head_gemm": {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+}
+
+
+def cfg(device, name):
+    return GPU_CFG[name] if device == "cuda" else None
+
+
+@pytest.fixture(autouse=True)
+def poisoned_workspace(monkeypatch):
+    """Every scratch buffer starts as garbage: NaN floats, INT32_MIN / -128 integers."""
+    def poisoned(shape, dtype, device):
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, torch.iinfo(dtype).min, dtype=dtype, device=device)
+
+    monkeypatch.setattr(tl_common, "workspace", poisoned)
+
+
+def poisoned_out(m, n, dtype, device):
+    return torch.full((m, n), float("nan"), dtype=dtype, device=device)
+
+
+def gen(*key):
+    return torch.Generator().manual_seed(hash(key) % (2 ** 31))
+
+
+def rand_x(m, k, dtype, g, scale=2.0):
+    x = torch.randn(m, k, generator=g) * scale
+    x[:, ::7] *= 4  # a few larger activations per token
+    return x.to(dtype)
+
+
+def assert_bound(y, ref, tol, what=""):
+    y = y.double().cpu()
+    assert torch.isfinite(y).all(), f"{what}: unwritten or non-finite outputs"
+    err = (y - ref).abs()
+    worst = (err / tol).max().item()
+    assert worst <= 1.0, f"{what}: error {err.max().item():.3g} exceeds its bound by {worst:.2f}x"
+
+
+def float_bound(ref, s_abs, dtype, k, split):
+    c = k * 2.0 ** -24 + (2.0 ** -15 if split else 0.0)
+    return 2 * UNIT[dtype] * ref.abs() + c * s_abs + 1e-12
+
+
+# -- ternary ---------------------------------------------------------------------------------------
+def ternary_case(m, n, k, dtype, device, seed, per_channel, with_bias):
+    g = gen("t", m, n, k, str(dtype), seed)
+    x = rand_x(m, k, dtype, g)
+    t = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n if per_channel else 1, generator=g) + 0.25
+    bias = (torch.randn(n, generator=g)).to(dtype) if with_bias else None
+    packed = pack_ternary(t)
+    dev = lambda v: None if v is None else v.to(device)  # noqa: E731
+    return x, t, ws, bias, (dev(x), dev(packed), dev(ws), dev(bias))
+
+
+def w2a8_oracle(x, t, ws, bias):
+    xq, sx = reference.quantize_activations_int8(x)  # the contract quantizes in float32
+    y = (xq.double() @ t.double().t()) / sx.double() * ws.double()
+    mag = y.abs()  # what the fp32 epilogue rounds: |acc / s_x * ws| + |bias|
+    if bias is not None:
+        y = y + bias.double()
+        mag = mag + bias.double().abs()
+    return y, mag, x.float().abs().amax(-1, keepdim=True).double().clamp(min=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+def test_ternary_w2a8(device, dtype, m):
+    n, k = 72, 328
+    x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 0, m % 2 == 0, m != 2)
+    path = "gemv" if m <= ternary.GEMV_MAX_M else "gemm"
+    out = poisoned_out(m, n, dtype, device)
+    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=True, config=cfg(device, path))
+    assert y is out
+    ref, mag, amax = w2a8_oracle(x, t, ws, bias)
+    tol = 2 * UNIT[dtype] * ref.abs() + 2.0 ** -21 * mag + 1e-12
+    if device == "cuda":
+        tol = tol + 2 * amax / 127 * ws.double().abs()
+    assert_bound(y, ref, tol, f"W2A8 {path}")
+    twin = reference.ternary_linear_w2a8(x, pack_ternary(t), ws, bias)
+    if device == "cpu":
+        assert torch.equal(y, twin), "the interpreter must reproduce the twin bit for bit"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path,m,split_k", [("gemv", 7, None), ("gemv", 16, 1), ("gemv", 1, 2), ("gemv", 2, 5),
+                                            ("gemm", 1, None), ("gemm", 2, 1), ("gemm", 33, 2), ("gemm", 7, 3)])
+def test_ternary_w2a8_paths_and_split_k(device, path, m, split_k):
+    n, k, dtype = 40, 200, torch.bfloat16
+    x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 1, True, True)
+    out = poisoned_out(m, n, torch.float32, device)  # fp32 output buffer for bf16 activations
+    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=True, path=path, split_k=split_k,
+                               config=cfg(device, path))
+    ref, mag, amax = w2a8_oracle(x, t, ws, bias)
+    tol = 2.0 ** -21 * mag + 1e-12 + (2 * amax / 127 * ws.double().abs() if device == "cuda" else 0)
+    assert_bound(y, ref, tol, f"W2A8 {path} split {split_k}")
+    if device == "cpu":  # fp32 output: the twin run on the same activations in fp32
+        assert torch.equal(y, reference.ternary_linear_w2a8(x.float(), pack_ternary(t), ws, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+def test_ternary_w2a16(device, dtype, m):
+    n, k = 72, 328
+    x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 2, m % 2 == 1, m != 7)
+    path = "gemv" if m <= ternary.GEMV_MAX_M else "gemm"
+    out = poisoned_out(m, n, dtype, device)
+    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=False, config=cfg(device, path))
+    xd64 = x.double()
+    ref = (xd64 @ t.double().t()) * ws.double() + (bias.double() if bias is not None else 0)
+    s_abs = (xd64.abs() @ t.double().abs().t()) * ws.double()
+    split = path == "gemm" and dtype == torch.float32
+    assert_bound(y, ref, float_bound(ref, s_abs, dtype, k, split), f"W2A16 {path}")
+    twin = reference_lowbit.ternary_linear_w2a16(x, pack_ternary(t), ws, bias)
+    assert_bound(twin, ref, float_bound(ref, s_abs, dtype, k, False), "W2A16 twin")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path,m,split_k", [("gemv", 9, 3), ("gemm", 1, 4), ("gemm", 128, 2)])
+def test_ternary_w2a16_paths_and_split_k(device, path, m, split_k):
+    n, k, dtype = 40, 200, torch.float16
+    x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 3, False, True)
+    out = poisoned_out(m, n, dtype, device)
+    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=False, path=path, split_k=split_k,
+                               config=cfg(device, path))
+    ref = (x.double() @ t.double().t()) * ws.double() + bias.double()
+    s_abs = (x.double().abs() @ t.double().abs().t()) * ws.double()
+    assert_bound(y, ref, float_bound(ref, s_abs, dtype, k, False), f"W2A16 {path} split {split_k}")
+
+
+# -- binary W1A16 ------------------------------------------------------------------------------------
+VARIANTS = ["plain", "onebit", "fbi"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+def test_binary_w1a16(device, dtype, m):
+    variant = VARIANTS[MS.index(m) % 3]
+    n, k = 72, 200
+    g = gen("b", m, str(dtype))
+    x = rand_x(m, k, dtype, g)
+    bits = torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8)
+    gvec = torch.rand(k, generator=g) + 0.5 if variant != "plain" else None
+    hvec = torch.rand(n, generator=g) + 0.5 if variant == "onebit" else None
+    beta = torch.randn(k, generator=g) * 0.1 if variant == "fbi" else None
+    bias = torch.randn(n, generator=g).to(dtype) if variant != "onebit" else None
+    packed = pack_sign_bits(bits)
+    dev = lambda v: None if v is None else v.to(device)  # noqa: E731
+    out = poisoned_out(m, n, dtype, device)
+    y = binary.binary_linear(dev(x), dev(packed), dev(gvec), dev(hvec), dev(beta), dev(bias), out,
+                             split_k=2 if m == 16 else None, config=cfg(device, "binary"))
+    s = signs_from_bits(bits, torch.float64)
+    w = s * (gvec.double() if gvec is not None else 1.0)
+    w = w * (hvec.double().unsqueeze(1) if hvec is not None else 1.0)
+    w = w + (beta.double() if beta is not None else 0.0)
+    ref = x.double() @ w.t() + (bias.double() if bias is not None else 0.0)
+    wa = torch.ones(n, k, dtype=torch.float64) * (gvec.double() if gvec is not None else 1.0)
+    wa = wa * (hvec.double().unsqueeze(1) if hvec is not None else 1.0)
+    s_abs = x.double().abs() @ wa.t() + ((x.double().abs() @ beta.double().abs()).unsqueeze(1) if beta is not None else 0)
+    split = not (dtype == torch.bfloat16 and gvec is None)
+    assert_bound(y, ref, float_bound(ref, s_abs, dtype, k, split), f"binary {variant}")
+    twin = reference_lowbit.binary_linear_w1a16(x, packed, gvec, hvec, beta, bias)
+    assert_bound(twin, ref, float_bound(ref, s_abs, dtype, k, False), f"binary twin {variant}")
+
+
+# -- dual-binary ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+def test_dual_binary(device, dtype, m):
+    n, k, group = [(72, 192, 64), (40, 96, 32), (40, 160, 160)][MS.index(m) % 3]
+    g = gen("d", m, str(dtype))
+    x = rand_x(m, k, dtype, g)
+    b1 = torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8)
+    b2 = torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8)
+    a1 = torch.rand(n, k // group, generator=g) + 0.5
+    a2 = -(torch.rand(n, k // group, generator=g) + 0.25)
+    bias = torch.randn(n, generator=g).to(dtype) if m != 33 else None
+    packed = pack_dual_binary(b1, b2, group)
+    dev = lambda v: None if v is None else v.to(device)  # noqa: E731
+    out = poisoned_out(m, n, dtype, device)
+    y = binary.dual_binary_linear(dev(x), dev(packed), dev(a1), dev(a2), group, dev(bias), out,
+                                  split_k=3 if m == 7 else None, config=cfg(device, "dual"))
+    w = a1.double().repeat_interleave(group, 1) * b1.double() + a2.double().repeat_interleave(group, 1) * b2.double()
+    ref = x.double() @ w.t() + (bias.double() if bias is not None else 0.0)
+    s_abs = x.double().abs() @ w.abs().t()
+    assert_bound(y, ref, float_bound(ref, s_abs, dtype, k, dtype != torch.bfloat16), f"dual G={group}")
+    twin = reference_lowbit.dual_binary_linear(x, packed, a1, a2, group, bias)
+    assert_bound(twin, ref, float_bound(ref, s_abs, dtype, k, False), "dual twin")
+
+
+# -- int8 LM head -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+def test_int8_linear(device, dtype, m):
+    n, k = 100, 200
+    g = gen("h", m, str(dtype))
+    x = rand_x(m, k, dtype, g)
+    q, scale = quantize_weight_int8_rows(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g) if m == 7 else None
+    path = "gemv" if m <= int8_head.GEMV_MAX_M else "gemm"
+    out_dtype = torch.float32 if m in (2, 33) else dtype  # logits are often wanted in fp32
+    dev = lambda v: None if v is None else v.to(device)  # noqa: E731
+    out = poisoned_out(m, n, out_dtype, device)
+    y = int8_head.int8_linear(dev(x), dev(q), dev(scale), dev(bias), out, split_k=2 if m == 16 else None,
+                              config=cfg(device, "head_" + path))
+    w = q.double() * scale.double().unsqueeze(1)
+    ref = x.double() @ w.t() + (bias.double() if bias is not None else 0.0)
+    s_abs = x.double().abs() @ w.abs().t()
+    split = path == "gemm" and dtype != torch.bfloat16
+    assert_bound(y, ref, float_bound(ref, s_abs, out_dtype, k, split), f"int8 {path}")
+    twin = reference_lowbit.int8_linear(x, q, scale, bias, out_dtype)
+    assert_bound(twin, ref, float_bound(ref, s_abs, out_dtype, k, False), "int8 twin")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path,m", [("gemv", 9), ("gemm", 1)])
+def test_int8_linear_forced_paths(device, path, m):
+    n, k, dtype = 100, 200, torch.bfloat16
+    g = gen("hp", m, path)
+    x = rand_x(m, k, dtype, g)
+    q, scale = quantize_weight_int8_rows(torch.randn(n, k, generator=g))
+    out = poisoned_out(m, n, dtype, device)
+    y = int8_head.int8_linear(x.to(device), q.to(device), scale.to(device), None, out, path=path,
+                              config=cfg(device, "head_" + path))
+    w = q.double() * scale.double().unsqueeze(1)
+    ref = x.double() @ w.t()
+    assert_bound(y, ref, float_bound(ref, x.double().abs() @ w.abs().t(), dtype, k, False), f"int8 {path}")
+
+
+# -- activation quantization kernel ------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_int8_kernel(device, dtype):
+    g = gen("q", str(dtype))
+    x = rand_x(33, 1100, dtype, g)  # K > the kernel's block: two passes
+    x[3] = 0
+    x[4, :5] = torch.tensor([127.0, -63.5, 0.5, 1.5, 2.5]).to(dtype)  # exact ties round half to even
+    x[4, 5:] = 0
+    xq, sx = tl_common.quantize_int8(x.to(device))
+    rq, rs = reference.quantize_activations_int8(x)
+    if device == "cpu":
+        assert torch.equal(xq, rq) and torch.equal(sx, rs.view(-1))
+    else:
+        assert torch.equal(sx.cpu(), rs.view(-1))
+        assert (xq.cpu().int() - rq.int()).abs().max() <= 1
+    assert xq[4, :5].tolist() == [127, -64, 0, 2, 2]
+
+
+# -- dispatch, custom ops, compile ---------------------------------------------------------------------
+def test_dispatch_rules(monkeypatch):
+    calls = []
+    real_ternary, real_twin = ternary.ternary_linear, reference.ternary_linear_w2a8
+    monkeypatch.setattr(ternary, "ternary_linear", lambda *a, **kw: calls.append("triton") or real_ternary(*a, **kw))
+    monkeypatch.setattr(reference, "ternary_linear_w2a8", lambda *a, **kw: calls.append("twin") or real_twin(*a, **kw))
+    x = torch.randn(2, 3, 16)
+    packed = pack_ternary(torch.randint(-1, 2, (8, 16), dtype=torch.int8))
+    ws = torch.tensor([0.5])
+    y_twin = dispatch.ternary_linear_w2a8(x, packed, ws)
+    assert calls == ["twin"]
+    if torch.cuda.is_available():
+        return
+    with dispatch.use_triton(True):
+        y_tri = dispatch.ternary_linear_w2a8(x, packed, ws)
+        with dispatch.use_triton(False):
+            assert ops.use_triton_for(x) is False
+    assert calls == ["twin", "triton"] and ops.forced_backend() is None
+    assert y_tri.shape == (2, 3, 8) and torch.equal(y_tri, y_twin)
+
+
+def _op_args():
+    g = gen("ops")
+    x = torch.randn(3, 64, generator=g)
+    tern = pack_ternary(torch.randint(-1, 2, (12, 64), generator=g, dtype=torch.int8))
+    bits = pack_sign_bits(torch.randint(0, 2, (12, 64), generator=g, dtype=torch.uint8))
+    dual = pack_dual_binary(torch.randint(0, 2, (12, 64), generator=g), torch.randint(0, 2, (12, 64), generator=g), 32)
+    q, s = quantize_weight_int8_rows(torch.randn(12, 64, generator=g))
+    return [
+        (torch.ops.bitserve.ternary_w2a8, (x, tern, torch.rand(12) + 0.5, torch.randn(12))),
+        (torch.ops.bitserve.ternary_w2a16, (x, tern, torch.rand(1) + 0.5, None)),
+        (torch.ops.bitserve.binary_w1a16, (x, bits, torch.rand(64), torch.rand(12), torch.randn(64), None)),
+        (torch.ops.bitserve.dual_binary, (x, dual, torch.rand(12, 2), -torch.rand(12, 2), 32, torch.randn(12))),
+        (torch.ops.bitserve.int8_linear, (x, q, s, None, torch.float32)),
+    ]
+
+
+def test_custom_ops_opcheck():
+    with dispatch.use_triton(False):
+        for op, args in _op_args():
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_custom_ops_under_torch_compile(monkeypatch):
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)  # conftest sets it (for transformers)
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)
+    cases = _op_args()
+    counts = []
+
+    def fn(*flat):
+        outs, i = [], 0
+        for op, args in cases:
+            outs.append(op(*flat[i:i + len(args)]))
+            i += len(args)
+        return outs
+
+    def backend(gm, example_inputs):
+        counts.append(sum(1 for node in gm.graph.nodes if "bitserve" in str(node.target)))
+        return gm.forward
+
+    flat = [a for _, args in cases for a in args]
+    eager = fn(*flat)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)(*flat)
+    assert counts == [len(cases)], "every op must stay one opaque node of a single graph"
+    aot = torch.compile(fn, backend="aot_eager", fullgraph=True)(*flat)  # fake impls under AOT tracing
+    for a, b, c in zip(eager, compiled, aot):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_import_touches_no_gpu_and_no_triton():
+    import subprocess
+    import sys
+
+    code = ("import sys, bitserve.kernels, bitserve.kernels.dispatch, bitserve.kernels.ops, "
+            "bitserve.plugins.lowbit_layers; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "import torch; assert not torch.cuda.is_initialized(), 'CUDA initialised'")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    """Autotuned kernels replay inside a CUDA graph (after a warm-up that autotunes each M bucket)."""
+    dev = "cuda"
+    g = gen("graph")
+    packed = pack_ternary(torch.randint(-1, 2, (256, 512), generator=g, dtype=torch.int8)).to(dev)
+    ws = (torch.rand(256, generator=g) + 0.5).to(dev)
+    for m in (1, 8):
+        x = torch.randn(m, 512, generator=g).to(dev, torch.bfloat16)
+        want = dispatch.ternary_linear_w2a8(x, packed, ws)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = dispatch.ternary_linear_w2a8(x, packed, ws)
+        x.copy_(torch.randn(m, 512, generator=g).to(dev, torch.bfloat16))
+        want = dispatch.ternary_linear_w2a8(x, packed, ws)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y.float(), want.float(), rtol=2 ** -7, atol=1e-2)
+
+
+# -- the GPU launch paths, run by the interpreter -----------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check of the GPU configs (CPU-only hosts)")
+def test_autotuned_and_gpu_configs_launch(monkeypatch):
+    """Every autotune config (and the GPU test configs) launches and computes the same function.
+
+    The autotuner's timer is replaced by one that runs each candidate once (under the interpreter)
+    and reports a made-up time, so the selection code, pruning, grids and config keys all run.
+    """
+    for mod in (ternary, binary, int8_head):
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+    ran = []
+
+    def fake_bench(fn, quantiles=None, **kw):
+        fn()
+        ran.append(1)
+        t = float(len(ran) % 5 + 1)
+        return [t, t, t] if quantiles else t
+
+    kernels = [ternary._ternary_gemv_kernel, ternary._ternary_gemm_kernel, binary._binary_kernel,
+               binary._dual_binary_kernel, int8_head._int8_gemv_kernel, int8_head._int8_gemm_kernel]
+    for kern in kernels:
+        monkeypatch.setattr(kern, "_do_bench", fake_bench)
+        monkeypatch.setattr(kern, "cache", {})
+    g = gen("autotune")
+    m, n, k = 3, 40, 256
+    x = rand_x(m, k, torch.bfloat16, g)
+    t = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) + 0.5
+    twin = reference.ternary_linear_w2a8(x, pack_ternary(t), ws)
+    for path in ("gemv", "gemm"):
+        for config in (None, GPU_CFG[path]):
+            y = ternary.ternary_linear(x, pack_ternary(t), ws, path=path, config=config)
+            assert torch.equal(y, twin), (path, config)
+        y16 = ternary.ternary_linear(x, pack_ternary(t), ws, act_int8=False, path=path, split_k=1)
+        ref16 = reference_lowbit.ternary_linear_w2a16(x, pack_ternary(t), ws)
+        assert (y16.float() - ref16.float()).abs().max() <= 2 ** -7 * ref16.float().abs().max()
+    bits = torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8)
+    gvec = torch.rand(k, generator=g) + 0.5
+    ref_b = reference_lowbit.binary_linear_w1a16(x, pack_sign_bits(bits), gvec)
+    for config in (None, GPU_CFG["binary"]):
+        y = binary.binary_linear(x, pack_sign_bits(bits), gvec, config=config)
+        assert (y.float() - ref_b.float()).abs().max() <= 2 ** -7 * ref_b.float().abs().max()
+    b1, b2 = (torch.randint(0, 2, (n, k), generator=g) for _ in range(2))
+    a1, a2 = torch.rand(n, 2, generator=g), -torch.rand(n, 2, generator=g)
+    ref_d = reference_lowbit.dual_binary_linear(x, pack_dual_binary(b1, b2, 128), a1, a2, 128)
+    for config in (None, GPU_CFG["dual"]):
+        y = binary.dual_binary_linear(x, pack_dual_binary(b1, b2, 128), a1, a2, 128, config=config)
+        assert (y.float() - ref_d.float()).abs().max() <= 2 ** -7 * ref_d.float().abs().max()
+    q, s = quantize_weight_int8_rows(torch.randn(n, k, generator=g))
+    ref_h = reference_lowbit.int8_linear(x, q, s)
+    for path in ("gemv", "gemm"):
+        for config in (None, GPU_CFG["head_" + path]):
+            y = int8_head.int8_linear(x, q, s, path=path, config=config)
+            assert (y.float() - ref_h.float()).abs().max() <= 2 ** -7 * ref_h.float().abs().max()
+    n_configs = sum(len(kern.configs) for kern in kernels)
+    assert len(ran) >= n_configs - 4  # pruning drops only configs too large for the block of M
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check (CPU-only hosts)")
+def test_quant_linears_run_on_triton():
+    """The plugins' layers reach the Triton kernels through dispatch (forced here; automatic on CUDA)."""
+    from bitserve.plugins.bitnet import TernaryLinear
+    from bitserve.plugins.lowbit_layers import BinaryLinear, DualBinaryLinear, Int8LMHead, TernaryLinearA16
+
+    g = gen("layers")
+    n, k = 24, 128
+    t = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    bits = torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8)
+    layers = [
+        TernaryLinear(pack_ternary(t), torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)),
+        TernaryLinearA16(pack_ternary(t), torch.rand(1, generator=g) + 0.5),
+        BinaryLinear(pack_sign_bits(bits), torch.rand(k, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5),
+        DualBinaryLinear(pack_dual_binary(bits, 1 - bits, 64), torch.rand(n, 2, generator=g), -torch.rand(n, 2, generator=g), 64),
+        Int8LMHead.from_dense(torch.randn(n, k, generator=g)),
+    ]
+    for m in (1, 5):
+        x = rand_x(m, k, torch.bfloat16, g)
+        for layer in layers:
+            want = layer(x)
+            with dispatch.use_triton(True):
+                got = layer(x)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            tol = 2 ** -7 * want.float().abs().max() + 1e-6
+            assert (got.float() - want.float()).abs().max() <= tol, type(layer).__name__
+            if isinstance(layer, TernaryLinear):
+                assert torch.equal(got, want)
