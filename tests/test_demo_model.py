@@ -97,8 +97,8 @@ def test_transformers_oracle_agrees():
     from transformers import AutoTokenizer, BitNetForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(DEMO_MODEL_PATH))
-    # the packed projections unpack to fp32; .float() also lifts the bf16 embedding/norms
-    model = BitNetForCausalLM.from_pretrained(str(DEMO_MODEL_PATH), dtype=torch.float32).float().eval()
+    # the checkpoint's own dtype (bf16), as bitserve's LLM() runs it by default
+    model = BitNetForCausalLM.from_pretrained(str(DEMO_MODEL_PATH), dtype=torch.bfloat16).eval()
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "AutoBitLinear"
     questions = make_questions(6, seed=3, split="test")  # one per skill
     answers = []
