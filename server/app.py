@@ -93,6 +93,6 @@ def build_app(
     model = load_serving_model(load_cfg, progress=progress)
     core = build_core(model, engine_cfg, load_cfg.seed)
     replica = LocalReplica(AsyncEngine(core))
-    name = served_model_name or model.path.name
+    name = served_model_name or ("bitserve-demo" if model.path.resolve() == DEMO_MODEL_PATH.resolve() else model.path.name)
     frontend = Frontend(model.tokenizer, replica, model_info(model, core, name), on_finish=on_finish)
     return App(frontend, replica, model)
