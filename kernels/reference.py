@@ -61,11 +61,14 @@ def _ternary_matmul_int8_cpu(x_q: torch.Tensor, packed: torch.Tensor) -> torch.T
     n, q = packed.shape
     rows = min(n, max(1, _TILE_ELEMENTS // k))
     buf = torch.empty((rows, 4, q), dtype=torch.uint8)
-    out = torch.empty((m, n), dtype=torch.int32)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        codes = _unpack_codes(packed[start:stop], buf).view(torch.int8)
-        out[:, start:stop] = torch._int_mm(x_q, codes.t())
+    if rows == n:  # one tile
+        out = torch._int_mm(x_q, _unpack_codes(packed, buf).view(torch.int8).t())
+    else:
+        out = torch.empty((m, n), dtype=torch.int32)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            codes = _unpack_codes(packed[start:stop], buf).view(torch.int8)
+            out[:, start:stop] = torch._int_mm(x_q, codes.t())
     out -= x_q.sum(dim=1, keepdim=True, dtype=torch.int32)
     return out.float()
 
@@ -114,10 +117,10 @@ def ternary_linear_w2a8(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     x_q, s_x = quantize_activations_int8(x2)
-    acc = ternary_matmul_int(x_q, packed)
-    y = acc / s_x * weight_scale.float()
+    acc = ternary_matmul_int(x_q, packed)  # a fresh tensor: the epilogue runs in place
+    y = acc.div_(s_x).mul_(weight_scale.float())
     if bias is not None:
-        y = y + bias.float()
+        y = y.add_(bias.float())
     return y.to(x.dtype).reshape(*lead, packed.shape[0])
 
 
@@ -173,8 +176,9 @@ def paged_attention(
     Covers prefill, chunked prefill over a cached prefix, and decode (L = 1).
     Returns ``[T, H*D]``.
     """
-    bs = k_cache.shape[1]
-    out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+    bs, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    heads, dim = q.shape[1], q.shape[2]
+    out = torch.empty(q.shape[0], heads * dim, dtype=q.dtype, device=q.device)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     active = [s for s in range(len(lens)) if starts[s + 1] > starts[s]]
@@ -183,46 +187,31 @@ def paged_attention(
     # The blocks of a group of sequences are gathered in one indexing op; each sequence then
     # attends over a contiguous slice of its own keys: the same tensor (shape, strides, values)
     # whatever else is in the batch, so results stay batch invariant.
-    per_seq = -(-max(lens[s] for s in active) // bs) * bs * k_cache.shape[2] * k_cache.shape[3]
+    per_seq = -(-max(lens[s] for s in active) // bs) * bs * kv_heads * dim
     step = max(1, _GATHER_ELEMENTS // max(1, per_seq))
+    # single-query (decode) rows: GQA without repeating K/V -- the G = H / KVH query heads served
+    # by one KV head (heads j*G .. j*G+G-1 share KV head j, like Hugging Face's repeat_kv) are
+    # that head's G query rows; the one query is the last token and sees every key, no mask.
+    q_rows = q.reshape(q.shape[0], kv_heads, heads // kv_heads, dim)
     for g in range(0, len(active), step):
         group = active[g:g + step]
         width = -(-max(lens[s] for s in group) // bs)
         rows = torch.tensor(group, dtype=torch.long, device=block_tables.device)
         tables = block_tables.index_select(0, rows)[:, :width]
-        k_all = k_cache[tables].reshape(len(group), width * bs, *k_cache.shape[2:])
-        v_all = v_cache[tables].reshape(len(group), width * bs, *v_cache.shape[2:])
+        k_all = k_cache[tables].reshape(len(group), width * bs, *k_cache.shape[2:]).to(q.dtype)
+        v_all = v_cache[tables].reshape(len(group), width * bs, *v_cache.shape[2:]).to(q.dtype)
+        k_t, v_t = k_all.transpose(1, 2), v_all.transpose(1, 2)  # [B, KVH, S, D] views
         for i, s in enumerate(group):
-            _attend_one(q, out, starts[s], starts[s + 1], lens[s], k_all[i], v_all[i])
+            q0, q1, n = starts[s], starts[s + 1], lens[s]
+            if q1 - q0 == 1:
+                out[q0] = F.scaled_dot_product_attention(q_rows[q0], k_t[i, :, :n], v_t[i, :, :n]).reshape(-1)
+            else:
+                k_pos = torch.arange(n, device=q.device)
+                out[q0:q1] = causal_attention(q[q0:q1], k_all[i, :n], v_all[i, :n],
+                                              k_pos[n - (q1 - q0):], k_pos)
     return out
 
 
 # paged_attention gathers at most this many K (and as many V) elements at a time.
 _GATHER_ELEMENTS = 1 << 24
-
-
-def _attend_one(q, out, q0: int, q1: int, seq_len: int, k_seq: torch.Tensor, v_seq: torch.Tensor) -> None:
-    """Queries ``q[q0:q1]`` (the last ``q1 - q0`` tokens) of one sequence over its ``seq_len``
-    keys/values, the leading rows of ``k_seq``/``v_seq``; writes ``out[q0:q1]``."""
-    keys, values = k_seq[:seq_len], v_seq[:seq_len]
-    if q1 - q0 == 1:  # one query (a decode step): the last token, it sees every key; no mask
-        out[q0] = single_query_attention(q[q0], keys, values)
-        return
-    k_pos = torch.arange(seq_len, device=q.device)
-    out[q0:q1] = causal_attention(q[q0:q1], keys, values, k_pos[seq_len - (q1 - q0):], k_pos)
-
-
-def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Attention of one query ``[H, D]`` over all of ``keys``/``values`` ``[S, KVH, D]`` -> ``[H*D]``.
-
-    GQA without repeating K/V: the ``H / KVH`` query heads served by one KV head are that head's
-    query rows (heads ``j*G .. j*G+G-1`` share KV head ``j``, like Hugging Face's ``repeat_kv``).
-    """
-    heads, dim = q.shape
-    kv_heads = keys.shape[1]
-    out = F.scaled_dot_product_attention(
-        q.reshape(kv_heads, heads // kv_heads, dim),
-        keys.to(q.dtype).transpose(0, 1), values.to(q.dtype).transpose(0, 1),
-    )
-    return out.reshape(heads * dim)
 
