@@ -62,6 +62,7 @@ def score(llm: LLM, seqs: list[tuple[list[int], int]], batch: int) -> tuple[floa
     bs = core.spec.block_size
     device = model.model.norm.weight.device
     nll, count = 0.0, 0
+    batch = min(batch, core.config.max_num_seqs)  # one staging slot per sequence (int4/int2)
     for i in range(0, len(seqs), batch):
         chunk = seqs[i : i + batch]
         tables = [core.blocks.allocate(-(-len(ids) // bs)) for ids, _ in chunk]

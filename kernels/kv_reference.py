@@ -205,11 +205,10 @@ def dequant_keys(layer: KVLayer, blocks: torch.Tensor, dtype: torch.dtype = torc
     if layer.kind == "float":
         x = layer.k[blocks].to(dtype)
     elif layer.kind == "int8":
-        x = layer.k[blocks].to(dtype) * layer.k_scale[blocks].to(dtype).unsqueeze(-1)
+        x = layer.k[blocks].to(dtype).mul_(layer.k_scale[blocks].to(dtype).unsqueeze(-1))
     else:
-        codes = unpack_planar(layer.k[blocks], layer.bits).to(dtype)  # [n, B, KVH, D]
-        x = torch.addcmul(layer.k_zero[blocks].to(dtype).unsqueeze(1), codes,
-                          layer.k_scale[blocks].to(dtype).unsqueeze(1))
+        x = unpack_planar(layer.k[blocks], layer.bits).to(dtype)  # [n, B, KVH, D]
+        x.mul_(layer.k_scale[blocks].to(dtype).unsqueeze(1)).add_(layer.k_zero[blocks].to(dtype).unsqueeze(1))
     return x.flatten(0, 1)
 
 
@@ -218,11 +217,10 @@ def dequant_values(layer: KVLayer, blocks: torch.Tensor, dtype: torch.dtype = to
     if layer.kind == "float":
         x = layer.v[blocks].to(dtype)
     elif layer.kind == "int8":
-        x = layer.v[blocks].to(dtype) * layer.v_scale[blocks].to(dtype).unsqueeze(-1)
+        x = layer.v[blocks].to(dtype).mul_(layer.v_scale[blocks].to(dtype).unsqueeze(-1))
     else:
-        codes = unpack_planar(layer.v[blocks], layer.bits).to(dtype)
-        x = torch.addcmul(layer.v_zero[blocks].to(dtype).unsqueeze(-1), codes,
-                          layer.v_scale[blocks].to(dtype).unsqueeze(-1))
+        x = unpack_planar(layer.v[blocks], layer.bits).to(dtype)
+        x.mul_(layer.v_scale[blocks].to(dtype).unsqueeze(-1)).add_(layer.v_zero[blocks].to(dtype).unsqueeze(-1))
     return x.flatten(0, 1)
 
 
