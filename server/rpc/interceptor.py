@@ -75,6 +75,30 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         remaining = context.time_remaining()
         return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
+    async def _admit(self, method: str, context) -> float:
+        """Count the call, refuse it (draining, auth) or return its start time."""
+        started = time.monotonic()
+        if self.observe_started:
+            self.observe_started(method)
+        refusal = self._refusal(method, context)
+        if refusal:
+            self._record(method, refusal[0], started)
+            await context.abort(*refusal)
+        return started
+
+    async def _fail(self, method: str, context, started: float, error: BaseException) -> None:
+        """Record how a call ended with ``error`` and turn the error into its status code."""
+        if isinstance(error, asyncio.CancelledError):
+            self._record(method, self._cancel_code(context), started)
+            raise error
+        if isinstance(error, grpc.aio.AbortError):
+            raise error
+        code, message = status_for(error)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed", method, exc_info=error)
+        self._record(method, code, started)
+        await context.abort(code, message)
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
@@ -84,26 +108,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(request, context):
-                started = time.monotonic()
-                if self.observe_started:
-                    self.observe_started(method)
-                refusal = self._refusal(method, context)
-                if refusal:
-                    self._record(method, refusal[0], started)
-                    await context.abort(*refusal)
+                started = await self._admit(method, context)
                 try:
                     response = await inner(request, context)
-                except asyncio.CancelledError:
-                    self._record(method, self._cancel_code(context), started)
-                    raise
-                except Exception as e:  # noqa: BLE001 - mapped to a status below
-                    if isinstance(e, grpc.aio.AbortError):
-                        raise
-                    code, message = status_for(e)
-                    if code == grpc.StatusCode.INTERNAL:
-                        log.exception("%s failed", method)
-                    self._record(method, code, started)
-                    await context.abort(code, message)
+                except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 - mapped in _fail
+                    await self._fail(method, context, started, e)
                 self._record(method, grpc.StatusCode.OK, started)
                 return response
 
@@ -114,27 +123,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request, context):
-                started = time.monotonic()
-                if self.observe_started:
-                    self.observe_started(method)
-                refusal = self._refusal(method, context)
-                if refusal:
-                    self._record(method, refusal[0], started)
-                    await context.abort(*refusal)
+                started = await self._admit(method, context)
                 try:
                     async for item in inner_stream(request, context):
                         yield item
-                except asyncio.CancelledError:
-                    self._record(method, self._cancel_code(context), started)
-                    raise
-                except Exception as e:  # noqa: BLE001
-                    if isinstance(e, grpc.aio.AbortError):
-                        raise
-                    code, message = status_for(e)
-                    if code == grpc.StatusCode.INTERNAL:
-                        log.exception("%s failed", method)
-                    self._record(method, code, started)
-                    await context.abort(code, message)
+                except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 - mapped in _fail
+                    await self._fail(method, context, started, e)
                 self._record(method, grpc.StatusCode.OK, started)
 
             return grpc.unary_stream_rpc_method_handler(
