@@ -113,7 +113,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # -- per-op setups: return (calls, bytes per call, twin check) --------------------------------------
-def setup_ternary(n, k, m, act_int8, path, gen, split_k=None):
+def setup_ternary(n, k, m, act_int8, path, gen, split_k=None, config=None):
     from bitserve.kernels import ops, reference, reference_lowbit, ternary
     from bitserve.kernels.packing import pack_ternary
 
@@ -132,7 +132,8 @@ def setup_ternary(n, k, m, act_int8, path, gen, split_k=None):
         if path == "auto":
             op = ops.ternary_w2a8 if act_int8 else ops.ternary_w2a16
             return lambda: op(xx, p, s, None)
-        return lambda: ternary.ternary_linear(xx, p, s, None, out, act_int8=act_int8, path=path, split_k=split_k)
+        return lambda: ternary.ternary_linear(xx, p, s, None, out, act_int8=act_int8, path=path, split_k=split_k,
+                                              config=config)
 
     twin = reference.ternary_linear_w2a8 if act_int8 else reference_lowbit.ternary_linear_w2a16
     check = lambda: rel_err(make(0)(), twin(x, packed, ws))  # noqa: E731
@@ -191,11 +192,41 @@ def setup_dense(n, k, m, gen):
     return [(lambda ww=ww, xx=xx: F.linear(xx, ww)) for ww, xx in sets], set_bytes
 
 
+def launch_floor_us() -> float:
+    """GPU time of an empty Triton kernel inside a CUDA graph: the floor under every kernel here."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty(x_ptr):
+        pass
+
+    buf = torch.empty(1, device="cuda")
+    return time_calls([lambda: _empty[(1,)](buf)], reps=10, min_graph_us=0)[0]
+
+
+GEMV_SWEEP = [  # (BLOCK_N, BLOCK_J (most packed bytes per program), num_warps)
+    (8, 256, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (16, 512, 8), (32, 512, 8), (8, 1024, 8), (16, 128, 4)]
+
+
+def sweep_plan() -> list:
+    """Tuning data for the fixed GPU configs: one-pass GEMV configs and the looping GEMV at M=1,
+    GEMV vs GEMM at M = 2, 4, 8, 16 (2B4T shapes)."""
+    plan = []
+    for label, n, k in SHAPES_2B4T:
+        plan += [("w2a8", label, n, k, 1, "gemv", None, {"BLOCK_N": bn, "BLOCK_J": bj, "num_warps": w})
+                 for bn, bj, w in GEMV_SWEEP]
+        plan.append(("w2a8", label, n, k, 1, "gemv_loop", None, None))
+        for m in (2, 4, 8, 16):
+            plan += [("w2a8", label, n, k, m, "gemv", None, None), ("w2a8", label, n, k, m, "gemm", None, None)]
+    return plan
+
+
 def best_configs() -> dict:
     from bitserve.kernels import binary, int8_head, ternary
 
     out = {}
-    for mod, names in ((ternary, ("_ternary_gemv_kernel", "_ternary_gemm_kernel")),
+    for mod, names in ((ternary, ("_ternary_gemv_loop_kernel", "_ternary_gemm_kernel")),
                        (binary, ("_binary_kernel", "_dual_binary_kernel")),
                        (int8_head, ("_int8_gemv_kernel", "_int8_gemm_kernel"))):
         for name in names:
@@ -209,37 +240,36 @@ def run(args) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     dev = torch.cuda.get_device_name()
     copy_gbps = copy_bandwidth_gbps()
+    floor_us = launch_floor_us()
     print(f"device {dev}; torch {torch.__version__}; triton {__import__('triton').__version__}; "
-          f"L2 {_l2_bytes() >> 20} MiB; device-to-device copy {copy_gbps:.0f} GB/s", flush=True)
+          f"L2 {_l2_bytes() >> 20} MiB; device-to-device copy {copy_gbps:.0f} GB/s; "
+          f"empty Triton kernel in a CUDA graph {floor_us:.2f} us", flush=True)
     shapes = SHAPES_2B4T + ([] if args.quick else SHAPES_BIG)
     ms = [1, 32, 512] if args.quick else MS
     ops_wanted = set(args.ops.split(","))
-    plan = []  # (op, label, n, k, m, path, split_k)
+    plan = []  # (op, label, n, k, m, path, split_k, config)
     for label, n, k in shapes:
         for m in ms:
             if "w2a8" in ops_wanted:
-                plan.append(("w2a8", label, n, k, m, "auto", None))
+                plan.append(("w2a8", label, n, k, m, "auto", None, None))
     side = [("2b4t.gate_up", 13824, 2560), ("2b4t.down", 2560, 6912)]
     for op in ("w2a16", "binary", "dual"):
         if op in ops_wanted:
-            plan += [(op, label, n, k, m, "auto", None) for label, n, k in side for m in (1, 32, 512)]
+            plan += [(op, label, n, k, m, "auto", None, None) for label, n, k in side for m in (1, 32, 512)]
     if "int8head" in ops_wanted:
-        plan += [("int8head", HEAD[0], HEAD[1], HEAD[2], m, "auto", None) for m in (1, 8, 32, 128)]
-    if "w2a8" in ops_wanted and not args.quick:  # tuning data: both paths at small M, GEMV split-K sweep
-        for label, n, k in SHAPES_2B4T:
-            for m in (1, 8):
-                plan += [("w2a8", label, n, k, m, "gemv", None), ("w2a8", label, n, k, m, "gemm", None)]
-            plan += [("w2a8", label, n, k, 1, "gemv", s) for s in (1, 2, 4, 8)]
+        plan += [("int8head", HEAD[0], HEAD[1], HEAD[2], m, "auto", None, None) for m in (1, 8, 32, 128)]
+    if "w2a8" in ops_wanted and (args.sweep or not args.quick):
+        plan += sweep_plan()
 
     dense_cache: dict = {}
     records = []
     t_start = time.time()
-    for op, label, n, k, m, path, split in plan:
+    for op, label, n, k, m, path, split, config in plan:
         if time.time() - t_start > args.budget_s:
             print(f"time budget of {args.budget_s}s reached: skipping the rest", flush=True)
             break
         if op == "w2a8":
-            calls, nbytes, check = setup_ternary(n, k, m, True, path, gen, split)
+            calls, nbytes, check = setup_ternary(n, k, m, True, path, gen, split, config)
         elif op == "w2a16":
             calls, nbytes, check = setup_ternary(n, k, m, False, path, gen)
         elif op == "binary":
@@ -257,17 +287,20 @@ def run(args) -> dict:
         bf16_us, bf16_bytes = dense_cache[(n, k, m)]
         gbps = nbytes / (us * 1e-6) / 1e9
         path = path if split is None else f"{path}/s{split}"
+        if config:
+            path += f"/{config['BLOCK_N']}x{config['BLOCK_J']}w{config['num_warps']}"
         rec = dict(op=op, shape=label, N=n, K=k, M=m, path=path, us=round(us, 3), bf16_us=round(bf16_us, 3),
                    GBps=round(gbps, 1), pct_copy=round(100 * gbps / copy_gbps, 1),
                    bf16_pct_copy=round(100 * bf16_bytes / (bf16_us * 1e-6) / 1e9 / copy_gbps, 1),
                    speedup=round(bf16_us / us, 2), bytes=nbytes, rel_err=float(f"{err:.3g}"), timing=how,
                    copies=len(calls))
         records.append(rec)
-        print(f"{op:8s} {label:13s} {path:7s} M={m:4d}  {us:9.2f} us  bf16 {bf16_us:9.2f} us  x{rec['speedup']:5.2f}  "
+        print(f"{op:8s} {label:13s} {path:18s} M={m:4d}  {us:9.2f} us  bf16 {bf16_us:9.2f} us  x{rec['speedup']:5.2f}  "
               f"{gbps:7.0f} GB/s ({rec['pct_copy']:5.1f}% copy)  err {err:.1e}", flush=True)
         del calls
         torch.cuda.empty_cache()
     return dict(device=dev, torch=torch.__version__, triton=__import__("triton").__version__, copy_GBps=round(copy_gbps, 1),
+                launch_floor_us=round(floor_us, 3),
                 l2_bytes=_l2_bytes(), records=records, best_configs=best_configs())
 
 
@@ -289,10 +322,10 @@ def targets(result: dict) -> list[str]:
 
 
 def table(result: dict) -> str:
-    head = f"{'op':8s} {'shape':13s} {'path':7s} {'M':>4s} {'us':>9s} {'bf16 us':>9s} {'speedup':>7s} {'GB/s':>7s} {'%copy':>6s} {'relerr':>8s}"
+    head = f"{'op':8s} {'shape':13s} {'path':18s} {'M':>4s} {'us':>9s} {'bf16 us':>9s} {'speedup':>7s} {'GB/s':>7s} {'%copy':>6s} {'relerr':>8s}"
     rows = [head, "-" * len(head)]
     for r in result["records"]:
-        rows.append(f"{r['op']:8s} {r['shape']:13s} {r['path']:7s} {r['M']:4d} {r['us']:9.2f} {r['bf16_us']:9.2f} "
+        rows.append(f"{r['op']:8s} {r['shape']:13s} {r['path']:18s} {r['M']:4d} {r['us']:9.2f} {r['bf16_us']:9.2f} "
                     f"{r['speedup']:7.2f} {r['GBps']:7.0f} {r['pct_copy']:6.1f} {r['rel_err']:8.1e}")
     return "\n".join(rows)
 
@@ -333,6 +366,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."), help="where bench.json / bench.png go")
     p.add_argument("--ops", default="w2a8,w2a16,binary,dual,int8head")
     p.add_argument("--quick", action="store_true", help="2B4T shapes, M in {1, 32, 512}, no forced paths")
+    p.add_argument("--sweep", action="store_true", help="with --quick: add the GEMV config / GEMV-vs-GEMM sweep")
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new measurements after this")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

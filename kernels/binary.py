@@ -35,6 +35,9 @@ DUAL_CONFIGS = [
 ]
 BINARY_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
 DUAL_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+# GPU configs unless BITSERVE_TRITON_AUTOTUNE=1 (BLOCK_M follows M)
+BINARY_GPU = {"BLOCK_N": 64, "BLOCK_J": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+DUAL_GPU = {"BLOCK_N": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
 def block_m_for(m: int) -> int:
@@ -179,13 +182,6 @@ def _vec(t: torch.Tensor | None, size: int, name: str) -> torch.Tensor | None:
     return t.float().contiguous()
 
 
-def _run(kernel, grid, config, args, meta):
-    if config is None:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid](*args, **meta, **config)
-
-
 def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=None, out=None, *,
                   out_dtype=None, split_k=None, config=None):
     """``[M, K] -> [M, N]`` binary W1A16 (contract: :func:`bitserve.kernels.reference_lowbit.binary_linear_w1a16`)."""
@@ -201,8 +197,8 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
     if m == 0:
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
-    if config is None and interpreting():
-        config = BINARY_DEFAULT
+    if config is None and (interpreting() or not tl_common.autotune_enabled()):
+        config = BINARY_DEFAULT if interpreting() else BINARY_GPU
     block_m = (config or {}).get("BLOCK_M", block_m_for(m))
     meta_cfg = None if config is None else {k_: v for k_, v in config.items() if k_ != "BLOCK_M"}
     if split_k is None:
@@ -221,7 +217,7 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
     meta = dict(HAS_G=g is not None, HAS_H=h is not None, HAS_BETA=beta is not None, HAS_BIAS=bias is not None,
                 SPLIT_X=not (x.dtype == torch.bfloat16 and g is None), SPLIT_K=split_k, DIRECT=split_k == 1,
                 BLOCK_M=block_m)
-    _run(_binary_kernel, grid, meta_cfg, args, meta)
+    tl_common.launch(_binary_kernel, grid, meta_cfg, args, meta)
     if split_k > 1:
         splitk_epilogue(part, out, None, None, bias)
     return out
@@ -246,8 +242,8 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
     if m == 0:
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
-    if config is None and interpreting():
-        config = DUAL_DEFAULT
+    if config is None and (interpreting() or not tl_common.autotune_enabled()):
+        config = DUAL_DEFAULT if interpreting() else DUAL_GPU
     block_m = (config or {}).get("BLOCK_M", block_m_for(m))
     meta_cfg = None if config is None else {k_: v for k_, v in config.items() if k_ != "BLOCK_M"}
     if split_k is None:
@@ -264,7 +260,7 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
             m, n, ng, gb, x.stride(0), packed.stride(0), a1.stride(0), out.stride(0), bucket(m))
     meta = dict(HAS_BIAS=bias is not None, SPLIT_X=x.dtype != torch.bfloat16, SPLIT_K=split_k, DIRECT=split_k == 1,
                 BLOCK_M=block_m, BLOCK_J=max(16, min(128, triton.next_power_of_2(gb))))
-    _run(_dual_binary_kernel, grid, meta_cfg, args, meta)
+    tl_common.launch(_dual_binary_kernel, grid, meta_cfg, args, meta)
     if split_k > 1:
         splitk_epilogue(part, out, None, None, bias)
     return out

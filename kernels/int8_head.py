@@ -29,6 +29,9 @@ HEAD_GEMM_CONFIGS = [
 ]
 HEAD_GEMV_DEFAULT = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 HEAD_GEMM_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+# GPU configs unless BITSERVE_TRITON_AUTOTUNE=1
+HEAD_GEMV_GPU = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}
+HEAD_GEMM_GPU = {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 GEMV_MAX_M = 2  # GEMV up to this many tokens, GEMM above (retune with bench.py)
 
 
@@ -154,8 +157,8 @@ def int8_linear(x, weight, scale, bias=None, out=None, *, out_dtype=None, path=N
     d = weight
     common = (scale, bias if bias is not None else d, out)
     if path == "gemv":
-        if config is None and interpreting():
-            config = HEAD_GEMV_DEFAULT
+        if config is None and (interpreting() or not tl_common.autotune_enabled()):
+            config = HEAD_GEMV_DEFAULT if interpreting() else HEAD_GEMV_GPU
         if split_k is None:
             split_k = pick_split_k(triton.cdiv(n, (config or {}).get("BLOCK_N", 32)) * m, triton.cdiv(k, 512), x.device)
         split_k = max(1, min(split_k, k))
@@ -170,8 +173,8 @@ def int8_linear(x, weight, scale, bias=None, out=None, *, out_dtype=None, path=N
         meta = dict(SCALE_PER_N=scale.numel() != 1, HAS_BIAS=bias is not None, SPLIT_K=split_k,
                     DIRECT=split_k == 1)
     else:
-        if config is None and interpreting():
-            config = HEAD_GEMM_DEFAULT
+        if config is None and (interpreting() or not tl_common.autotune_enabled()):
+            config = HEAD_GEMM_DEFAULT if interpreting() else HEAD_GEMM_GPU
         block_m = (config or {}).get("BLOCK_M", 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
         config = None if config is None else {k_: v for k_, v in config.items() if k_ != "BLOCK_M"}
         if split_k is None:
@@ -188,10 +191,7 @@ def int8_linear(x, weight, scale, bias=None, out=None, *, out_dtype=None, path=N
                 out.stride(0), bucket(m))
         meta = dict(SCALE_PER_N=scale.numel() != 1, HAS_BIAS=bias is not None,
                     SPLIT_X=x.dtype != torch.bfloat16, SPLIT_K=split_k, DIRECT=split_k == 1, BLOCK_M=block_m)
-    if config is None:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid](*args, **meta, **config)
+    tl_common.launch(kernel, grid, config, args, meta)
     if split_k > 1:
         splitk_epilogue(part, out, None, None, bias)
     return out

@@ -13,11 +13,41 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 # programs per SM that the split-K heuristics aim for (retune with bench.py's split sweep)
 WAVES = 2
 # columns per step of the activation quantization kernel
 QUANT_BLOCK_K = 1024
+# set to 1 to let Triton's autotuner pick launch configs at run time (slow first calls: every new
+# shape and M bucket benchmarks all candidates); by default each wrapper uses fixed configs
+# chosen from kernels/bench.py runs on an H100
+AUTOTUNE_ENV = "BITSERVE_TRITON_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def launch(kernel, grid, config: dict | None, args: tuple, meta: dict) -> None:
+    """Run ``kernel`` (an autotuner or a jit function) with ``config`` (its tunables), or autotuned.
+
+    A config whose pipelining needs more shared memory than the device has (fp32 activations
+    with deep pipelines, say) is retried with fewer stages instead of failing.
+    """
+    if config is None:
+        kernel[grid](*args, **meta)
+        return
+    fn = getattr(kernel, "fn", kernel)
+    cfg = dict(config)
+    while True:
+        try:
+            fn[grid](*args, **meta, **cfg)
+            return
+        except OutOfResources:
+            if cfg.get("num_stages", 1) <= 1:
+                raise
+            cfg["num_stages"] -= 1
 
 
 def interpreting() -> bool:

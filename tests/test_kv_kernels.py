@@ -260,9 +260,16 @@ def test_paged_attention_2b4t_shapes_gpu(kind, bits):
     seqs = [(2048, 1), (1000, 1), (513, 1), (700, 300), (96, 96)]
     q, meta = make_batch(gen, seqs, 20, dtype=torch.bfloat16, B=bs, D=128, KVH=5, NB=320)
     want = ref.paged_attention(q, layer, meta).float()
+    # The kernel rounds dequantized keys/values and the softmax weights to bf16 for the tensor-core
+    # dots (relative 2**-9 each); with |q|, |k| ~ N(0, 1) over 128 dims a score moves by up to
+    # ~2**-9 * sum|q||k| / sqrt(128) ~ 0.015, so outputs move by ~1.5% of |v| (observed 0.033 on an
+    # H100 for int8). Bound the worst element by 6e-2 and the mean error by 4e-3 (a wrong block,
+    # scale or softmax gives errors of order 1 everywhere).
+    atol = 2e-2 if kind == "float" else 6e-2
     for splits in (None, 1):
         got = kv_attention.paged_attention(q, layer, meta, splits=splits).float()
-        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got, want, atol=atol, rtol=2e-2)
+        assert (got - want).abs().mean() < 4e-3
 
 
 def test_unrope_inverts_rope():

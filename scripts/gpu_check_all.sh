@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One short GPU session for everything that needs CUDA: weight-kernel and KV-kernel tests on the
+# GPU, the quick weight-kernel benchmark, the quick KV benchmark (kernels + engine decode tok/s per
+# KV dtype on a random 2B4T), and demo-model accuracy through LLM.chat on CUDA.
+# Each step has its own time limit so one slow or broken step cannot eat the others' time.
+# About 7.5 minutes on one H100 (triton 3.6 + torch 2.11); prints a summary table last.
+#
+#   OUT=/tmp/check scripts/gpu_check_all.sh [STEP ...]   # steps: wtests kvtests wbench kvbench demo
+#
+# $OUT gets summary.txt, bench.json, bench.png, kv_check.json and logs.tgz (every log).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT="${OUT:-/tmp/bitserve_gpu_all}"
+LOGS="${LOGS:-/tmp/bitserve_gpu_logs}"
+mkdir -p "$LOGS"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+STEPS="${*:-wtests kvtests wbench kvbench demo}"
+
+if ! "$PY" -c "import bitserve.kernels.ops" >/dev/null 2>&1; then
+  if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/pip.log" 2>&1; then
+    SHIM=/tmp/bitserve_shim/bitserve
+    mkdir -p "$SHIM"
+    cat >"$SHIM/__init__.py" <<PYEOF
+import os as _os
+__path__ = [_os.path.join("$ROOT", "server"), "$ROOT"]
+exec(compile(open(_os.path.join("$ROOT", "server", "__init__.py")).read(), "bitserve/__init__.py", "exec"))
+PYEOF
+    export PYTHONPATH="/tmp/bitserve_shim${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.mem --format=csv,noheader
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$LOGS/gpu.txt"
+
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+XDIST=""
+"$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
+
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "=== $name (limit ${limit}s) ==="
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  tail -n 25 "$LOGS/$name.log"
+  printf '%-8s rc=%-3s %4ss  %s\n' "$name" "$rc" "$dt" "$(grep -E 'passed|failed|error|skipped|Error' "$LOGS/$name.log" | tail -n 1 | cut -c1-90)" | tee -a "$SUMMARY"
+}
+
+for s in $STEPS; do
+  case $s in
+    wtests) step wtests 80 "$PY" -m pytest -q -m gpu $XDIST tests/test_triton_kernels.py -p no:cacheprovider --timeout=60 ;;
+    kvtests) step kvtests 50 "$PY" -m pytest -q $XDIST tests/test_kv_kernels.py -p no:cacheprovider --timeout=40 ;;
+    wbench) step wbench 200 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 160 --quick --sweep ;;
+    kvbench) step kvbench 70 "$PY" benchmarks/kv_gpu_check.py --out "$LOGS/kv" --quick ;;
+    demo) step demo 60 "$PY" benchmarks/demo_accuracy.py --n 200 --batch 200 --show-errors 3 ;;
+  esac
+done
+cp "$LOGS/kv/kv_check.json" "$OUT/" 2>/dev/null
+tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
+echo "=== summary ==="
+cat "$LOGS/gpu.txt" "$SUMMARY"
