@@ -11,6 +11,9 @@ bootstrap:
 run: bootstrap
 	@$(VENV)/bin/bitserve serve
 
-# The whole test suite.
+EXAMPLE_PLUGIN := examples/bitserve-ternary-int8
+
+# The whole test suite, plus the example third-party plugin (installed as its own package).
 test: bootstrap
-	$(PY) -m pytest -q
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e $(EXAMPLE_PLUGIN)
+	$(PY) -m pytest -q tests $(EXAMPLE_PLUGIN)/tests
