@@ -34,6 +34,17 @@ def _reference_forward(layer: QuantLinear, x: torch.Tensor, weight: torch.Tensor
     return y
 
 
+def _open(checkpoint: Path):
+    """``(reader, config)`` of a safetensors folder or a GGUF file (or a folder holding one)."""
+    from bitserve.plugins.gguf_checkpoint import GGUFCheckpoint, find_gguf
+
+    gguf_file = find_gguf(checkpoint)
+    if gguf_file is not None:
+        reader = GGUFCheckpoint(gguf_file)
+        return reader, reader.config
+    return CheckpointReader(checkpoint), json.loads((checkpoint / "config.json").read_text())
+
+
 def check_format(
     plugin: str | FormatPlugin,
     checkpoint: str | Path,
@@ -62,8 +73,7 @@ def check_format(
     checkpoint = Path(checkpoint)
     device = torch.device(device)
     registry = registry or FormatRegistry()
-    config = json.loads((checkpoint / "config.json").read_text())
-    reader = CheckpointReader(checkpoint)
+    reader, config = _open(checkpoint)
     if isinstance(plugin, str):
         plugin = registry.get(plugin, config)
     detected = registry.detect(config, reader.names(), reader)

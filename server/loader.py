@@ -1,4 +1,10 @@
-"""Load a checkpoint folder into a ready model: config, format plugin, linears, tensors."""
+"""Load a checkpoint into a ready model: config, format plugin, linears, tensors.
+
+A checkpoint is a Hugging Face folder (``config.json`` + safetensors) or a GGUF model: a
+``.gguf`` file, or a folder holding exactly one ``.gguf`` and no safetensors. A GGUF file is
+read through :class:`~bitserve.plugins.gguf_checkpoint.GGUFCheckpoint`, whose config comes from
+the file's metadata; everything after that is the same path.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from bitserve.model import LlamaForCausalLM
 from bitserve.model_config import ModelConfig
 from bitserve.plugins.base import FormatPlugin
 from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader
+from bitserve.plugins.gguf_paths import find_gguf
 from bitserve.plugins.registry import FormatRegistry
 
 log = logging.getLogger(__name__)
@@ -35,9 +42,9 @@ class LoadedModel:
 
 
 def resolve_model_path(model: str, revision: str | None = None) -> Path:
-    """A local folder, or a Hugging Face repo id downloaded with huggingface_hub when installed."""
+    """A local folder or ``.gguf`` file, or a Hugging Face repo id downloaded with huggingface_hub."""
     path = Path(model).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf"):
         return path
     if _REPO_ID.match(model) and not path.exists():
         try:
@@ -94,13 +101,12 @@ def load_model(
     and tensor, UnknownFormatError listing the installed formats).
     """
     path = Path(path)
-    hf_config = read_json(path / "config.json")
-    reader = CheckpointReader(path)
+    reader, hf_config = open_checkpoint(path)
     registry = registry or FormatRegistry()
     plugin = registry.get(format, hf_config) if format else registry.detect(hf_config, reader.names(), reader)
     cfg = ModelConfig.from_hf(hf_config, plugin.model_overrides(hf_config))
     gen_path = path / "generation_config.json"
-    if gen_path.exists():
+    if path.is_dir() and gen_path.exists():
         eos = read_json(gen_path).get("eos_token_id")
         cfg = cfg.with_eos(tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)))
     dev = resolve_device(device)
@@ -125,6 +131,18 @@ def load_model(
                        if t.device.type != "meta")
     log.info("loaded %s as %s: %d layers, %.1f MB of weights", path, plugin.name, cfg.num_layers, weight_bytes / 1e6)
     return LoadedModel(model, cfg, plugin, hf_config, path, weight_bytes, reader.nbytes())
+
+
+def open_checkpoint(path: Path):
+    """``(reader, config dict)`` of a safetensors folder or a GGUF model path."""
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        from bitserve.plugins.gguf_checkpoint import GGUFCheckpoint
+
+        reader = GGUFCheckpoint(gguf_file)
+        return reader, reader.config
+    hf_config = read_json(path / "config.json")
+    return CheckpointReader(path), hf_config
 
 
 def _release_free_heap() -> None:

@@ -3,6 +3,12 @@
 Encoding/decoding use the ``tokenizers`` library; the chat template is rendered
 with jinja2 the way Hugging Face's ``apply_chat_template`` does (sandboxed,
 ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``strftime_now``).
+
+GGUF models (a ``.gguf`` file, or a folder holding one and no safetensors): a
+``tokenizer.json`` next to the file wins (with its ``tokenizer_config.json`` when
+present); otherwise the tokenizer is rebuilt from the file's ``tokenizer.*``
+metadata (:mod:`bitserve.plugins.gguf_tokenizer`). Special tokens and the chat
+template come from the GGUF metadata wherever ``tokenizer_config.json`` lacks them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from bitserve.plugins.checkpoint import CheckpointError
+from bitserve.plugins.gguf_paths import find_gguf
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -42,25 +49,53 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 class Tokenizer:
     def __init__(self, folder: str | Path):
-        folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.exists():
-            raise CheckpointError(f"{path}: tokenizer file is missing (bitserve needs a tokenizer.json)")
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot parse tokenizer: {e}") from e
-        config_path = folder / "tokenizer_config.json"
-        self.config: dict = {}
-        if config_path.exists():
+        path = Path(folder)
+        gguf_file = find_gguf(path)
+        folder = gguf_file.parent if gguf_file is not None else path
+        self._extra_eos_ids: tuple[int, ...] = ()
+        self.config: dict = self._read_config(folder)
+        tokenizer_json = folder / "tokenizer.json"
+        if gguf_file is not None and not tokenizer_json.exists():
+            self._tok = self._from_gguf(gguf_file)
+        else:
+            if not tokenizer_json.exists():
+                raise CheckpointError(f"{tokenizer_json}: tokenizer file is missing (bitserve needs a tokenizer.json)")
             try:
-                self.config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{config_path}: malformed JSON: {e}") from e
+                self._tok = HFTokenizer.from_file(str(tokenizer_json))
+            except Exception as e:
+                raise CheckpointError(f"{tokenizer_json}: cannot parse tokenizer: {e}") from e
+            if gguf_file is not None:
+                self._from_gguf(gguf_file, build=False)  # special tokens and template the sidecar lacks
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.chat_template = self._find_template(folder)
         self._template = None
+
+    @staticmethod
+    def _read_config(folder: Path) -> dict:
+        config_path = folder / "tokenizer_config.json"
+        if not config_path.exists():
+            return {}
+        try:
+            return json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path}: malformed JSON: {e}") from e
+
+    def _from_gguf(self, gguf_file: Path, build: bool = True) -> HFTokenizer | None:
+        """Fill special tokens / template that tokenizer_config.json lacks from the GGUF metadata;
+        return the tokenizer rebuilt from that metadata when ``build``."""
+        from bitserve.plugins.gguf_file import GGUFFile
+        from bitserve.plugins.gguf_tokenizer import specials_from_metadata, tokenizer_from_metadata
+
+        meta = GGUFFile(gguf_file).meta
+        specials = specials_from_metadata(gguf_file, meta)
+        for key, value in specials.special.items():
+            if value is not None and self.config.get(key) is None:
+                self.config[key] = value
+        if specials.chat_template and not self.config.get("chat_template"):
+            self.config["chat_template"] = specials.chat_template
+        self._extra_eos_ids = specials.eos_token_ids
+        return tokenizer_from_metadata(gguf_file, meta) if build else None
 
     def _find_template(self, folder: Path) -> str | None:
         jinja_file = folder / "chat_template.jinja"
@@ -83,7 +118,7 @@ class Tokenizer:
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         tid = self.token_to_id(self.eos_token) if self.eos_token else None
-        return () if tid is None else (tid,)
+        return tuple(dict.fromkeys((() if tid is None else (tid,)) + self._extra_eos_ids))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

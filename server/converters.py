@@ -1,0 +1,146 @@
+"""``bitserve convert``: turn a checkpoint folder into another bit format.
+
+From a dense Hugging Face llama folder (safetensors) to ``bitnet`` (absmean ternary, 2B4T offline
+layout), ``onebit`` (SVID rank-1 start in OneBit's packed layout), ``fbi`` (latent weights and
+per-column alpha/beta) or ``dual_binary`` (DB-LLM flexible dual binarization, bitserve's layout);
+from a ``bitnet`` folder to ``dual_binary`` exactly. Layouts: FORMATS.md and docs/formats_lowbit.md.
+
+    from bitserve.converters import convert_checkpoint
+    report = convert_checkpoint("llama-dense", "llama-db", to="dual_binary", group_size=64)
+
+The CLI wiring is two calls: ``add_convert_arguments(subparser)`` and ``run_convert(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from bitserve.cli_args import add_dataclass_arguments, dataclass_from_args
+from bitserve.convert_source import SourceCheckpoint
+from bitserve.convert_targets import TARGETS, ConvertOptions
+from bitserve.convert_writer import ShardWriter, copy_side_files, parse_size, publish, staging_folder
+from bitserve.plugins.checkpoint import CheckpointError
+from bitserve.plugins.registry import FormatRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConvertReport:
+    source: Path
+    destination: Path
+    source_format: str
+    target: str
+    num_linears: int
+    source_bytes: int  # tensor bytes read
+    written_bytes: int  # tensor bytes written
+    files: list[str]
+    errors: dict[str, float] = field(default_factory=dict)  # relative ||W - W_hat|| per projection
+
+    @property
+    def mean_error(self) -> float:
+        return sum(self.errors.values()) / len(self.errors) if self.errors else 0.0
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+    def summary(self) -> str:
+        return (f"{self.source} ({self.source_format}) -> {self.destination} ({self.target}): {self.num_linears} "
+                f"linears, {self.source_bytes / 1e6:.1f} MB -> {self.written_bytes / 1e6:.1f} MB of tensors, "
+                f"relative weight error mean {self.mean_error:.4f} max {self.max_error:.4f}")
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: file is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed JSON: {e}") from e
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool = True, *,
+                       overwrite: bool = False, max_shard_size: str | int = "4GB",
+                       registry: FormatRegistry | None = None, **opts) -> ConvertReport:
+    """Convert the checkpoint folder ``src`` into format ``to`` in the new folder ``dst``.
+
+    ``opts`` are :class:`~bitserve.convert_targets.ConvertOptions` fields (``group_size``,
+    ``fdb_iters``, ``alpha_dtype``, ``scale_dtype``, ``svid_iters``). Raises CheckpointError
+    (naming the file and tensor) for sources or shapes a target cannot take; ``dst`` only appears
+    once the conversion is complete.
+    """
+    src, dst = Path(src), Path(dst)
+    if to not in TARGETS:
+        raise ValueError(f"unknown conversion target '{to}' (choose from {', '.join(sorted(TARGETS))})")
+    unknown = set(opts) - {f.name for f in dataclasses.fields(ConvertOptions)}
+    if unknown:
+        raise TypeError(f"unknown conversion option(s) {sorted(unknown)}")
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: checkpoint folder does not exist")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ValueError(f"{dst}: the destination must not be the source folder or inside it")
+    target = TARGETS[to](ConvertOptions(**opts))
+    source = SourceCheckpoint(src, _read_config(src), registry)
+    target.check(source)
+    config = target.config(source)
+
+    stage = staging_folder(dst, overwrite)
+    try:
+        writer = ShardWriter(stage, parse_size(max_shard_size))
+        for name in source.passthrough:
+            writer.add(name, source.reader.get(name))
+        errors = {}
+        bar = tqdm(source.specs, desc=f"convert {src.name} -> {to}", unit="linear", disable=not progress)
+        for spec in bar:
+            tensors, err = target.linear(spec, source.projection(spec), source)
+            tensors.update(source.extras(spec))
+            for name, tensor in tensors.items():
+                writer.add(name, tensor)
+            errors[spec.prefix] = err
+        files = writer.close()
+        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_side_files(src, stage)
+        publish(stage, dst)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    report = ConvertReport(src, dst, source.format, to, len(source.specs), source.reader.nbytes(),
+                           writer.total_bytes, files, errors)
+    log.info("%s", report.summary())
+    return report
+
+
+# -- CLI helpers (wired into server/cli.py by the lead) ------------------------------------------
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``bitserve convert SRC DST --to FORMAT [options]``."""
+    parser.add_argument("src", help="source checkpoint folder (dense Hugging Face llama, or bitnet)")
+    parser.add_argument("dst", help="destination folder (created; must be empty unless --overwrite)")
+    parser.add_argument("--to", required=True, choices=sorted(TARGETS), help="target format")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination folder")
+    parser.add_argument("--max-shard-size", default="4GB", help="largest safetensors shard (default: 4GB)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_dataclass_arguments(parser, ConvertOptions)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run a conversion from parsed arguments; prints the summary; returns the exit code."""
+    try:
+        opts = dataclasses.asdict(dataclass_from_args(ConvertOptions, args))
+        report = convert_checkpoint(args.src, args.dst, args.to, progress=args.progress, overwrite=args.overwrite,
+                                    max_shard_size=args.max_shard_size, **opts)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
