@@ -28,6 +28,7 @@ from bitserve.cli_args import add_dataclass_arguments, dataclass_from_args
 from bitserve.convert_source import SourceCheckpoint
 from bitserve.convert_targets import TARGETS, ConvertOptions
 from bitserve.convert_writer import ShardWriter, copy_side_files, parse_size, publish, staging_folder
+from bitserve.loader import read_json
 from bitserve.plugins.checkpoint import CheckpointError
 from bitserve.plugins.registry import FormatRegistry
 
@@ -61,13 +62,7 @@ class ConvertReport:
 
 
 def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{path}: file is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON: {e}") from e
+    return read_json(folder / "config.json")
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool = True, *,

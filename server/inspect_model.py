@@ -19,6 +19,7 @@ from pathlib import Path
 from bitserve.convert_source import projection_specs
 from bitserve.engine.kv_cache import FLOAT_DTYPES as KV_FLOAT_DTYPES
 from bitserve.engine.kv_cache import QUANT_BITS, KVCacheSpec, default_block_size
+from bitserve.loader import read_json
 from bitserve.model_config import ModelConfig
 from bitserve.plugins.base import QuantLinear
 from bitserve.plugins.checkpoint import CheckpointError, CheckpointReader
@@ -30,13 +31,7 @@ _SHAPE_ALIASES = {"bitllama": "llama"}
 
 
 def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{path}: file is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON: {e}") from e
+    return read_json(folder / "config.json")
 
 
 def _open(folder: Path):
