@@ -6,6 +6,7 @@
 | ``onebit`` | ``weight`` I8 ``[N, K/8]`` (LSB = first column, 1 <=> -1), ``input_factor`` F32 ``[K]``, ``weight_scale`` F32 ``[N]`` | §3.2, SVID §3.4 |
 | ``fbi`` | ``weight`` latent float ``[N, K]``, ``wscale``/``wbias`` F32 ``[1, K]`` | §4.2 |
 | ``dual_binary`` | ``b1``/``b2`` U8 ``[N, K/8]``, ``alpha1``/``alpha2`` ``[N, K/G]`` | §5.3, ``docs/formats_lowbit.md`` |
+| ``dense`` | ``weight`` float ``[N, K]`` (the dequantized weight) | a plain Hugging Face llama/bitnet |
 
 Every target also keeps ``<p>.bias`` when the source has one.
 """
@@ -46,9 +47,10 @@ class ConvertOptions:
                                                                   "do not fit it exactly)"})
     scale_dtype: str = field(default="bfloat16", metadata={"help": "bitnet: dtype of weight_scale"})
     svid_iters: int = field(default=500, metadata={"help": "onebit: power-iteration limit of the rank-1 SVID"})
+    dense_dtype: str = field(default="bfloat16", metadata={"help": "dense: dtype of the dequantized weights"})
 
     def __post_init__(self):
-        for name in ("alpha_dtype", "scale_dtype"):
+        for name in ("alpha_dtype", "scale_dtype", "dense_dtype"):
             if getattr(self, name) not in TORCH_DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(TORCH_DTYPES)}, got {getattr(self, name)!r}")
         if self.group_size <= 0 or self.group_size % 8:
@@ -199,4 +201,22 @@ class DualBinaryTarget(Target):
         return tensors, relative_error(target, db.dequantize())
 
 
-TARGETS: dict[str, type[Target]] = {t.name: t for t in (BitNetTarget, OneBitTarget, FBITarget, DualBinaryTarget)}
+class DenseTarget(Target):
+    """Dequantized float weights: ``W = T * scale`` of a bitnet source, or a dense source recast."""
+
+    name = "dense"
+    from_formats = ("dense", "fakequant", "bitnet")
+
+    def config(self, source):
+        cfg = self._base_config(source)
+        cfg["torch_dtype"] = self.options.dense_dtype
+        return cfg
+
+    def linear(self, spec, weight, source):
+        w = weight.dequantize() if isinstance(weight, Ternary) else weight.float()
+        out = w.to(TORCH_DTYPES[self.options.dense_dtype])
+        return {f"{spec.prefix}.weight": out}, relative_error(w, out.float())
+
+
+TARGETS: dict[str, type[Target]] = {t.name: t for t in (BitNetTarget, OneBitTarget, FBITarget, DualBinaryTarget,
+                                                         DenseTarget)}

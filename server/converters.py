@@ -117,20 +117,38 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool
 
 
 # -- CLI helpers (wired into server/cli.py by the lead) ------------------------------------------
+GGUF_TARGETS = {"gguf-tq2_0": "tq2_0", "gguf-tq1_0": "tq1_0", "gguf-i2_s": "i2_s"}
+
+
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``bitserve convert SRC DST --to FORMAT [options]``."""
     parser.add_argument("src", help="source checkpoint folder (dense Hugging Face llama, or bitnet)")
-    parser.add_argument("dst", help="destination folder (created; must be empty unless --overwrite)")
-    parser.add_argument("--to", required=True, choices=sorted(TARGETS), help="target format")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination folder")
+    parser.add_argument("dst", help="destination folder (created; must be empty unless --overwrite), "
+                                    "or the .gguf file for the gguf-* targets")
+    parser.add_argument("--to", required=True, choices=sorted(TARGETS) + sorted(GGUF_TARGETS),
+                        help="target format (gguf-*: a bitnet source, written losslessly as that GGUF type)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     parser.add_argument("--max-shard-size", default="4GB", help="largest safetensors shard (default: 4GB)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_dataclass_arguments(parser, ConvertOptions)
 
 
+def _run_gguf(args: argparse.Namespace) -> int:
+    from bitserve.convert_gguf import write_gguf
+
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise FileExistsError(f"{dst}: already exists (pass --overwrite to replace it)")
+    write_gguf(args.src, dst, linear_type=GGUF_TARGETS[args.to], progress=args.progress)
+    print(f"{args.src} -> {dst} ({args.to}, {dst.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def run_convert(args: argparse.Namespace) -> int:
     """Run a conversion from parsed arguments; prints the summary; returns the exit code."""
     try:
+        if args.to in GGUF_TARGETS:
+            return _run_gguf(args)
         opts = dataclasses.asdict(dataclass_from_args(ConvertOptions, args))
         report = convert_checkpoint(args.src, args.dst, args.to, progress=args.progress, overwrite=args.overwrite,
                                     max_shard_size=args.max_shard_size, **opts)

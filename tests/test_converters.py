@@ -356,3 +356,30 @@ def test_inspect(tmp_path, dense, dense_tensors):
         assert needle in text, text
     with pytest.raises(CheckpointError, match="does not exist"):
         inspect_checkpoint(tmp_path / "nothing")
+
+
+def test_bitnet_to_dense_dequantizes_exactly(tmp_path):
+    from bitserve.demo import DEMO_MODEL_PATH
+
+    demo = load_model(DEMO_MODEL_PATH, dtype="float32", device="cpu", progress=False)
+    report = convert_checkpoint(DEMO_MODEL_PATH, tmp_path / "dense", "dense", progress=False, dense_dtype="float32")
+    assert report.max_error == 0.0
+    dense = load_model(tmp_path / "dense", format="dense", dtype="float32", device="cpu", progress=False)
+    want = {n: m.dequantize() for n, m in demo.model.named_modules() if isinstance(m, QuantLinear)}
+    got = {n: m.dequantize() for n, m in dense.model.named_modules() if isinstance(m, QuantLinear)}
+    assert want.keys() == got.keys() and want
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert json.loads((tmp_path / "dense" / "config.json").read_text()).get("quantization_config") is None
+
+
+def test_cli_gguf_target(tmp_path, capsys):
+    from bitserve.demo import DEMO_MODEL_PATH
+
+    parser = argparse.ArgumentParser()
+    add_convert_arguments(parser)
+    out = tmp_path / "demo.gguf"
+    args = parser.parse_args([str(DEMO_MODEL_PATH), str(out), "--to", "gguf-tq2_0", "--no-progress"])
+    assert run_convert(args) == 0 and out.stat().st_size > 0
+    assert load_model(out, dtype="float32", device="cpu", progress=False).plugin.name == "gguf"
+    assert run_convert(args) == 2 and "already exists" in capsys.readouterr().err
