@@ -1,12 +1,13 @@
-"""Assemble a served model from configs: load, size the KV cache, start the engine."""
+"""Assemble a served model from configs: load, size the KV cache, start the engine(s) in this
+process or as Ray replicas."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from bitserve.config import EngineConfig, ModelLoadConfig
+from bitserve.config import EngineConfig, ModelLoadConfig, ReplicaConfig
 from bitserve.demo import DEMO_MODEL_PATH
 from bitserve.engine.async_engine import AsyncEngine
 from bitserve.engine.core import EngineCore
@@ -14,7 +15,8 @@ from bitserve.engine.output_processor import CompletionDelta
 from bitserve.frontend import Frontend, ModelInfo
 from bitserve.loader import LoadedModel, load_model, resolve_model_path
 from bitserve.plugins.base import QuantLinear
-from bitserve.replica import LocalReplica
+from bitserve.replica import LocalReplica, Replica
+from bitserve.router import RouterPolicy
 from bitserve.tokenizer import Tokenizer
 
 
@@ -67,13 +69,20 @@ def model_info(model: LoadedServingModel, core: EngineCore, name: str) -> ModelI
     )
 
 
+def served_name(path: Path, served_model_name: str | None) -> str:
+    if served_model_name:
+        return served_model_name
+    return "bitserve-demo" if path.resolve() == DEMO_MODEL_PATH.resolve() else path.name
+
+
 @dataclass
 class App:
-    """What a server process serves: the frontend over its replica(s)."""
+    """What a server process serves: the frontend over its replica(s). ``model`` is the loaded
+    model when the engine runs in this process, None when it runs in Ray replicas."""
 
     frontend: Frontend
-    replica: LocalReplica
-    model: LoadedServingModel
+    replica: Replica
+    model: LoadedServingModel | None
 
     @property
     def info(self) -> ModelInfo:
@@ -89,10 +98,41 @@ def build_app(
     served_model_name: str | None = None,
     on_finish: Callable[[CompletionDelta], None] | None = None,
     progress: bool | None = None,
+    replica_cfg: ReplicaConfig | None = None,
+    router_policy: RouterPolicy | None = None,
 ) -> App:
+    """The in-process engine (default), or ``replica_cfg.replicas`` Ray replicas when
+    ``replica_cfg.uses_ray`` (this process then keeps only the tokenizer)."""
+    if replica_cfg is not None and replica_cfg.uses_ray:
+        return _build_ray_app(load_cfg, engine_cfg, replica_cfg, served_model_name, on_finish, router_policy)
     model = load_serving_model(load_cfg, progress=progress)
     core = build_core(model, engine_cfg, load_cfg.seed)
     replica = LocalReplica(AsyncEngine(core))
-    name = served_model_name or ("bitserve-demo" if model.path.resolve() == DEMO_MODEL_PATH.resolve() else model.path.name)
-    frontend = Frontend(model.tokenizer, replica, model_info(model, core, name), on_finish=on_finish)
+    frontend = Frontend(model.tokenizer, replica, model_info(model, core, served_name(model.path, served_model_name)),
+                        on_finish=on_finish)
     return App(frontend, replica, model)
+
+
+def _build_ray_app(load_cfg, engine_cfg, replica_cfg, served_model_name, on_finish, router_policy) -> App:
+    from bitserve.replica_ray import RayReplicaGroup
+    from bitserve.replica_set import ReplicaSet
+
+    path = resolve_model_path(load_cfg.model or str(DEMO_MODEL_PATH), load_cfg.revision)
+    tokenizer = Tokenizer(path)
+    # a local folder travels as an absolute path; a hub repo id as itself (each node resolves it)
+    local = bool(load_cfg.model) and Path(load_cfg.model).expanduser().is_dir()
+    replica_load = replace(load_cfg, model=str(path.resolve())) if local else load_cfg
+    group = RayReplicaGroup.start(replica_load, engine_cfg, replica_cfg)
+    try:
+        boots = group.wait_ready()
+    except BaseException:
+        for member in group.members:
+            member.shutdown()
+        group.close()
+        raise
+    first = boots[0]
+    limits = replace(first.limits, num_kv_blocks=min(b.limits.num_kv_blocks for b in boots))
+    info = replace(first.info, name=served_name(path, served_model_name),
+                   kv_capacity_tokens=sum(b.info.kv_capacity_tokens for b in boots))
+    replicas = ReplicaSet(group.members, limits, router_policy, on_shutdown=group.close)
+    return App(Frontend(tokenizer, replicas, info, on_finish=on_finish), replicas, None)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from bitserve.cli_args import add_dataclass_arguments, dataclass_from_args
-from bitserve.config import EngineConfig, ModelLoadConfig, ServerConfig
+from bitserve.config import EngineConfig, ModelLoadConfig, ReplicaConfig, ServerConfig
 from bitserve.sampling_params import SamplingParams
 
 
@@ -17,6 +17,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a model over gRPC (default: the bundled demo model)")
     add_dataclass_arguments(serve, ModelLoadConfig)
     add_dataclass_arguments(serve, EngineConfig)
+    add_dataclass_arguments(serve, ReplicaConfig)
     add_dataclass_arguments(serve, ServerConfig)
     serve.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     serve.set_defaults(func=_serve)
@@ -41,7 +42,33 @@ def _build_parser() -> argparse.ArgumentParser:
                                          "reports req/s, tok/s, TTFT/TPOT/ITL percentiles")
     add_dataclass_arguments(bench, BenchConfig)
     bench.set_defaults(func=_bench)
+
+    from bitserve.convert_options import add_convert_arguments  # light: no torch
+
+    convert = sub.add_parser("convert", help="convert a checkpoint to another bit format (dense llama -> bitnet, "
+                                             "onebit, fbi, dual_binary; bitnet -> dual_binary, dense, GGUF)")
+    add_convert_arguments(convert)
+    convert.set_defaults(func=_convert)
+
+    inspect = sub.add_parser("inspect", help="detected format, architecture, parameter counts, bits per weight, "
+                                             "weight bytes and KV bytes per token of a checkpoint")
+    inspect.add_argument("path", help="checkpoint folder or .gguf file")
+    inspect.add_argument("--load", action="store_true", help="also build the model on the CPU and report it")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.set_defaults(func=_inspect)
     return parser
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from bitserve.converters import run_convert
+
+    return run_convert(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from bitserve.inspect_model import run_inspect
+
+    return run_inspect(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,12 +82,15 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     load = dataclass_from_args(ModelLoadConfig, args)
     engine = dataclass_from_args(EngineConfig, args)
+    replica_cfg = dataclass_from_args(ReplicaConfig, args)
     server_cfg = dataclass_from_args(ServerConfig, args)
-    print(f"loading {load.model or 'the bundled demo model'} ...", file=sys.stderr, flush=True)
+    where = f" on {replica_cfg.replicas} Ray replica(s)" if replica_cfg.uses_ray else ""
+    print(f"loading {load.model or 'the bundled demo model'}{where} ...", file=sys.stderr, flush=True)
     metrics_box: list = []
     app = build_app(load, engine, server_cfg.served_model_name,
-                    on_finish=lambda final: metrics_box[0].observe_finished(final) if metrics_box else None)
-    metrics = Metrics(app.info, app.replica.stats)
+                    on_finish=lambda final: metrics_box[0].observe_finished(final) if metrics_box else None,
+                    replica_cfg=replica_cfg)
+    metrics = Metrics.for_replica(app.info, app.replica)
     metrics_box.append(metrics)
     info = app.info
     metrics_port = metrics.serve_http(server_cfg.host, server_cfg.metrics_port) if server_cfg.metrics_port >= 0 else None
@@ -69,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
         scheme = "grpcs" if server_cfg.tls_cert else "grpc"
         print(f"serving '{info.name}' ({info.format}, {info.bits_per_weight:.2f} bits/weight, "
               f"{info.weight_bytes / 1e6:.1f} MB weights, KV {info.kv_cache_dtype} "
-              f"{info.kv_capacity_tokens} tokens) on {scheme}://{server_cfg.host}:{port}", file=sys.stderr)
+              f"{info.kv_capacity_tokens} tokens{where}) on {scheme}://{server_cfg.host}:{port}", file=sys.stderr)
         if metrics_port is not None:
             print(f"metrics on http://{server_cfg.host}:{metrics_port}/metrics", file=sys.stderr)
         print(f"try: bitserve chat --address localhost:{port}    (Ctrl-C drains and stops)", file=sys.stderr,
@@ -83,6 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(run())
     finally:
         metrics.close()
+        app.shutdown()  # a no-op after a drain; stops the engines (and Ray replicas) if the server failed
     return 0
 
 

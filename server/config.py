@@ -68,6 +68,39 @@ class EngineConfig:
 
 
 @dataclass
+class ReplicaConfig:
+    """Where the engines run: in this process (default) or as Ray actors (docs/ray.md)."""
+
+    replicas: int = field(default=1, metadata={
+        "help": "engine replicas; more than 1 (or --ray-address) runs them as Ray actors behind this front end"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to join ('auto' or the head's host:port) or 'local' for a new loopback-only Ray "
+                "instance on this machine (default: $RAY_ADDRESS if set, else 'local')"})
+    gpus_per_replica: float | None = field(default=None, metadata={
+        "help": "GPUs each replica reserves (fractions share a GPU; default: 0 with --device cpu, 1 when "
+                "joining a cluster, else 1 if the local Ray instance has GPUs)"})
+    cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs each replica reserves"})
+
+    def __post_init__(self):
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ValueError("ray_address must not be empty")
+        if self.ray_address is not None and self.ray_address.startswith("ray://"):
+            raise ValueError("ray_address: Ray Client (ray://) cannot carry the replicas' streaming generators; "
+                             "run bitserve serve on a node of the cluster with --ray-address auto (or the "
+                             "head's host:port)")
+        if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
+            raise ValueError(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
+        if self.cpus_per_replica < 0:
+            raise ValueError(f"cpus_per_replica must be >= 0, got {self.cpus_per_replica}")
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.replicas > 1 or self.ray_address is not None
+
+
+@dataclass
 class ServerConfig:
     host: str = field(default="0.0.0.0", metadata={"help": "address to listen on"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +25,7 @@ from bitserve.convert_math import (
     svid_rank1,
     ternary_to_dual_binary,
 )
+from bitserve.convert_options import ConvertOptions
 from bitserve.convert_source import SourceCheckpoint, Ternary
 from bitserve.kernels.ondisk import pack_bits_lsb
 from bitserve.kernels.packing import hf_pack_ternary
@@ -33,28 +33,6 @@ from bitserve.plugins.base import LinearSpec
 from bitserve.plugins.checkpoint import CheckpointError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Knobs of the quantizers (every field is a ``bitserve convert`` flag)."""
-
-    group_size: int = field(default=128, metadata={"help": "dual_binary: input columns per scale group "
-                                                           "(a multiple of 8 dividing every in_features)"})
-    fdb_iters: int = field(default=8, metadata={"help": "dual_binary: least-squares / re-assignment rounds"})
-    alpha_dtype: str = field(default="float16", metadata={"help": "dual_binary: dtype of alpha1/alpha2 "
-                                                                  "(float32 is used when a bitnet source's scales "
-                                                                  "do not fit it exactly)"})
-    scale_dtype: str = field(default="bfloat16", metadata={"help": "bitnet: dtype of weight_scale"})
-    svid_iters: int = field(default=500, metadata={"help": "onebit: power-iteration limit of the rank-1 SVID"})
-    dense_dtype: str = field(default="bfloat16", metadata={"help": "dense: dtype of the dequantized weights"})
-
-    def __post_init__(self):
-        for name in ("alpha_dtype", "scale_dtype", "dense_dtype"):
-            if getattr(self, name) not in TORCH_DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(TORCH_DTYPES)}, got {getattr(self, name)!r}")
-        if self.group_size <= 0 or self.group_size % 8:
-            raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size}")
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bitserve.cli_args import add_dataclass_arguments, dataclass_from_args
+from bitserve.cli_args import dataclass_from_args
 from bitserve.convert_source import SourceCheckpoint
-from bitserve.convert_targets import TARGETS, ConvertOptions
+from bitserve.convert_options import GGUF_TARGETS, ConvertOptions, add_convert_arguments  # noqa: F401
+from bitserve.convert_targets import TARGETS
 from bitserve.convert_writer import ShardWriter, copy_side_files, parse_size, publish, staging_folder
 from bitserve.loader import read_json
 from bitserve.plugins.checkpoint import CheckpointError
@@ -117,22 +118,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool
 
 
 # -- CLI helpers (wired into server/cli.py by the lead) ------------------------------------------
-GGUF_TARGETS = {"gguf-tq2_0": "tq2_0", "gguf-tq1_0": "tq1_0", "gguf-i2_s": "i2_s"}
-
-
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``bitserve convert SRC DST --to FORMAT [options]``."""
-    parser.add_argument("src", help="source checkpoint folder (dense Hugging Face llama, or bitnet)")
-    parser.add_argument("dst", help="destination folder (created; must be empty unless --overwrite), "
-                                    "or the .gguf file for the gguf-* targets")
-    parser.add_argument("--to", required=True, choices=sorted(TARGETS) + sorted(GGUF_TARGETS),
-                        help="target format (gguf-*: a bitnet source, written losslessly as that GGUF type)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
-    parser.add_argument("--max-shard-size", default="4GB", help="largest safetensors shard (default: 4GB)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    add_dataclass_arguments(parser, ConvertOptions)
-
-
 def _run_gguf(args: argparse.Namespace) -> int:
     from bitserve.convert_gguf import write_gguf
 

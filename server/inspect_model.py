@@ -174,12 +174,6 @@ def render_inspection(info: dict) -> str:
 
 
 # -- CLI helpers (wired into server/cli.py by the lead) ------------------------------------------
-def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="checkpoint folder")
-    parser.add_argument("--load", action="store_true", help="also build the model on the CPU and report it")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-
-
 def run_inspect(args: argparse.Namespace) -> int:
     try:
         info = inspect_checkpoint(args.path, load=args.load)

@@ -24,7 +24,18 @@ bitserve_engine_steps_total                 counter  engine steps
 
 With ``replica_label_fn`` (a callable returning ``{replica_name: EngineStats}``) the series
 above are emitted once per replica with an extra ``replica`` label, instead of once from
-``stats_fn``.
+``stats_fn``. With ``replica_health_fn`` (``{replica_name: ReplicaHealth}``, Ray replicas;
+:meth:`Metrics.for_replica` wires both for a ``ReplicaSet``) these are added, label ``replica``:
+
+==========================================  =======  ==========================================
+bitserve_replica_ready                      gauge    1 when the router may send to the replica
+bitserve_replica_restarts_total             counter  times the replica's process was replaced
+bitserve_replica_outstanding_requests       gauge    requests routed to it and not finished
+bitserve_replica_outstanding_tokens         gauge    their prompt + remaining max_tokens
+bitserve_replica_requests_total             counter  requests routed to it
+bitserve_replica_failovers_total            counter  requests moved elsewhere: it failed before
+                                                     their first token
+==========================================  =======  ==========================================
 
 Model (static): ``bitserve_model_info`` gauge = 1 with labels model_name, architecture,
 format, kv_cache_dtype, max_context, vocab_size, num_layers, hidden_size; gauges
@@ -78,6 +89,8 @@ from bitserve.engine.core import EngineStats
 from bitserve.engine.output_processor import CompletionDelta
 from bitserve.engine.request import FinishReason
 from bitserve.frontend import ModelInfo
+from bitserve.replica import Replica
+from bitserve.replica_set import ReplicaHealth, ReplicaSet
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +165,13 @@ class Metrics:
         *,
         registry: CollectorRegistry | None = None,
         replica_label_fn: Callable[[], Mapping[str, EngineStats]] | None = None,
+        replica_health_fn: Callable[[], Mapping[str, ReplicaHealth]] | None = None,
     ):
         self.info = info
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._stats_fn = stats_fn
         self._replica_fn = replica_label_fn
+        self._health_fn = replica_health_fn
         self._fine_itl = False
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -200,6 +215,14 @@ class Metrics:
                                       "Histogram of response latency (seconds) of gRPC handled by the server.",
                                       rpc_labels, buckets=GRPC_HANDLING_BUCKETS, registry=reg)
         reg.register(_ScrapeCollector(self))
+
+    @classmethod
+    def for_replica(cls, info: ModelInfo, replica: Replica, *, registry: CollectorRegistry | None = None) -> Metrics:
+        """Metrics of a server over ``replica``; per-replica series when it is a ReplicaSet."""
+        if isinstance(replica, ReplicaSet):
+            return cls(info, replica.stats, registry=registry, replica_label_fn=replica.replica_stats,
+                       replica_health_fn=replica.replica_health)
+        return cls(info, replica.stats, registry=registry)
 
     # -- observations -------------------------------------------------------------------
     def observe_finished(self, final: CompletionDelta) -> None:
@@ -298,6 +321,7 @@ class _ScrapeCollector:
     def collect(self):
         info, name = self.m.info, self.m.info.name
         yield from self._engine(name, info)
+        yield from self._replicas(name)
         g = GaugeMetricFamily("bitserve_model_info", "Static information about the served model.",
                               labels=["model_name", "architecture", "format", "kv_cache_dtype", "max_context",
                                       "vocab_size", "num_layers", "hidden_size"])
@@ -318,6 +342,35 @@ class _ScrapeCollector:
                                   "Histogram of inter-token latency in seconds.", labels=["model_name"])
         h.add_metric([name], buckets, total)
         yield h
+
+    def _replicas(self, name: str):
+        if self.m._health_fn is None:
+            return
+        try:
+            health = dict(self.m._health_fn())
+        except Exception:  # a scrape must not fail because a replica is gone
+            logger.exception("reading replica health for metrics failed")
+            return
+        specs = (
+            (GaugeMetricFamily, "bitserve_replica_ready", "1 when the replica is ready to take requests.",
+             lambda h: 1 if h.ready else 0),
+            (CounterMetricFamily, "bitserve_replica_restarts", "Times the replica's process was replaced.",
+             lambda h: h.restarts),
+            (GaugeMetricFamily, "bitserve_replica_outstanding_requests", "Requests routed to the replica, unfinished.",
+             lambda h: h.outstanding_requests),
+            (GaugeMetricFamily, "bitserve_replica_outstanding_tokens",
+             "Prompt tokens + remaining max_tokens of the replica's unfinished requests.",
+             lambda h: h.outstanding_tokens),
+            (CounterMetricFamily, "bitserve_replica_requests", "Requests routed to the replica.", lambda h: h.routed),
+            (CounterMetricFamily, "bitserve_replica_failovers",
+             "Requests moved to another replica because this one failed before their first token.",
+             lambda h: h.failovers),
+        )
+        for cls, metric, doc, get in specs:
+            fam = cls(metric, doc, labels=["model_name", "replica"])
+            for replica, h in health.items():
+                fam.add_metric([name, replica], get(h))
+            yield fam
 
     def _engine(self, name: str, info: ModelInfo):
         try:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from bitserve.plugins.checkpoint import CheckpointError
 
-SUPPORTED_MODEL_TYPES = ("llama", "bitnet", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "bitnet", "mistral", "bitllama")  # bitllama: OneBit (FORMATS.md §3)
 SUPPORTED_ACTIVATIONS = ("silu", "relu2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -28,6 +28,10 @@ class ModelConfig:
     hidden_act: str = "silu"  # "relu2" for BitNet b1.58
     attn_sub_norm: bool = False  # BitNet: RMSNorm on the attention output before o_proj
     ffn_sub_norm: bool = False  # BitNet: RMSNorm on the gated product before down_proj
+    # OneBit: a LayerNorm without affine parameters over the outputs of every projection
+    # (q, k, v, o, gate, up, down each normalised on its own; lm_head is not), eps 1e-5
+    proj_out_layernorm: bool = False
+    proj_out_layernorm_eps: float = 1e-5
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -64,6 +68,7 @@ class ModelConfig:
         except KeyError as e:
             raise CheckpointError(f"config.json: required field {e.args[0]!r} is missing") from None
         is_bitnet = model_type == "bitnet"
+        is_onebit = model_type == "bitllama"
         act = config.get("hidden_act", "relu2" if is_bitnet else "silu")
         if act not in SUPPORTED_ACTIVATIONS:
             raise CheckpointError(f"config.json: hidden_act '{act}' is not supported (supported: {SUPPORTED_ACTIVATIONS})")
@@ -91,6 +96,7 @@ class ModelConfig:
             hidden_act=act,
             attn_sub_norm=is_bitnet,
             ffn_sub_norm=is_bitnet,
+            proj_out_layernorm=is_onebit,
             model_type=model_type,
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,

@@ -1,7 +1,8 @@
 """Where engine work runs. A replica streams token deltas for engine requests.
 
 ``LocalReplica`` wraps an in-process :class:`AsyncEngine` (the embedded
-default). Ray replicas (scale-out) implement the same protocol.
+default). Ray replicas (scale-out, :mod:`bitserve.replica_set` over
+:mod:`bitserve.replica_ray`) implement the same protocol.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class Replica(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    @property
+    def num_ready(self) -> int:
+        """Engines ready to take requests."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
@@ -49,6 +55,10 @@ class LocalReplica:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    @property
+    def num_ready(self) -> int:
+        return 1 if self.engine.is_running else 0
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -383,3 +383,29 @@ def test_cli_gguf_target(tmp_path, capsys):
     assert run_convert(args) == 0 and out.stat().st_size > 0
     assert load_model(out, dtype="float32", device="cpu", progress=False).plugin.name == "gguf"
     assert run_convert(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_target_names_match_implementations():
+    from bitserve.convert_options import TARGET_NAMES
+    from bitserve.convert_targets import TARGETS
+
+    assert set(TARGET_NAMES) == set(TARGETS)
+
+
+def test_cli_convert_and_inspect(tmp_path, capsys):
+    from bitserve.cli import main
+    from bitserve.demo import DEMO_MODEL_PATH
+
+    assert main(["convert", str(DEMO_MODEL_PATH), str(tmp_path / "db"), "--to", "dual_binary", "--group-size", "64",
+                 "--no-progress"]) == 0
+    assert main(["inspect", str(tmp_path / "db")]) == 0
+    out = capsys.readouterr().out
+    assert "dual_binary" in out and "KV per token" in out
+    assert main(["convert", str(DEMO_MODEL_PATH), str(tmp_path / "demo.gguf"), "--to", "gguf-i2_s",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "demo.gguf"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "gguf" in json.dumps(info["format"])
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -23,9 +23,6 @@ import helm_tools as ht
 from helm_tools import CHART, CI_VALUES, KUBE_VERSIONS, NAMESPACE, ROOT
 
 CHAT_SERVICE = "bitserve.v1.ChatService"
-# Flags of `bitserve serve --replicas N [--ray-address A] [--gpus-per-replica G] [--cpus-per-replica C]`,
-# which the chart renders before the CLI has them (they come with the Ray replica work).
-PENDING_RAY_FIELDS = {"replicas", "ray_address", "gpus_per_replica", "cpus_per_replica"}
 # Config fields the chart does not take as values: host (must listen on all addresses for the
 # probes), model/revision (derived from `model`), TLS (Kubernetes gRPC probes cannot speak TLS),
 # api_token (a Secret: apiTokenSecret).
@@ -234,14 +231,11 @@ def test_serve_args_parse_with_the_real_cli(ci):
     rendered, values = rendered_ci(ci), merged_ci(ci)
     args = server_container(rendered)["args"]
     namespace, unknown = _build_parser().parse_known_args(["serve", *args])
-    pending = {"--" + f.replace("_", "-") for f in PENDING_RAY_FIELDS}
-    assert {w for w in unknown if w.startswith("--")} <= pending, unknown
-    for cls in (config_module.ModelLoadConfig, config_module.EngineConfig, config_module.ServerConfig):
+    assert not unknown, f"the chart renders flags that `bitserve serve` does not have: {unknown}"
+    for cls in (config_module.ModelLoadConfig, config_module.EngineConfig, config_module.ReplicaConfig,
+                config_module.ServerConfig):
         dataclass_from_args(cls, namespace)  # the dataclasses' own checks
     for key, value in values["config"].items():
-        flag = "--" + key.replace("_", "-")
-        if flag in unknown:
-            continue
         assert getattr(namespace, key) == value, key
     if values["mode"] == "raycluster":
         flags = serve_flags(rendered)
@@ -268,11 +262,12 @@ def test_config_values_render_as_flags():
 def test_schema_matches_the_config_dataclasses():
     from bitserve import config as config_module
 
-    classes = (config_module.ModelLoadConfig, config_module.EngineConfig, config_module.ServerConfig)
+    classes = (config_module.ModelLoadConfig, config_module.EngineConfig, config_module.ReplicaConfig,
+               config_module.ServerConfig)
     schema = json.loads((CHART / "values.schema.json").read_text())
     props = schema["properties"]["config"]["properties"]
     fields = {f.name: (cls, f) for cls in classes for f in dataclasses.fields(cls)}
-    assert set(props) == (set(fields) - CHART_MANAGED_FIELDS) | PENDING_RAY_FIELDS, (
+    assert set(props) == set(fields) - CHART_MANAGED_FIELDS, (
         "every serve flag is a chart value (or listed in CHART_MANAGED_FIELDS)")
     json_type = {int: "integer", float: "number", bool: "boolean", str: "string"}
     for name, (cls, f) in fields.items():

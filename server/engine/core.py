@@ -14,6 +14,7 @@ import torch
 
 from bitserve.config import EngineConfig
 from bitserve.engine.block_manager import BlockManager
+from bitserve.engine.limits import EngineLimits
 from bitserve.engine.kv_cache import KVCacheSpec, PagedKVCache, canonical_kv_dtype, default_block_size
 from bitserve.engine.model_runner import ModelRunner
 from bitserve.engine.request import FinishReason, Request, RequestStatus, Timings
@@ -139,23 +140,7 @@ class EngineCore:
     # -- requests ---------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:
         """Raise ValueError (naming the problem) for a request this engine can never serve."""
-        n = len(req.prompt_token_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        if n + 1 > self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens; the context is {self.max_model_len} tokens, "
-                             f"leaving no room to generate")
-        if n + req.params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({req.params.max_tokens}) exceeds the context "
-                             f"of {self.max_model_len} tokens")
-        needed = self.blocks.blocks_needed(n + req.params.max_tokens)
-        if needed > self.blocks.num_blocks:
-            raise ValueError(f"prompt + max_tokens need {needed} KV blocks but the cache holds "
-                             f"{self.blocks.num_blocks}")
-        req.params.validate_for_vocab(self.vocab_size)
+        EngineLimits.of(self).validate(req)
 
     def add_request(self, req: EngineRequest) -> None:
         self.validate(req)

@@ -23,6 +23,20 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+class OutputLayerNorm(nn.Module):
+    """LayerNorm over the last axis without affine parameters (OneBit's norm after each projection).
+
+    ``(x - mean) / sqrt(var + eps)`` with the biased variance, in float32; no weights to load.
+    """
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
 def relu2(x: torch.Tensor) -> torch.Tensor:
     return torch.relu(x).square()
 

@@ -1,7 +1,9 @@
 """LLaMA-family decoder over flat (varlen) token batches.
 
 Linear layers are built by a callback (``build_linear(specs)``) so that format
-plugins decide their storage and kernels; q/k/v and gate/up are fused. Norms
+plugins decide their storage and kernels; q/k/v and gate/up are fused. With
+``proj_out_layernorm`` (OneBit) every projection's own output goes through a
+non-affine LayerNorm, so fused outputs are normalised per part. Norms
 and embeddings are created on the meta device and filled by the loader, so
 building a model never allocates a throw-away copy of the weights.
 """
@@ -14,11 +16,16 @@ import torch
 from torch import nn
 
 from bitserve.model.attention import AttentionBackend
-from bitserve.model.layers import ACTIVATIONS, RMSNorm, RotaryEmbedding
+from bitserve.model.layers import ACTIVATIONS, OutputLayerNorm, RMSNorm, RotaryEmbedding
 from bitserve.model_config import ModelConfig
 from bitserve.plugins.base import LinearSpec
 
 BuildLinear = Callable[[Sequence[LinearSpec]], nn.Module]
+
+
+def output_norm(cfg: ModelConfig) -> OutputLayerNorm | None:
+    """The norm applied to each projection's output, or None (every format but OneBit)."""
+    return OutputLayerNorm(cfg.proj_out_layernorm_eps) if cfg.proj_out_layernorm else None
 
 
 class Attention(nn.Module):
@@ -33,6 +40,7 @@ class Attention(nn.Module):
         ])
         self.attn_sub_norm = RMSNorm(cfg.q_size, cfg.rms_norm_eps) if cfg.attn_sub_norm else None
         self.o_proj = build_linear([LinearSpec(f"{prefix}.o_proj", h, cfg.q_size)])
+        self.out_norm = output_norm(cfg)
         self.rope = rope
         self.head_dim = d
 
@@ -40,13 +48,16 @@ class Attention(nn.Module):
         cfg = self.cfg
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        if self.out_norm is not None:
+            q, k, v = self.out_norm(q), self.out_norm(k), self.out_norm(v)
         t = x.shape[0]
         q = self.rope.apply(q.reshape(t, cfg.num_heads, self.head_dim), cos, sin)
         k = self.rope.apply(k.reshape(t, cfg.num_kv_heads, self.head_dim), cos, sin)
         out = attn(layer, q, k, v.reshape(t, cfg.num_kv_heads, self.head_dim))
         if self.attn_sub_norm is not None:
             out = self.attn_sub_norm(out)
-        return self.o_proj(out)
+        out = self.o_proj(out)
+        return out if self.out_norm is None else self.out_norm(out)
 
 
 class MLP(nn.Module):
@@ -59,15 +70,19 @@ class MLP(nn.Module):
         ])
         self.ffn_sub_norm = RMSNorm(i, cfg.rms_norm_eps) if cfg.ffn_sub_norm else None
         self.down_proj = build_linear([LinearSpec(f"{prefix}.down_proj", h, i)])
+        self.out_norm = output_norm(cfg)
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.intermediate = i
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        if self.out_norm is not None:
+            gate, up = self.out_norm(gate), self.out_norm(up)
         y = self.act(gate) * up
         if self.ffn_sub_norm is not None:
             y = self.ffn_sub_norm(y)
-        return self.down_proj(y)
+        y = self.down_proj(y)
+        return y if self.out_norm is None else self.out_norm(y)
 
 
 class DecoderLayer(nn.Module):

@@ -89,7 +89,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return convert.model_info(self.frontend.info)
 
     async def GetLoad(self, request, context) -> pb.Load:
-        s = self.frontend.replica.stats()
+        replica = self.frontend.replica
+        s = replica.stats()  # summed over the ready replicas
         return pb.Load(running=s.num_running, waiting=s.num_waiting, kv_cache_usage=s.kv_cache_usage,
                        kv_blocks_total=s.num_kv_blocks, kv_blocks_free=s.num_free_kv_blocks,
-                       kv_capacity_tokens=s.kv_capacity_tokens, replicas=1)
+                       kv_capacity_tokens=s.kv_capacity_tokens, replicas=replica.num_ready)
