@@ -4,12 +4,8 @@ Weights are in the ternary kernel layout of :mod:`bitserve.kernels.packing` (``u
 byte ``P[n, j]`` holds ``T[n, j + s*K/4]`` in bits ``2s..2s+1`` as the code ``t + 1``).
 Two kernels, chosen by M (:func:`ternary_linear`):
 
-- **GEMV** (decode, small M): CUDA-core dot products, one program per (BLOCK_N rows, K slice,
-  token) covering its slice in one pass: the weight tile and the activation slabs are loaded
-  up front so their latencies overlap (decode GEMVs of 2B4T's size are latency bound: the first,
-  looping design, kept as ``path="gemv_loop"``, measured 11-19 us per linear on an H100 whatever
-  the matrix size). K is split until the grid has ``GEMV_PROGRAMS_PER_SM`` programs per SM.
-  W2A8 quantizes the activation row inside the kernel (one launch per linear when
+- **GEMV** (decode, M = 1): CUDA-core dot products, one program per (BLOCK_N rows, K slice,
+  token); W2A8 quantizes the activation row inside the kernel (one launch per linear when
   ``SPLIT_K == 1``). Codes are used as ``t + 1``; the ``-1`` is folded out with the sum of the
   activations, so unpacking a code costs a shift and a mask.
 - **GEMM** (prefill): ``tl.dot`` tiles. W2A8 runs int8 x int8 -> int32 on the tensor cores from
@@ -54,13 +50,11 @@ GEMM_CONFIGS = [
 # interpreter configs (small, fast to interpret)
 GEMV_DEFAULT = {"BLOCK_N": 32, "BLOCK_J": 64, "num_warps": 4, "num_stages": 1}
 GEMM_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
-GEMV_MAX_M = 2  # ternary_linear: GEMV up to this many tokens, GEMM above (retune with bench.py)
-# GPU configs used unless BITSERVE_TRITON_AUTOTUNE=1 (see gemm_gpu_config; from bench.py on an H100)
-GEMV_GPU = {"BLOCK_N": 16, "BLOCK_J": 256, "num_warps": 4}  # one-pass GEMV: rows, most bytes per program
-GEMV_LOOP_GPU = {"BLOCK_N": 16, "BLOCK_J": 256, "num_warps": 4, "num_stages": 1}
-GEMV_PROGRAMS_PER_SM = 4
-GEMV_MIN_J = 64
-GEMV_MAX_X = 4096  # activation columns per step of the W2A8 absmax pass
+# GEMV for M <= GEMV_MAX_M, GEMM above: on an H100 the GEMM already won at M = 2 on 3 of the 5 2B4T
+# shapes (docs/kernels.md)
+GEMV_MAX_M = 1
+# GPU configs used unless BITSERVE_TRITON_AUTOTUNE=1 (H100 measurements in docs/kernels.md)
+GEMV_GPU = {"BLOCK_N": 16, "BLOCK_J": 256, "num_warps": 4, "num_stages": 1}
 
 
 def gemm_gpu_config(m: int) -> dict:
@@ -83,13 +77,13 @@ def _prune_gemm(configs, named_args, **kwargs):
 # -- GEMV ------------------------------------------------------------------------------------------
 @triton.autotune(configs=GEMV_CONFIGS, key=["N", "Q", "M_BUCKET", "SPLIT_K", "ACT_INT8", "BLOCK_N"])
 @triton.jit
-def _ternary_gemv_loop_kernel(
+def _ternary_gemv_kernel(
     x_ptr, p_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, sx_ptr,
     M, N, Q, stride_xm, stride_pn, stride_om, M_BUCKET,
     ACT_INT8: tl.constexpr, WS_PER_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, DIRECT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """Ternary GEMV looping over its K slice (the first design, kept as ``path="gemv_loop"`` for A/B).
+    """Ternary GEMV, ``y[m] = T @ x[m]`` on CUDA cores.
 
     x: ``[M, 4Q]`` fp16/bf16/fp32, unit column stride; p: ``uint8[N, Q]`` ternary kernel layout;
     ws: float32 ``[N]`` (WS_PER_N) or ``[1]``; bias: ``[N]`` any float; out: ``[M, N]``.
@@ -158,102 +152,6 @@ def _ternary_gemv_loop_kernel(
         if ACT_INT8:
             offs_j = tl.arange(0, BLOCK_J)
             tl.store(sx_ptr + m + offs_j, s_x, mask=(offs_j < 1) & (pid_n == 0) & (pid_k == 0))
-
-
-# -- GEMV, one pass --------------------------------------------------------------------------------
-@triton.jit
-def _slab_codes(p, S: tl.constexpr):
-    """Codes ``t + 1`` of slab S of the packed bytes (int32)."""
-    if S == 3:
-        return p >> 6
-    else:
-        return (p >> (2 * S)) & 3
-
-
-@triton.jit
-def _slab_x(xs, s_x, ACT_INT8: tl.constexpr):
-    """One slab of activations as dot operands: int8 codes (int32) under W2A8, else float32."""
-    if ACT_INT8:
-        return tl.minimum(tl.maximum(rne(xs * s_x), -128.0), 127.0).to(tl.int32)
-    else:
-        return xs
-
-
-@triton.jit
-def _slab_dot(p, xv, S: tl.constexpr, ACT_INT8: tl.constexpr):
-    c = _slab_codes(p, S)
-    if ACT_INT8:
-        return c * xv[None, :]
-    else:
-        # exact int -> float without a conversion instruction: bits of 2**23 + c, minus 2**23
-        cf = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        return cf * xv[None, :]
-
-
-@triton.jit
-def _ternary_gemv_kernel(
-    x_ptr, p_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, sx_ptr,
-    M, N, Q, J_PER, stride_xm, stride_pn, stride_om,
-    ACT_INT8: tl.constexpr, WS_PER_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, DIRECT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_J: tl.constexpr,
-):
-    """Ternary GEMV ``y[m] = T @ x[m]`` on CUDA cores, one pass per program (decode is latency bound).
-
-    Program ``(n, k, m)`` covers ``BLOCK_N`` rows and the K slice ``[k*J_PER, (k+1)*J_PER)`` of
-    packed bytes (``J_PER <= BLOCK_J``: no loop). The weight tile and the four activation slabs are
-    loaded first, so their latencies overlap each other and the W2A8 absmax pass over the row
-    (``BLOCK_X`` columns per step). Layouts, epilogue and split-K partials as
-    :func:`_ternary_gemv_loop_kernel`. Grid: ``(cdiv(N, BLOCK_N), SPLIT_K, M)``.
-    """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_jj = tl.arange(0, BLOCK_J)
-    offs_j = pid_k * J_PER + offs_jj
-    j_mask = (offs_jj < J_PER) & (offs_j < Q)
-    p = tl.load(p_ptr + offs_n.to(tl.int64)[:, None] * stride_pn + offs_j[None, :],
-                mask=n_mask[:, None] & j_mask[None, :], other=0).to(tl.int32)
-    x_row = x_ptr + m * stride_xm
-    x0 = tl.load(x_row + offs_j, mask=j_mask, other=0.0).to(tl.float32)
-    x1 = tl.load(x_row + Q + offs_j, mask=j_mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + 2 * Q + offs_j, mask=j_mask, other=0.0).to(tl.float32)
-    x3 = tl.load(x_row + 3 * Q + offs_j, mask=j_mask, other=0.0).to(tl.float32)
-    s_x = 1.0
-    amax_row = 1.0
-    if ACT_INT8:
-        offs_x = tl.arange(0, BLOCK_X)
-        amax = tl.zeros([BLOCK_X], dtype=tl.float32)
-        for k0 in range(0, 4 * Q, BLOCK_X):
-            v = tl.load(x_row + k0 + offs_x, mask=k0 + offs_x < 4 * Q, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        amax_row = tl.maximum(tl.max(amax, axis=0), 1e-5)
-        s_x = inv_times_127(amax_row, BLOCK_J)
-    q0 = _slab_x(x0, s_x, ACT_INT8)
-    q1 = _slab_x(x1, s_x, ACT_INT8)
-    q2 = _slab_x(x2, s_x, ACT_INT8)
-    q3 = _slab_x(x3, s_x, ACT_INT8)
-    prod = (_slab_dot(p, q0, 0, ACT_INT8) + _slab_dot(p, q1, 1, ACT_INT8)
-            + _slab_dot(p, q2, 2, ACT_INT8) + _slab_dot(p, q3, 3, ACT_INT8))
-    total = tl.sum(prod, axis=1) - tl.sum(q0 + q1 + q2 + q3, axis=0)
-
-    if DIRECT:
-        y = total.to(tl.float32)
-        if ACT_INT8:
-            s_n = inv_times_127(amax_row, BLOCK_N)
-            y = tl.math.div_rn(y, s_n)
-        if WS_PER_N:
-            y = y * tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
-        else:
-            y = y * tl.load(ws_ptr)
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.store(part_ptr + (pid_k * M + m) * N + offs_n, total, mask=n_mask)
-        if ACT_INT8:
-            tl.store(sx_ptr + m + offs_jj, s_x, mask=(offs_jj < 1) & (pid_n == 0) & (pid_k == 0))
 
 
 # -- GEMM ------------------------------------------------------------------------------------------
@@ -387,60 +285,12 @@ def _check(x: torch.Tensor, packed: torch.Tensor, ws: torch.Tensor, bias: torch.
     return m, n, q
 
 
-def gemv_plan(n: int, q: int, m: int, block_n: int, max_j: int, device: torch.device,
-              split_k: int | None = None) -> tuple[int, int, int]:
-    """``(split_k, j_per, block_j)`` of the one-pass GEMV: every program covers at most ``max_j``
-    packed bytes of K; K is split further while the grid has fewer than ``GEMV_PROGRAMS_PER_SM``
-    programs per SM (keeping >= ``GEMV_MIN_J`` bytes each), since decode GEMVs are latency bound."""
-    if split_k is None:
-        tiles = triton.cdiv(n, block_n) * m
-        split_k = triton.cdiv(q, max_j)
-        target = GEMV_PROGRAMS_PER_SM * tl_common.sm_count(device)
-        if tiles * split_k < target:
-            split_k = max(split_k, min(triton.cdiv(target, tiles), q // GEMV_MIN_J))
-    split_k = max(1, min(split_k, q))
-    j_per = triton.cdiv(q, split_k)
-    return split_k, j_per, max(16, triton.next_power_of_2(j_per))
-
-
 def ternary_gemv(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, split_k=None, config=None):
-    """One-pass GEMV path of :func:`ternary_linear` (x ``[M, K]`` contiguous rows, ``out`` ``[M, N]``).
-
-    config: ``BLOCK_N`` (rows per program), ``BLOCK_J`` (most packed bytes per program), ``num_warps``.
-    """
-    m, n, q = _check(x, packed, weight_scale, bias)
-    if m == 0:
-        return out
-    x = x if x.stride(1) == 1 else x.contiguous()
-    if config is None:
-        config = GEMV_DEFAULT if interpreting() else GEMV_GPU
-    block_n, max_j = config["BLOCK_N"], config["BLOCK_J"]
-    split_k, j_per, block_j = gemv_plan(n, q, m, block_n, max_j, x.device, split_k)
-    part = sx = None
-    if split_k > 1:
-        part = tl_common.workspace((split_k, m, n), torch.int32 if act_int8 else torch.float32, x.device)
-        sx = tl_common.workspace((m,), torch.float32, x.device)
-    dummy = packed
-    grid = (triton.cdiv(n, block_n), split_k, m)
-    _ternary_gemv_kernel[grid](
-        x, packed, weight_scale, bias if bias is not None else dummy, out,
-        part if part is not None else dummy, sx if sx is not None else dummy,
-        m, n, q, j_per, x.stride(0), packed.stride(0), out.stride(0),
-        ACT_INT8=act_int8, WS_PER_N=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
-        SPLIT_K=split_k, DIRECT=split_k == 1, BLOCK_N=block_n, BLOCK_J=block_j,
-        BLOCK_X=min(GEMV_MAX_X, triton.next_power_of_2(4 * q)), num_warps=config.get("num_warps", 4),
-        num_stages=1)
-    if split_k > 1:
-        splitk_epilogue(part, out, sx if act_int8 else None, weight_scale, bias)
-    return out
-
-
-def ternary_gemv_loop(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, split_k=None, config=None):
-    """The looping GEMV (``path="gemv_loop"``), kept for A/B measurements in bench.py."""
+    """GEMV path of :func:`ternary_linear` (x ``[M, K]`` contiguous rows, ``out`` ``[M, N]``)."""
     m, n, q = _check(x, packed, weight_scale, bias)
     x = x if x.stride(1) == 1 else x.contiguous()
     if config is None and (interpreting() or not tl_common.autotune_enabled()):
-        config = GEMV_DEFAULT if interpreting() else GEMV_LOOP_GPU
+        config = GEMV_DEFAULT if interpreting() else GEMV_GPU
     meta_cfg = None if config is None else {k: v for k, v in config.items() if k != "BLOCK_N"}
     block_n = (config or {}).get("BLOCK_N", GEMV_BLOCK_N)
     tiles = triton.cdiv(n, block_n) * m
@@ -461,7 +311,7 @@ def ternary_gemv_loop(x, packed, weight_scale, bias=None, out=None, *, act_int8=
     meta = dict(ACT_INT8=act_int8, WS_PER_N=weight_scale.numel() != 1, HAS_BIAS=bias is not None,
                 SPLIT_K=split_k, DIRECT=split_k == 1, BLOCK_N=block_n,
                 BLOCK_X=min(1024, triton.next_power_of_2(4 * q)))
-    tl_common.launch(_ternary_gemv_loop_kernel, grid, meta_cfg, args, meta)
+    tl_common.launch(_ternary_gemv_kernel, grid, meta_cfg, args, meta)
     if split_k > 1:
         splitk_epilogue(part, out, sx if act_int8 else None, weight_scale, bias)
     return out
@@ -510,7 +360,7 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
 
     act_int8: W2A8 (per-token int8 activations, :func:`bitserve.kernels.reference.ternary_linear_w2a8`)
     or W2A16 (:func:`bitserve.kernels.reference.ternary_linear_w2a16`). path: ``"gemv"``,
-    ``"gemm"``, ``"gemv_loop"`` or None (GEMV for ``M <= GEMV_MAX_M``). out: an ``[M, N]`` buffer to fill (else new,
+    ``"gemm"`` or None (GEMV for ``M <= GEMV_MAX_M``). out: an ``[M, N]`` buffer to fill (else new,
     of ``out_dtype`` or x's dtype). split_k/config: explicit launch parameters (tests, tuning);
     None = the fixed configs below (``BITSERVE_TRITON_AUTOTUNE=1``: Triton's autotuner for GEMM).
     """
@@ -520,5 +370,5 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
     weight_scale = weight_scale.reshape(-1).float()
     if path is None:
         path = "gemv" if m <= GEMV_MAX_M else "gemm"
-    fn = {"gemv": ternary_gemv, "gemm": ternary_gemm, "gemv_loop": ternary_gemv_loop}[path]
+    fn = {"gemv": ternary_gemv, "gemm": ternary_gemm}[path]
     return fn(x, packed, weight_scale, bias, out, act_int8=act_int8, split_k=split_k, config=config)

@@ -55,9 +55,9 @@ for s in $STEPS; do
   case $s in
     wtests) step wtests 80 "$PY" -m pytest -q -m gpu $XDIST tests/test_triton_kernels.py -p no:cacheprovider --timeout=60 ;;
     kvtests) step kvtests 50 "$PY" -m pytest -q $XDIST tests/test_kv_kernels.py -p no:cacheprovider --timeout=40 ;;
-    wbench) step wbench 200 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 160 --quick --sweep ;;
-    kvbench) step kvbench 70 "$PY" benchmarks/kv_gpu_check.py --out "$LOGS/kv" --quick ;;
-    demo) step demo 60 "$PY" benchmarks/demo_accuracy.py --n 200 --batch 200 --show-errors 3 ;;
+    wbench) step wbench 130 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 100 --quick --sweep ;;
+    kvbench) step kvbench 60 "$PY" benchmarks/kv_gpu_check.py --out "$LOGS/kv" --quick ;;
+    demo) step demo 50 "$PY" benchmarks/demo_accuracy.py --n 200 --batch 200 --show-errors 3 ;;
   esac
 done
 cp "$LOGS/kv/kv_check.json" "$OUT/" 2>/dev/null
