@@ -5,6 +5,12 @@ Supports a single ``model.safetensors``, sharded checkpoints with
 folder. Every file is validated when the reader opens (header parses, tensor
 byte ranges fit the file), so a truncated or corrupt file fails before any
 weight is loaded. Errors name the file and tensor.
+
+A folder without safetensors may hold PyTorch ``pytorch_model.bin`` files (or
+the shards of ``pytorch_model.bin.index.json``), as ``save_pretrained`` writes
+them with ``safe_serialization=False`` (OneBit, FBI-LLM). They are opened with
+``torch.load(weights_only=True, mmap=True)`` (:mod:`bitserve.plugins.checkpoint_bin`);
+dtypes are reported with the same safetensors strings (``'F32'``, ``'I8'``, ...).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from typing import Iterable
 
 import torch
 from safetensors import safe_open
+
+from bitserve.plugins.checkpoint_bin import find_bin_files, load_bin_state, st_dtype_name
 
 
 class CheckpointError(ValueError):
@@ -73,15 +81,22 @@ class CheckpointReader:
         self._files = self._weight_files()
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._bin_states: dict[Path, dict[str, torch.Tensor]] = {}  # memory-mapped .bin state dicts
         for file in self._files:
-            for name, info in _read_safetensors_header(file).items():
-                if name == "__metadata__":
-                    continue
+            for name, meta in self._file_entries(file):
                 if name in self._where:
                     raise CheckpointError(f"{file}: tensor '{name}' also appears in {self._where[name]}")
                 self._where[name] = file
-                self._meta[name] = (info["dtype"], tuple(info["shape"]))
+                self._meta[name] = meta
         self._handles: dict[Path, object] = {}
+
+    def _file_entries(self, file: Path):
+        """``(name, (dtype string, shape))`` of every tensor in one weight file."""
+        if file.suffix == ".bin":
+            state = self._bin_states[file] = load_bin_state(file, CheckpointError)
+            return [(name, (st_dtype_name(t.dtype), tuple(t.shape))) for name, t in state.items()]
+        return [(name, (info["dtype"], tuple(info["shape"])))
+                for name, info in _read_safetensors_header(file).items() if name != "__metadata__"]
 
     def _weight_files(self) -> list[Path]:
         index = self.folder / "model.safetensors.index.json"
@@ -95,9 +110,9 @@ class CheckpointReader:
             if missing:
                 raise CheckpointError(f"{index}: shard(s) listed but missing: {', '.join(missing)}")
             return files
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = sorted(self.folder.glob("*.safetensors")) or find_bin_files(self.folder, CheckpointError)
         if not files:
-            raise CheckpointError(f"{self.folder}: no *.safetensors weight files found")
+            raise CheckpointError(f"{self.folder}: no *.safetensors (or pytorch_model*.bin) weight files found")
         return files
 
     # -- metadata -----------------------------------------------------------------
@@ -151,6 +166,9 @@ class CheckpointReader:
             )
         if shape is not None and tuple(actual_shape) != tuple(shape):
             raise CheckpointError(f"{file}: tensor '{name}' has shape {list(actual_shape)}, expected {list(shape)}")
+        if file in self._bin_states:
+            # a view into the mapped file: copy it out so the caller owns contiguous memory
+            return self._bin_states[file][name].clone(memory_format=torch.contiguous_format)
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = safe_open(str(file), framework="pt")

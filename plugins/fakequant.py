@@ -63,8 +63,8 @@ def read_sample_rows(reader: CheckpointReader, name: str, rows: int = SAMPLE_ROW
     if len(shape) != 2:
         raise CheckpointError(f"{reader.file_of(name)}: tensor '{name}' has shape {list(shape)}, expected 2-D")
     step = max(1, shape[0] // rows)
-    if not isinstance(reader, CheckpointReader):  # another container (e.g. GGUF): no slicing reads
-        return reader.get(name)[::step][:rows]
+    if not isinstance(reader, CheckpointReader) or reader.file_of(name).suffix != ".safetensors":
+        return reader.get(name)[::step][:rows]  # GGUF or .bin: no slicing reads
     try:
         with safe_open(str(reader.file_of(name)), framework="pt") as f:
             return f.get_slice(name)[0:shape[0]:step][:rows].clone()

@@ -25,7 +25,8 @@ from bitserve.plugins.bitnet import TernaryLinear
 from bitserve.plugins.checkpoint import CheckpointError, CheckpointReader
 from bitserve.plugins.dense import DenseLinear
 from bitserve.plugins.gguf_checkpoint import GGUFCheckpoint
-from bitserve.plugins.gguf_layers import ConcatLinear, DequantizedW8Linear
+from bitserve.plugins.gguf_layers import DequantizedW8Linear
+from bitserve.plugins.lowbit_layers import ConcatLinear
 from bitserve.plugins.gguf_tensors import TERNARY_TYPES, TernaryWeight, is_dense_type
 
 

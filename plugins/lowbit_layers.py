@@ -139,3 +139,33 @@ class Int8LMHead(QuantLinear):
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scale.unsqueeze(1)
+
+
+class ConcatLinear(QuantLinear):
+    """Fused projections whose parts cannot share one layer: different storage types (GGUF q/k in
+    TQ1_0, v in F16) or per-part input scales (OneBit's g, FBI's alpha/beta of each projection).
+
+    Each part keeps its own storage and activation handling; the outputs are concatenated. ``act_quant`` is the parts' common value, or
+    ``"per_part"`` when they differ (no single float64 reference describes the fused layer then).
+    """
+
+    def __init__(self, parts: list[QuantLinear]):
+        super().__init__(parts[0].in_features, sum(p.out_features for p in parts))
+        self.parts = torch.nn.ModuleList(parts)
+        kinds = {p.act_quant for p in parts}
+        self.act_quant = kinds.pop() if len(kinds) == 1 else "per_part"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+    @property
+    def bias_vector(self) -> torch.Tensor | None:
+        biases = [p.bias_vector for p in self.parts]
+        if all(b is None for b in biases):
+            return None
+        device = next(b for b in biases if b is not None).device
+        return torch.cat([b.float() if b is not None else torch.zeros(p.out_features, device=device)
+                          for b, p in zip(biases, self.parts)])

@@ -41,6 +41,15 @@ class LoadedModel:
     checkpoint_bytes: int  # tensor bytes of the checkpoint files
 
 
+def _hub_patterns(repo_id: str, revision: str | None) -> list[str]:
+    """What to download from a Hub repo: its safetensors, else its ``pytorch_model*.bin`` (never both)."""
+    from huggingface_hub import list_repo_files
+
+    files = list_repo_files(repo_id, revision=revision)
+    weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["pytorch_model*.bin"]
+    return ["*.json", "*.jinja", *weights]
+
+
 def resolve_model_path(model: str, revision: str | None = None) -> Path:
     """A local folder or ``.gguf`` file, or a Hugging Face repo id downloaded with huggingface_hub."""
     path = Path(model).expanduser()
@@ -54,8 +63,7 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
                 f"{model}: not a local folder, and huggingface_hub is not installed to download it"
             ) from None
         try:
-            return Path(snapshot_download(model, revision=revision,
-                                          allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+            return Path(snapshot_download(model, revision=revision, allow_patterns=_hub_patterns(model, revision)))
         except Exception as e:
             raise CheckpointError(f"{model}: cannot download from the Hugging Face Hub: {e}") from e
     raise CheckpointError(f"{model}: checkpoint folder does not exist")
