@@ -32,7 +32,8 @@ class LoadedServingModel:
 def load_serving_model(cfg: ModelLoadConfig, progress: bool | None = None) -> LoadedServingModel:
     path = resolve_model_path(cfg.model or str(DEMO_MODEL_PATH), cfg.revision)
     tokenizer = Tokenizer(path)
-    loaded = load_model(path, format=cfg.format, dtype=cfg.dtype, device=cfg.device, progress=progress)
+    loaded = load_model(path, format=cfg.format, dtype=cfg.dtype, device=cfg.device, progress=progress,
+                        int8_lm_head=cfg.int8_lm_head)
     mc = loaded.config
     eos = tuple(dict.fromkeys(mc.eos_token_ids + tokenizer.eos_token_ids))
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)

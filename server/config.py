@@ -18,6 +18,8 @@ class ModelLoadConfig:
     revision: str | None = field(default=None, metadata={"help": "Hugging Face revision when model is a repo id"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length cap (default: the model's)"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
+    int8_lm_head: bool = field(default=False, metadata={
+        "help": "quantize the LM head to int8 per row at load (half its bytes; logits move slightly)"})
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

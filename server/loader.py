@@ -102,6 +102,7 @@ def load_model(
     device: str = "auto",
     registry: FormatRegistry | None = None,
     progress: bool | None = None,
+    int8_lm_head: bool = False,
 ) -> LoadedModel:
     """Read config.json, pick the format plugin, and build the model.
 
@@ -133,6 +134,8 @@ def load_model(
     finally:
         bar.close()
     _load_dense_tensors(model, reader, dev, torch_dtype)
+    if int8_lm_head:
+        model.quantize_lm_head()
     model.eval()
     _release_free_heap()
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers(recurse=True))

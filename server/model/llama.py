@@ -124,6 +124,7 @@ class LlamaForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
             self.lm_head.weight.requires_grad_(False)
+        self.int8_lm_head = None  # an Int8LMHead after quantize_lm_head()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,8 +139,23 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def lm_head_weight(self) -> torch.Tensor:
+        """The float head weight ``[vocab, hidden]`` (the int8 head's dequantized one once quantized)."""
+        if self.int8_lm_head is not None and not self.config.tie_word_embeddings:
+            return self.int8_lm_head.dequantize().to(self.dtype)
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def quantize_lm_head(self) -> None:
+        """Compute logits with an int8 head (absmax per row, W8A16 kernels): half the bytes of a
+        bf16 head, which is most of a ternary model's decode traffic. An untied float head is
+        dropped; a tied one stays as the embedding table (lookups read a few rows)."""
+        from bitserve.plugins.lowbit_layers import Int8LMHead
+
+        self.int8_lm_head = Int8LMHead.from_dense(self.lm_head_weight())
+        if not self.config.tie_word_embeddings:
+            del self.lm_head
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[T, vocab]`` for the given hidden states."""
+        if self.int8_lm_head is not None:
+            return self.int8_lm_head(hidden, out_dtype=torch.float32)
         return nn.functional.linear(hidden, self.lm_head_weight()).float()
