@@ -123,7 +123,8 @@ def write_png(records: list[dict], path: Path) -> bool:
                 fontsize=8)
     ax.set_xlim(0, 1.25)
     ax.set_xlabel("greedy accuracy on held-out demo questions")
-    ax.set_title("bitserve demo model converted to each format (green: shipped, blue: lossless, red: post-training)")
+    ax.set_title("demo model per format (green: shipped, blue: lossless, gray: dequantized, red: post-training)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
