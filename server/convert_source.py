@@ -1,4 +1,4 @@
-"""The checkpoint a conversion reads: a dense Hugging Face llama, or a BitNet (``bitnet`` format).
+"""The checkpoint a conversion reads: a dense Hugging Face llama, or a ternary one (``bitnet`` or GGUF).
 
 Gives the converters each projection as either a float weight (dense) or exact ternary values
 with a per-row multiplier (bitnet, read through the bitnet plugin itself so every scale
@@ -20,7 +20,7 @@ from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointError, Checkpoin
 from bitserve.plugins.dense import DenseLinear
 from bitserve.plugins.registry import FormatRegistry
 
-SOURCE_FORMATS = ("dense", "fakequant", "bitnet")  # fakequant checkpoints are dense on disk
+SOURCE_FORMATS = ("dense", "fakequant", "bitnet", "gguf")  # fakequant checkpoints are dense on disk
 
 
 @dataclass
@@ -50,15 +50,19 @@ def projection_specs(cfg: ModelConfig) -> list[LinearSpec]:
 class SourceCheckpoint:
     """A checkpoint folder opened for conversion."""
 
-    def __init__(self, folder: str | Path, config: dict, registry: FormatRegistry | None = None):
+    def __init__(self, folder: str | Path, config: dict, registry: FormatRegistry | None = None,
+                 reader: CheckpointReader | None = None):
         self.folder = Path(folder)
         self.config = config
-        self.reader = CheckpointReader(self.folder)
+        self.reader = reader if reader is not None else CheckpointReader(self.folder)
         plugin = (registry or FormatRegistry()).detect(config, self.reader.names(), self.reader)
         if plugin.name not in SOURCE_FORMATS:
             raise CheckpointError(f"{self.folder}: is a '{plugin.name}' checkpoint; bitserve converts from dense "
-                                  f"checkpoints (any target) and bitnet checkpoints (to dual_binary)")
-        self.format = "bitnet" if plugin.name == "bitnet" else "dense"
+                                  f"checkpoints (any target) and ternary ones, bitnet or GGUF (to bitnet, "
+                                  f"dual_binary, dense or GGUF)")
+        # a ternary GGUF converts like a bitnet checkpoint: the same layers, the same W2A8 semantics
+        self.format = "bitnet" if plugin.name in ("bitnet", "gguf") else "dense"
+        self.container = "gguf" if plugin.name == "gguf" else "safetensors"
         self._plugin = plugin
         self.model = ModelConfig.from_hf(config)
         self.specs = projection_specs(self.model)

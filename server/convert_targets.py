@@ -76,9 +76,11 @@ class Target(ABC):
 
 
 class BitNetTarget(Target):
-    """Absmean ternary per tensor in the 2B4T offline layout (autobitlinear: W_hat = T * weight_scale)."""
+    """Absmean ternary per tensor in the 2B4T offline layout (autobitlinear: W_hat = T * weight_scale);
+    ternary sources (GGUF TQ1_0/TQ2_0/I2_S) are repacked losslessly."""
 
     name = "bitnet"
+    from_formats = ("dense", "bitnet")
 
     def config(self, source):
         cfg = self._base_config(source)
@@ -89,6 +91,15 @@ class BitNetTarget(Target):
     def linear(self, spec, weight, source):
         _need(spec.out_features % 4 == 0, source, spec, "out_features must be a multiple of 4 for the bitnet layout")
         _need(spec.in_features % 4 == 0, source, spec, "in_features must be a multiple of 4")
+        if isinstance(weight, Ternary):  # a ternary source (bitnet, GGUF): repacked as it is
+            _need(bool((weight.scale == weight.scale[0]).all()), source, spec,
+                  "its rows have different scales, and the bitnet layout has one per tensor "
+                  "(convert to dual_binary or dense instead)")
+            scale = weight.scale[:1].to(TORCH_DTYPES[self.options.scale_dtype])
+            if not torch.equal(scale.float(), weight.scale[:1]):
+                scale = weight.scale[:1].float()  # keep the conversion exact
+            tensors = {f"{spec.prefix}.weight": hf_pack_ternary(weight.t), f"{spec.prefix}.weight_scale": scale}
+            return tensors, 0.0
         t, gamma = absmean_ternary(weight)
         scale = torch.tensor([gamma]).to(TORCH_DTYPES[self.options.scale_dtype])
         tensors = {f"{spec.prefix}.weight": hf_pack_ternary(t), f"{spec.prefix}.weight_scale": scale}

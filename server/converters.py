@@ -29,9 +29,10 @@ from bitserve.convert_source import SourceCheckpoint
 from bitserve.convert_options import GGUF_TARGETS, ConvertOptions, add_convert_arguments  # noqa: F401
 from bitserve.convert_targets import TARGETS
 from bitserve.convert_writer import ShardWriter, copy_side_files, parse_size, publish, staging_folder
-from bitserve.loader import read_json
+from bitserve.loader import open_checkpoint
 from bitserve.plugins.checkpoint import CheckpointError
 from bitserve.plugins.registry import FormatRegistry
+from bitserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,6 @@ class ConvertReport:
                 f"relative weight error mean {self.mean_error:.4f} max {self.max_error:.4f}")
 
 
-def _read_config(folder: Path) -> dict:
-    return read_json(folder / "config.json")
-
-
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool = True, *,
                        overwrite: bool = False, max_shard_size: str | int = "4GB",
                        registry: FormatRegistry | None = None, **opts) -> ConvertReport:
@@ -82,12 +79,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool
     unknown = set(opts) - {f.name for f in dataclasses.fields(ConvertOptions)}
     if unknown:
         raise TypeError(f"unknown conversion option(s) {sorted(unknown)}")
-    if not src.is_dir():
+    if not src.exists():
         raise CheckpointError(f"{src}: checkpoint folder does not exist")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ValueError(f"{dst}: the destination must not be the source folder or inside it")
     target = TARGETS[to](ConvertOptions(**opts))
-    source = SourceCheckpoint(src, _read_config(src), registry)
+    reader, config = open_checkpoint(src)  # a safetensors / .bin folder, or a GGUF file
+    source = SourceCheckpoint(src, config, registry, reader=reader)
     target.check(source)
     config = target.config(source)
 
@@ -106,7 +104,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool
             errors[spec.prefix] = err
         files = writer.close()
         (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_side_files(src, stage)
+        if source.container == "gguf":
+            Tokenizer(src).save_pretrained(stage)  # the GGUF's own vocabulary and chat template
+        else:
+            copy_side_files(src, stage)
         publish(stage, dst)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -120,6 +120,20 @@ class Tokenizer:
         tid = self.token_to_id(self.eos_token) if self.eos_token else None
         return tuple(dict.fromkeys((() if tid is None else (tid,)) + self._extra_eos_ids))
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (chat template, bos/eos tokens), and
+        ``generation_config.json`` with every end-of-generation id, so the folder loads without the
+        source (a GGUF's vocabulary becomes an ordinary Hugging Face tokenizer)."""
+        folder = Path(folder)
+        self._tok.save(str(folder / "tokenizer.json"))
+        config = {k: v for k, v in self.config.items() if k != "chat_template"}
+        config.update({k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                         ("chat_template", self.chat_template)) if v is not None})
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if self.eos_token_ids:
+            (folder / "generation_config.json").write_text(
+                json.dumps({"eos_token_id": list(self.eos_token_ids)}, indent=2) + "\n")
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 

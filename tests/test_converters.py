@@ -409,3 +409,21 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
     assert "gguf" in json.dumps(info["format"])
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["tq1_0", "i2_s"])
+def test_gguf_to_bitnet_round_trip_is_exact(tmp_path, kind):
+    """bitnet -> GGUF -> bitnet: the same packed weights, logits and answers as the shipped demo."""
+    from bitserve import LLM, SamplingParams
+    from bitserve.convert_gguf import write_gguf
+    from bitserve.demo import DEMO_MODEL_PATH
+
+    gguf = write_gguf(DEMO_MODEL_PATH, tmp_path / f"demo.{kind}.gguf", linear_type=kind, progress=False)
+    report = convert_checkpoint(gguf, tmp_path / "back", "bitnet", progress=False)
+    assert report.max_error == 0.0
+    assert load_model(tmp_path / "back", device="cpu", progress=False).plugin.name == "bitnet"
+    original, back = LLM(dtype="float32", device="cpu"), LLM(str(tmp_path / "back"), dtype="float32", device="cpu")
+    assert torch.equal(original.logits(IDS), back.logits(IDS))
+    messages = [[{"role": "user", "content": q}] for q in ("What is 47+89?", "Reverse the word 'stone'.")]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    assert [o.text for o in back.chat(messages, params)] == [o.text for o in original.chat(messages, params)]
