@@ -81,3 +81,19 @@ def save_checkpoint(folder: Path, config: dict, tensors: dict[str, torch.Tensor]
     else:
         raise ValueError(f"unknown save {save!r}")
     return folder
+
+
+def assert_load_error(folder: Path, config: dict, tensors: dict[str, torch.Tensor], save: str, name: str,
+                      message: str) -> None:
+    """Saving ``tensors`` as ``save`` and loading must raise a CheckpointError naming the weight file,
+    the tensor ``name`` and ``message``."""
+    import pytest
+
+    from bitserve.loader import load_model
+    from bitserve.plugins.checkpoint import CheckpointError
+
+    folder = save_checkpoint(folder, config, tensors, save)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", progress=False)
+    file = folder / ("model.safetensors" if save == "safetensors" else "pytorch_model.bin")
+    assert str(file) in str(err.value) and f"'{name}'" in str(err.value) and message in str(err.value)

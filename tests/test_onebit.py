@@ -13,7 +13,8 @@ import json
 import pytest
 import torch
 
-from binary_checkpoints import SAVES, llama_config, projection_shapes, random_dense_parts, save_checkpoint
+from binary_checkpoints import (SAVES, assert_load_error, llama_config, projection_shapes, random_dense_parts,
+                                save_checkpoint)
 from bitserve import LLM, SamplingParams
 from bitserve.loader import load_model
 from bitserve.model.layers import OutputLayerNorm
@@ -201,13 +202,7 @@ P = "model.layers.1.self_attn.k_proj"  # N = 32, K = 64
 @pytest.mark.parametrize("save", ["safetensors", "bin"])
 def test_bad_tensors(tmp_path, tiny, name, value, message, save):
     config, stored, _ = tiny
-    bad = dict(stored)
-    bad[name] = value
-    folder = save_checkpoint(tmp_path / "bad", config, bad, save)
-    with pytest.raises(CheckpointError) as err:
-        load_model(folder, device="cpu", dtype="float32", progress=False)
-    file = folder / ("model.safetensors" if save == "safetensors" else "pytorch_model.bin")
-    assert str(file) in str(err.value) and f"'{name}'" in str(err.value) and message in str(err.value)
+    assert_load_error(tmp_path / "bad", config, {**stored, name: value}, save, name, message)
 
 
 def test_missing_tensor(tmp_path, tiny):
