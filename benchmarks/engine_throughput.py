@@ -259,7 +259,7 @@ def bench_model(name: str, path: Path, args, concurrencies: list[int], max_token
     check, detail = "OK", {}
     if first_diff is not None:
         check, detail = classify_divergence(model, check_prompt, ours, theirs, first_diff)
-    del model
+    model = None  # free it before the next model (hf_request above closes over it)
     gc.collect()
     log(f"[{name}] greedy check vs transformers ({len(ours)} tokens): {check}"
         + ("" if first_diff is None else f" (first difference at token {first_diff}: {detail})"))

@@ -12,7 +12,7 @@ tensor's own scale.
 
 from __future__ import annotations
 
-from typing import Collection, Sequence
+from typing import Collection
 
 import torch
 
