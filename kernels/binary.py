@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from bitserve.kernels import tl_common
-from bitserve.kernels.tl_common import bucket, dot_f32x, interpreting, pick_split_k, splitk_epilogue, tile_ids, to_bf16
+from bitserve.kernels.tl_common import bucket, dot_f32x, interpreting, splitk_epilogue, tile_ids, to_bf16
 
 # -- configs -----------------------------------------------------------------------------------
 BINARY_CONFIGS = [
@@ -38,10 +38,6 @@ DUAL_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8, "num_warps": 4, "num
 # GPU configs unless BITSERVE_TRITON_AUTOTUNE=1 (BLOCK_M follows M)
 BINARY_GPU = {"BLOCK_N": 64, "BLOCK_J": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 DUAL_GPU = {"BLOCK_N": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
-
-
-def block_m_for(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
 
 
 def _prune(configs, named_args, **kwargs):
@@ -199,27 +195,17 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
     x = x if x.stride(1) == 1 else x.contiguous()
     if config is None and (interpreting() or not tl_common.autotune_enabled()):
         config = BINARY_DEFAULT if interpreting() else BINARY_GPU
-    block_m = (config or {}).get("BLOCK_M", block_m_for(m))
-    meta_cfg = None if config is None else {k_: v for k_, v in config.items() if k_ != "BLOCK_M"}
-    if split_k is None:
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, (config or {}).get("BLOCK_N", 128))
-        split_k = pick_split_k(tiles, triton.cdiv(q8, 64), x.device)
-    split_k = max(1, min(split_k, q8))
-    part = tl_common.workspace((split_k, m, n), torch.float32, x.device) if split_k > 1 else None
+    plan = tl_common.plan_tiled(m, n, config, split_k, triton.cdiv(q8, 64), q8, x.device)
     d = packed
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
-
     args = (x, packed, g if g is not None else d, h if h is not None else d, beta if beta is not None else d,
-            bias if bias is not None else d, out, part if part is not None else d,
+            bias if bias is not None else d, out, plan.part if plan.part is not None else d,
             m, n, q8, x.stride(0), packed.stride(0), out.stride(0), bucket(m))
     meta = dict(HAS_G=g is not None, HAS_H=h is not None, HAS_BETA=beta is not None, HAS_BIAS=bias is not None,
-                SPLIT_X=not (x.dtype == torch.bfloat16 and g is None), SPLIT_K=split_k, DIRECT=split_k == 1,
-                BLOCK_M=block_m)
-    tl_common.launch(_binary_kernel, grid, meta_cfg, args, meta)
-    if split_k > 1:
-        splitk_epilogue(part, out, None, None, bias)
+                SPLIT_X=not (x.dtype == torch.bfloat16 and g is None), SPLIT_K=plan.split_k,
+                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m)
+    tl_common.launch(_binary_kernel, plan.grid(m, n), plan.tunables, args, meta)
+    if plan.split_k > 1:
+        splitk_epilogue(plan.part, out, None, None, bias)
     return out
 
 
@@ -244,23 +230,13 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
     x = x if x.stride(1) == 1 else x.contiguous()
     if config is None and (interpreting() or not tl_common.autotune_enabled()):
         config = DUAL_DEFAULT if interpreting() else DUAL_GPU
-    block_m = (config or {}).get("BLOCK_M", block_m_for(m))
-    meta_cfg = None if config is None else {k_: v for k_, v in config.items() if k_ != "BLOCK_M"}
-    if split_k is None:
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, (config or {}).get("BLOCK_N", 128))
-        split_k = pick_split_k(tiles, ng, x.device)
-    split_k = max(1, min(split_k, ng))
-    part = tl_common.workspace((split_k, m, n), torch.float32, x.device) if split_k > 1 else None
+    plan = tl_common.plan_tiled(m, n, config, split_k, ng, ng, x.device)
     d = packed
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
-
-    args = (x, packed, a1, a2, bias if bias is not None else d, out, part if part is not None else d,
+    args = (x, packed, a1, a2, bias if bias is not None else d, out, plan.part if plan.part is not None else d,
             m, n, ng, gb, x.stride(0), packed.stride(0), a1.stride(0), out.stride(0), bucket(m))
-    meta = dict(HAS_BIAS=bias is not None, SPLIT_X=x.dtype != torch.bfloat16, SPLIT_K=split_k, DIRECT=split_k == 1,
-                BLOCK_M=block_m, BLOCK_J=max(16, min(128, triton.next_power_of_2(gb))))
-    tl_common.launch(_dual_binary_kernel, grid, meta_cfg, args, meta)
-    if split_k > 1:
-        splitk_epilogue(part, out, None, None, bias)
+    meta = dict(HAS_BIAS=bias is not None, SPLIT_X=x.dtype != torch.bfloat16, SPLIT_K=plan.split_k,
+                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m, BLOCK_J=max(16, min(128, triton.next_power_of_2(gb))))
+    tl_common.launch(_dual_binary_kernel, plan.grid(m, n), plan.tunables, args, meta)
+    if plan.split_k > 1:
+        splitk_epilogue(plan.part, out, None, None, bias)
     return out

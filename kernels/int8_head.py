@@ -175,22 +175,13 @@ def int8_linear(x, weight, scale, bias=None, out=None, *, out_dtype=None, path=N
     else:
         if config is None and (interpreting() or not tl_common.autotune_enabled()):
             config = HEAD_GEMM_DEFAULT if interpreting() else HEAD_GEMM_GPU
-        block_m = (config or {}).get("BLOCK_M", 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
-        config = None if config is None else {k_: v for k_, v in config.items() if k_ != "BLOCK_M"}
-        if split_k is None:
-            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, (config or {}).get("BLOCK_N", 128))
-            split_k = pick_split_k(tiles, triton.cdiv(k, 256), x.device)
-        split_k = max(1, min(split_k, k))
-        part = tl_common.workspace((split_k, m, n), torch.float32, x.device) if split_k > 1 else None
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
-
+        plan = tl_common.plan_tiled(m, n, config, split_k, triton.cdiv(k, 256), k, x.device)
+        config, split_k, part, grid = plan.tunables, plan.split_k, plan.part, plan.grid(m, n)
         kernel = _int8_gemm_kernel
         args = (x, weight, *common, part if part is not None else d, m, n, k, x.stride(0), weight.stride(0),
                 out.stride(0), bucket(m))
         meta = dict(SCALE_PER_N=scale.numel() != 1, HAS_BIAS=bias is not None,
-                    SPLIT_X=x.dtype != torch.bfloat16, SPLIT_K=split_k, DIRECT=split_k == 1, BLOCK_M=block_m)
+                    SPLIT_X=x.dtype != torch.bfloat16, SPLIT_K=split_k, DIRECT=split_k == 1, BLOCK_M=plan.block_m)
     tl_common.launch(kernel, grid, config, args, meta)
     if split_k > 1:
         splitk_epilogue(part, out, None, None, bias)

@@ -64,10 +64,6 @@ def gemm_gpu_config(m: int) -> dict:
     return {"BLOCK_N": 64, "BLOCK_J": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
-def gemm_block_m(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-
-
 def _prune_gemm(configs, named_args, **kwargs):
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
     kept = [c for c in configs if bm * c.kwargs["BLOCK_N"] <= 128 * 128]
@@ -324,33 +320,23 @@ def ternary_gemm(x, packed, weight_scale, bias=None, out=None, *, act_int8=True,
         return out
     if config is None and (interpreting() or not tl_common.autotune_enabled()):
         config = GEMM_DEFAULT if interpreting() else gemm_gpu_config(m)
-    block_m = (config or {}).get("BLOCK_M", gemm_block_m(m))
-    meta_cfg = None if config is None else {k: v for k, v in config.items() if k != "BLOCK_M"}
     sx = None
     if act_int8:
         xin, sx = quantize_int8(x if x.stride(1) == 1 else x.contiguous())
     else:
         xin = x if x.stride(1) == 1 else x.contiguous()
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, (config or {}).get("BLOCK_N", 128))
-    if split_k is None:
-        split_k = pick_split_k(tiles, triton.cdiv(q, 128), x.device)
-    split_k = max(1, min(split_k, q))
-    part = None
-    if split_k > 1:
-        part = tl_common.workspace((split_k, m, n), torch.int32 if act_int8 else torch.float32, x.device)
+    plan = tl_common.plan_tiled(m, n, config, split_k, triton.cdiv(q, 128), q, x.device,
+                                torch.int32 if act_int8 else torch.float32)
     dummy = packed
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
-
     args = (xin, packed, sx if sx is not None else dummy, weight_scale, bias if bias is not None else dummy, out,
-            part if part is not None else dummy, m, n, q, xin.stride(0), packed.stride(0), out.stride(0), bucket(m))
+            plan.part if plan.part is not None else dummy, m, n, q, xin.stride(0), packed.stride(0), out.stride(0),
+            bucket(m))
     meta = dict(ACT_INT8=act_int8, SPLIT_X=(not act_int8) and x.dtype == torch.float32,
-                WS_PER_N=weight_scale.numel() != 1, HAS_BIAS=bias is not None, SPLIT_K=split_k,
-                DIRECT=split_k == 1, BLOCK_M=block_m)
-    tl_common.launch(_ternary_gemm_kernel, grid, meta_cfg, args, meta)
-    if split_k > 1:
-        splitk_epilogue(part, out, sx, weight_scale, bias)
+                WS_PER_N=weight_scale.numel() != 1, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
+                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m)
+    tl_common.launch(_ternary_gemm_kernel, plan.grid(m, n), plan.tunables, args, meta)
+    if plan.split_k > 1:
+        splitk_epilogue(plan.part, out, sx, weight_scale, bias)
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -75,6 +76,39 @@ def pick_split_k(tiles: int, k_iters: int, device: torch.device, max_split: int 
     if tiles >= target or k_iters <= 1:
         return 1
     return int(max(1, min(max_split, k_iters, triton.cdiv(target, tiles))))
+
+
+def block_m_for(m: int) -> int:
+    """BLOCK_M of the tiled (``tl.dot``) kernels for M tokens: 16, 32, 64 or 128."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+
+
+@dataclass(frozen=True)
+class TiledPlan:
+    """How a tiled kernel over ``[M, N]`` output tiles is launched."""
+
+    tunables: dict | None  # the config for :func:`launch` (BLOCK_M is a kernel argument instead), None: autotune
+    block_m: int
+    split_k: int
+    part: torch.Tensor | None  # split-K partials ``[split_k, M, N]`` (None without split)
+
+    def grid(self, m: int, n: int):
+        split = self.split_k
+        return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+
+
+def plan_tiled(m: int, n: int, config: dict | None, split_k: int | None, k_steps: int, max_split: int,
+               device: torch.device, part_dtype: torch.dtype = torch.float32) -> TiledPlan:
+    """BLOCK_M (from ``config`` or M), split-K (``pick_split_k`` over ``k_steps`` when not given,
+    at most ``max_split``) and the split-K workspace of a tiled kernel."""
+    block_m = (config or {}).get("BLOCK_M", block_m_for(m))
+    tunables = None if config is None else {k: v for k, v in config.items() if k != "BLOCK_M"}
+    if split_k is None:
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, (config or {}).get("BLOCK_N", 128))
+        split_k = pick_split_k(tiles, k_steps, device)
+    split_k = max(1, min(split_k, max_split))
+    part = workspace((split_k, m, n), part_dtype, device) if split_k > 1 else None
+    return TiledPlan(tunables, block_m, split_k, part)
 
 
 def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
