@@ -6,6 +6,7 @@
 # About 7.5 minutes on one H100 (triton 3.6 + torch 2.11); prints a summary table last.
 #
 #   OUT=/tmp/check scripts/gpu_check_all.sh [STEP ...]   # steps: wtests kvtests wbench kvbench demo
+#                                                         # (default), and profile (ncu on the decode GEMV)
 #
 # $OUT gets summary.txt, bench.json, bench.png, kv_check.json and logs.tgz (every log).
 set -uo pipefail
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT="${OUT:-/tmp/bitserve_gpu_all}"
 LOGS="${LOGS:-/tmp/bitserve_gpu_logs}"
-mkdir -p "$LOGS"
+mkdir -p "$OUT" "$LOGS"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 STEPS="${*:-wtests kvtests wbench kvbench demo}"
@@ -58,6 +59,13 @@ for s in $STEPS; do
     wbench) step wbench 130 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 100 --quick --sweep ;;
     kvbench) step kvbench 60 "$PY" benchmarks/kv_gpu_check.py --out "$LOGS/kv" --quick ;;
     demo) step demo 50 "$PY" benchmarks/demo_accuracy.py --n 200 --batch 200 --show-errors 3 ;;
+    profile)  # not in the default set: ncu on the decode GEMV (qkv and gate_up shapes, M=1)
+      for nk in "3840 2560" "13824 2560"; do
+        set -- $nk
+        step "profile_$1" 90 ncu --kernel-name regex:ternary --launch-skip 3 --launch-count 2 \
+          --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+          "$PY" benchmarks/profile_linear.py --n "$1" --k "$2" --m 1
+      done ;;
   esac
 done
 cp "$LOGS/kv/kv_check.json" "$OUT/" 2>/dev/null
