@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--block-size", type=int, default=None, help="override the per-dtype default block size")
     ap.add_argument("--pre-rope-keys", action="store_true", help="int4/int2: quantize keys before RoPE")
+    ap.add_argument("--sink-tokens", type=int, default=0, help="int4/int2: first tokens kept in full precision")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="write results here")
@@ -114,7 +115,9 @@ def main(argv=None) -> int:
     rows = []
     for dtype in args.dtypes.split(","):
         t0 = time.time()
-        extra = {"kv_pre_rope_keys": True} if args.pre_rope_keys and dtype in ("int4", "int2") else {}
+        extra = {}
+        if dtype in ("int4", "int2"):
+            extra = {"kv_pre_rope_keys": args.pre_rope_keys, "kv_sink_tokens": args.sink_tokens}
         llm = LLM(args.model, kv_cache_dtype=dtype, block_size=args.block_size, **extra)
         acc = accuracy(llm, questions, args.batch)
         nll, count = score(llm, answer_sequences(llm, ppl_questions), args.batch)

@@ -71,6 +71,19 @@ def _load_tile(codes_ptr, scale_ptr, zero_ptr, blk, kvh, offs_b, offs_d, nmask,
 
 
 @triton.jit
+def _sink_rows(x, sink_ptr, blk, pos, offs_d, nmask, kvh, SINK: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """``x`` with rows at positions ``< SINK`` (a sequence's first tokens, in its first block
+    ``blk``) replaced by the block's full-precision sink rows ``sink [NB, SINK, KVH, D]``."""
+    if SINK > 0:
+        is_sink = (pos < SINK) & nmask
+        row = (blk * SINK + pos) * NUM_KV_HEADS + kvh
+        xs = tl.load(sink_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=is_sink[:, None], other=0.0)
+        x = tl.where(is_sink[:, None], xs.to(tl.float32), x)
+    return x
+
+
+@triton.jit
 def _load_fp_keys(stage_ptr, knew_ptr, slot, qs, start, n, pos, kvh, offs_d, stride_nt, stride_nh,
                   NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Full-precision keys at positions ``pos`` of an int-n own block: staging slot rows before
@@ -85,12 +98,13 @@ def _load_fp_keys(stage_ptr, knew_ptr, slot, qs, start, n, pos, kvh, offs_d, str
 
 
 @triton.jit
-def _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, slot, qs, start, n, pos, blk, kvh,
-          nmask, stride_nt, stride_nh, FULL_PRECISION: tl.constexpr,
+def _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, sink_ptr, slot, qs, start, n, pos, blk,
+          kvh, nmask, stride_nt, stride_nh, FULL_PRECISION: tl.constexpr,
           NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-          LAYOUT: tl.constexpr, BITS: tl.constexpr, ROPE: tl.constexpr):
-    """float32 keys ``[N, HEAD_DIM]`` at positions ``pos`` (in blocks ``blk``): dequantized, or
-    full precision (int-n own block); rotated by RoPE after dequantization if ROPE."""
+          LAYOUT: tl.constexpr, BITS: tl.constexpr, ROPE: tl.constexpr, SINK: tl.constexpr):
+    """float32 keys ``[N, HEAD_DIM]`` at positions ``pos`` (in blocks ``blk``): dequantized (sink
+    rows in full precision), or full precision (int-n own block); rotated by RoPE after
+    dequantization if ROPE."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_b = pos % BLOCK_SIZE
     if FULL_PRECISION:
@@ -99,6 +113,7 @@ def _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, slot, qs
     else:
         x = _load_tile(k_ptr, ks_ptr, kz_ptr, blk, kvh, offs_b, offs_d, nmask, NUM_KV_HEADS, HEAD_DIM,
                        BLOCK_SIZE, LAYOUT, BITS, True)
+        x = _sink_rows(x, sink_ptr, blk, pos, offs_d, nmask, kvh, SINK, NUM_KV_HEADS, HEAD_DIM)
     if ROPE:
         HALF: tl.constexpr = HEAD_DIM // 2
         partner = (offs_d + HALF) % HEAD_DIM  # rotate-half pairs channel j with j + D/2
@@ -108,6 +123,7 @@ def _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, slot, qs
         else:
             xp = _load_tile(k_ptr, ks_ptr, kz_ptr, blk, kvh, offs_b, partner, nmask, NUM_KV_HEADS, HEAD_DIM,
                             BLOCK_SIZE, LAYOUT, BITS, True)
+            xp = _sink_rows(xp, sink_ptr, blk, pos, partner, nmask, kvh, SINK, NUM_KV_HEADS, HEAD_DIM)
         trig = pos[:, None] * HEAD_DIM + offs_d[None, :]
         cos = tl.load(cos_ptr + trig, mask=nmask[:, None], other=0.0)
         sin = tl.load(sin_ptr + trig, mask=nmask[:, None], other=0.0)
@@ -138,10 +154,10 @@ def _softmax_step(scores, v, m_i, l_i, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _attend_pages(q, m_i, l_i, acc, page_lo, page_hi, tables_ptr, s, stride_bt, n, kvh,
-                  k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, cos_ptr, sin_ptr,
+                  k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, cos_ptr, sin_ptr, sink_k_ptr, sink_v_ptr,
                   NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   PAGES: tl.constexpr, LAYOUT: tl.constexpr, BITS: tl.constexpr, ROPE: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  IEEE: tl.constexpr, SINK: tl.constexpr):
     """Online softmax over the dequantized blocks ``page_lo .. page_hi - 1`` (no causal mask),
     ``PAGES`` blocks per tile (block ids gathered per row)."""
     TILE: tl.constexpr = PAGES * BLOCK_SIZE
@@ -152,12 +168,13 @@ def _attend_pages(q, m_i, l_i, acc, page_lo, page_hi, tables_ptr, s, stride_bt, 
         pos = page * BLOCK_SIZE + offs % BLOCK_SIZE
         nmask = (page < page_hi) & (pos < n)
         blk = tl.load(tables_ptr + s * stride_bt + page, mask=page < page_hi, other=0).to(tl.int64)
-        k = _keys(k_ptr, ks_ptr, kz_ptr, k_ptr, k_ptr, cos_ptr, sin_ptr, 0, 0, 0, n, pos, blk, kvh, nmask, 0, 0,
-                  False, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, LAYOUT, BITS, ROPE)
+        k = _keys(k_ptr, ks_ptr, kz_ptr, k_ptr, k_ptr, cos_ptr, sin_ptr, sink_k_ptr, 0, 0, 0, n, pos, blk, kvh,
+                  nmask, 0, 0, False, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, LAYOUT, BITS, ROPE, SINK)
         scores = _dot(q, tl.trans(k.to(q.dtype)), IEEE)
         scores = tl.where(nmask[None, :], scores, float("-inf"))
         v = _load_tile(v_ptr, vs_ptr, vz_ptr, blk, kvh, pos % BLOCK_SIZE, d, nmask, NUM_KV_HEADS, HEAD_DIM,
                        BLOCK_SIZE, LAYOUT, BITS, False)
+        v = _sink_rows(v, sink_v_ptr, blk, pos, d, nmask, kvh, SINK, NUM_KV_HEADS, HEAD_DIM)
         m_i, l_i, acc = _softmax_step(scores, v.to(q.dtype), m_i, l_i, acc, IEEE)
     return m_i, l_i, acc
 
@@ -165,12 +182,12 @@ def _attend_pages(q, m_i, l_i, acc, page_lo, page_hi, tables_ptr, s, stride_bt, 
 @triton.jit
 def _decode_kernel(
     q_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr,
-    k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr,
+    k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, sink_k_ptr, sink_v_ptr,
     tables_ptr, seq_lens_ptr, qsl_ptr, first_stage_ptr, seqs_ptr,
     stride_bt, stride_qt, stride_qh, stride_nt, stride_nh, qk_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, LAYOUT: tl.constexpr, BITS: tl.constexpr,
-    ROPE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    ROPE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, SINK: tl.constexpr,
 ):
     """Decode attention (one query token per sequence), split over blocks.
 
@@ -205,8 +222,9 @@ def _decode_kernel(
     if LAYOUT == 2:
         own = start // BLOCK_SIZE
     m_i, l_i, acc = _attend_pages(q, m_i, l_i, acc, p0, tl.minimum(p1, own), tables_ptr, s, stride_bt, n, kvh,
-                                  k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, cos_ptr, sin_ptr, NUM_KV_HEADS,
-                                  HEAD_DIM, BLOCK_SIZE, PAGES, LAYOUT, BITS, ROPE, IEEE)
+                                  k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, cos_ptr, sin_ptr, sink_k_ptr,
+                                  sink_v_ptr, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, PAGES, LAYOUT, BITS, ROPE, IEEE,
+                                  SINK)
     if LAYOUT == 2:
         if (own >= p0) & (own < p1):
             slot = tl.maximum(tl.load(first_stage_ptr + s), 0).to(tl.int64)
@@ -214,13 +232,14 @@ def _decode_kernel(
             pos = own * BLOCK_SIZE + offs_n
             nmask = pos < n
             blk = tl.zeros([BLOCK_SIZE], tl.int64) + tl.load(tables_ptr + s * stride_bt + own).to(tl.int64)
-            k = _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, slot, qs, start, n, pos, blk,
-                      kvh, nmask, stride_nt, stride_nh, True, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, LAYOUT, BITS,
-                      ROPE)
+            k = _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, sink_k_ptr, slot, qs, start, n,
+                      pos, blk, kvh, nmask, stride_nt, stride_nh, True, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, LAYOUT,
+                      BITS, ROPE, SINK)
             scores = _dot(q, tl.trans(k.to(q.dtype)), IEEE)
             scores = tl.where(nmask[None, :], scores, float("-inf"))
             v = _load_tile(v_ptr, vs_ptr, vz_ptr, blk, kvh, offs_n, d, nmask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
                            LAYOUT, BITS, False)
+            v = _sink_rows(v, sink_v_ptr, blk, pos, d, nmask, kvh, SINK, NUM_KV_HEADS, HEAD_DIM)
             m_i, l_i, acc = _softmax_step(scores, v.to(q.dtype), m_i, l_i, acc, IEEE)
 
     if NUM_SPLITS == 1:
@@ -265,12 +284,12 @@ def _reduce_kernel(out_ptr, pm_ptr, pl_ptr, pacc_ptr, seqs_ptr, qsl_ptr,
 @triton.jit
 def _prefill_kernel(
     q_ptr, out_ptr,
-    k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr,
+    k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, sink_k_ptr, sink_v_ptr,
     tables_ptr, seq_lens_ptr, qsl_ptr, first_stage_ptr, tile_seq_ptr, tile_q0_ptr,
     stride_bt, stride_qt, stride_qh, stride_nt, stride_nh, qk_scale,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, LAYOUT: tl.constexpr,
-    BITS: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
+    BITS: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, SINK: tl.constexpr,
 ):
     """Causal attention of a query tile (``BLOCK_Q`` tokens x ``BLOCK_G`` heads of one KV head) over paged K/V.
 
@@ -307,8 +326,9 @@ def _prefill_kernel(
     own_hi = (start + tl.minimum(t0 + BLOCK_Q, length) - 1) // BLOCK_SIZE  # block of its last query
     # blocks strictly before every query of the tile: no mask, always dequantized
     m_i, l_i, acc = _attend_pages(q, m_i, l_i, acc, 0, own_lo, tables_ptr, s, stride_bt, n, kvh,
-                                  k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, cos_ptr, sin_ptr, NUM_KV_HEADS,
-                                  HEAD_DIM, BLOCK_SIZE, PAGES, LAYOUT, BITS, ROPE, IEEE)
+                                  k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, cos_ptr, sin_ptr, sink_k_ptr,
+                                  sink_v_ptr, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, PAGES, LAYOUT, BITS, ROPE, IEEE,
+                                  SINK)
     # blocks holding the tile's queries: causal mask; int-n rows of a block see it in full precision
     slot = 0
     if LAYOUT == 2:
@@ -321,25 +341,26 @@ def _prefill_kernel(
         k_pos = page * BLOCK_SIZE + offs_n
         nmask = k_pos < n
         if LAYOUT == 2:
-            k = _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, slot, qs, start, n, k_pos,
-                      blk, kvh, nmask, stride_nt, stride_nh, True, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
-                      LAYOUT, BITS, ROPE)
+            k = _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, sink_k_ptr, slot, qs, start, n,
+                      k_pos, blk, kvh, nmask, stride_nt, stride_nh, True, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                      LAYOUT, BITS, ROPE, SINK)
             scores = _dot(q, tl.trans(k.to(q.dtype)), IEEE)
             if page < n_full:  # rows of later blocks see this (full) block dequantized
-                kq = _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, slot, qs, start, n,
-                           k_pos, blk, kvh, nmask, stride_nt, stride_nh, False, NUM_KV_HEADS, HEAD_DIM,
-                           BLOCK_SIZE, LAYOUT, BITS, ROPE)
+                kq = _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, sink_k_ptr, slot, qs,
+                           start, n, k_pos, blk, kvh, nmask, stride_nt, stride_nh, False, NUM_KV_HEADS, HEAD_DIM,
+                           BLOCK_SIZE, LAYOUT, BITS, ROPE, SINK)
                 scores_q = _dot(q, tl.trans(kq.to(q.dtype)), IEEE)
                 scores = tl.where((q_block == page)[:, None], scores, scores_q)
         else:
-            k = _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, slot, qs, start, n, k_pos,
-                      blk, kvh, nmask, stride_nt, stride_nh, False, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
-                      LAYOUT, BITS, ROPE)
+            k = _keys(k_ptr, ks_ptr, kz_ptr, stage_ptr, knew_ptr, cos_ptr, sin_ptr, sink_k_ptr, slot, qs, start, n,
+                      k_pos, blk, kvh, nmask, stride_nt, stride_nh, False, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                      LAYOUT, BITS, ROPE, SINK)
             scores = _dot(q, tl.trans(k.to(q.dtype)), IEEE)
         visible = nmask[None, :] & (k_pos[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         v = _load_tile(v_ptr, vs_ptr, vz_ptr, blk, kvh, offs_n, d, nmask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
                        LAYOUT, BITS, False)
+        v = _sink_rows(v, sink_v_ptr, blk, k_pos, d, nmask, kvh, SINK, NUM_KV_HEADS, HEAD_DIM)
         m_i, l_i, acc = _softmax_step(scores, v.to(q.dtype), m_i, l_i, acc, IEEE)
 
     o = acc / l_i[:, None]
@@ -411,6 +432,9 @@ def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta, splits: int
     vz = layer.v_zero if layer.v_zero is not None else dummy
     intn = layout == 2
     stage = layer.k_stage if intn else dummy
+    sink = layer.sink_tokens if intn else 0
+    sink_k = layer.sink_k if sink else dummy
+    sink_v = layer.sink_v if sink else dummy
     knew = meta.k_new if intn else q
     first_stage = meta.first_stage if intn else meta.seq_lens
     rope = intn and meta.rope_cos is not None
@@ -421,7 +445,7 @@ def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta, splits: int
     ieee = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     pages = max(1, TILE_TOKENS // bs)
     common = dict(NUM_KV_HEADS=kvh, GROUP=group, HEAD_DIM=dim, BLOCK_SIZE=bs, PAGES=pages, LAYOUT=layout,
-                  BITS=layer.bits if intn else 8, ROPE=rope, IEEE=ieee)
+                  BITS=layer.bits if intn else 8, ROPE=rope, IEEE=ieee, SINK=sink)
     qk_scale = dim**-0.5 * 1.4426950408889634
     block_g = triton.next_power_of_2(group)
     block_q = max(1, PREFILL_ROWS // block_g)
@@ -437,7 +461,7 @@ def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta, splits: int
         else:
             pm = pl = pacc = out
         _decode_kernel[(len(decode), kvh, nsplit)](
-            q, out, pm, pl, pacc, layer.k, layer.v, ks, kz, vs, vz, stage, knew, cos, sin,
+            q, out, pm, pl, pacc, layer.k, layer.v, ks, kz, vs, vz, stage, knew, cos, sin, sink_k, sink_v,
             tables, meta.seq_lens, meta.query_start_loc, first_stage, seqs,
             tables.stride(0), q.stride(0), q.stride(1), knew.stride(0), knew.stride(1), qk_scale,
             BLOCK_G=dec_g, NUM_SPLITS=nsplit, **common)
@@ -446,7 +470,7 @@ def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta, splits: int
                                                GROUP=group, BLOCK_G=dec_g, HEAD_DIM=dim, NUM_SPLITS=nsplit)
     if tiles is not None:
         _prefill_kernel[(tiles.shape[1], kvh)](
-            q, out, layer.k, layer.v, ks, kz, vs, vz, stage, knew, cos, sin,
+            q, out, layer.k, layer.v, ks, kz, vs, vz, stage, knew, cos, sin, sink_k, sink_v,
             tables, meta.seq_lens, meta.query_start_loc, first_stage, tiles[0], tiles[1],
             tables.stride(0), q.stride(0), q.stride(1), knew.stride(0), knew.stride(1), qk_scale,
             BLOCK_G=block_g, BLOCK_Q=block_q, **common)

@@ -35,6 +35,11 @@ precision keys of the current step come from ``k_new`` (this step's new keys, fl
 for positions ``>= start`` of the chunk and from the staging slot ``first_stage[s]`` for
 the older positions of the chunk's first block.
 
+Optional attention sinks (int4/int2): ``sink_k, sink_v [NB, S, KVH, D]`` hold the keys (as
+staged) and values of positions ``< S`` in full precision, in the rows of the block that holds
+them (a sequence's first block); wherever those positions would be read dequantized, these
+rows are read instead.
+
 Optional pre-RoPE keys (int4/int2): keys are stored (staged and quantized) before the
 rotary embedding and rotated at attention time with the tables ``rope_cos/sin
 [max_pos, D]`` (rotate-half convention, see :class:`bitserve.model.layers.RotaryEmbedding`).
@@ -69,6 +74,12 @@ class KVLayer:
     v_scale: torch.Tensor | None = None
     v_zero: torch.Tensor | None = None
     k_stage: torch.Tensor | None = None
+    sink_k: torch.Tensor | None = None  # int-n attention sinks: ``[NB, S, KVH, D]`` keys (as staged)
+    sink_v: torch.Tensor | None = None  # and values, full precision, of positions < S in their block
+
+    @property
+    def sink_tokens(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k.shape[1]
 
     @property
     def block_size(self) -> int:
@@ -224,6 +235,33 @@ def dequant_values(layer: KVLayer, blocks: torch.Tensor, dtype: torch.dtype = to
     return x.flatten(0, 1)
 
 
+def with_sinks(x: torch.Tensor, sink: torch.Tensor | None, first_block: torch.Tensor) -> torch.Tensor:
+    """Rows ``[N, KVH, D]`` of a sequence's dequantized blocks, starting at its first block, with
+    positions ``< S`` replaced by the full-precision sink rows of that block (if any)."""
+    if sink is None or not x.shape[0]:
+        return x
+    rows = min(sink.shape[1], x.shape[0])
+    x = x.clone()
+    x[:rows] = sink[first_block, :rows].to(x.dtype)
+    return x
+
+
+def write_sinks(k: torch.Tensor, v: torch.Tensor, layer: KVLayer, slot_mapping: torch.Tensor,
+                positions: torch.Tensor) -> None:
+    """Copy the keys/values of positions ``< S`` (a sequence's first tokens, always in its first
+    block) into the block's sink rows. Keys as staged (pre-RoPE when keys are quantized so)."""
+    s = layer.sink_tokens
+    if not s:
+        return
+    rows = positions < s
+    if not bool(rows.any()):
+        return
+    slots = slot_mapping[rows].long()
+    blocks, offs = slots // layer.block_size, slots % layer.block_size
+    layer.sink_k[blocks, offs] = k[rows].to(layer.sink_k.dtype)
+    layer.sink_v[blocks, offs] = v[rows].to(layer.sink_v.dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of ``x [N, KVH, D]`` with rows ``cos/sin [N, D]`` (float32)."""
     half = x.shape[-1] // 2
@@ -280,14 +318,15 @@ def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta) -> torch.Te
             continue
         start = n - (q1 - q0)
         table = meta.block_tables[s, : -(-n // bs)]
-        values = dequant_values(layer, table, cdt)[:n]
+        values = with_sinks(dequant_values(layer, table, cdt)[:n], layer.sink_v, table[0])
         k_pos = torch.arange(n, device=q.device)
         if layer.kind == "int8":
             out[q0:q1] = _attend(q[q0:q1], dequant_keys(layer, table, cdt)[:n], values, k_pos[start:], k_pos)
             continue
         first, last = start // bs, (n - 1) // bs
         lo = first * bs
-        keys = dequant_keys(layer, table[:first], kdt)  # blocks before the chunk's first one
+        # blocks before the chunk's first one
+        keys = with_sinks(dequant_keys(layer, table[:first], kdt), layer.sink_k, table[0])
         fp = meta.k_new[q0:q1].to(kdt)  # full-precision keys of positions lo..n-1
         if start > lo:
             fp = torch.cat((layer.k_stage[int(meta.first_stage[s]), : start - lo].to(kdt), fp))
@@ -298,6 +337,8 @@ def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta) -> torch.Te
             end = min(n, (b + 1) * bs)
             if b > first:
                 prev = dequant_keys(layer, table[b - 1 : b], kdt)
+                if b - 1 == 0:
+                    prev = with_sinks(prev, layer.sink_k, table[0])
                 if rope:
                     rows = slice((b - 1) * bs, b * bs)
                     prev = apply_rope(prev, meta.rope_cos[rows], meta.rope_sin[rows]).to(cdt)

@@ -42,6 +42,9 @@ class EngineConfig:
                 "(keys per channel per block, values per token; docs/kv_cache.md)"})
     kv_pre_rope_keys: bool = field(default=False, metadata={
         "help": "int4/int2: quantize keys before RoPE and rotate them after dequantization (KVQuant)"})
+    kv_sink_tokens: int = field(default=0, metadata={
+        "help": "int4/int2: keep the keys and values of each sequence's first N tokens in full precision "
+                "(attention sinks; costs 2N full-precision tokens per block)"})
     kv_cache_memory_mb: int | None = field(
         default=None, metadata={"help": "KV-cache budget in MiB (default: enough for max_num_seqs full contexts "
                                         "on CPU, capped at 2 GiB; gpu_memory_utilization of free memory on CUDA)"})
@@ -56,6 +59,10 @@ class EngineConfig:
                              f"got {self.kv_cache_dtype!r}")
         if self.kv_pre_rope_keys and self.kv_cache_dtype not in ("int4", "int2"):
             raise ValueError("kv_pre_rope_keys applies to kv_cache_dtype int4/int2 only")
+        if self.kv_sink_tokens < 0:
+            raise ValueError(f"kv_sink_tokens must be >= 0, got {self.kv_sink_tokens}")
+        if self.kv_sink_tokens and self.kv_cache_dtype not in ("int4", "int2"):
+            raise ValueError("kv_sink_tokens applies to kv_cache_dtype int4/int2 only")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

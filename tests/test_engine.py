@@ -15,8 +15,9 @@ from bitserve.engine.request import FinishReason
 from tiny_checkpoints import write_tiny_bitnet_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-# every KV-cache layout: float (auto = the model's float32), int8, int4/int2 (with staging)
-KV_DTYPES = ["auto", "int8", "int4", "int2"]
+# every KV-cache layout: float (auto = the model's float32), int8, int4/int2 (with staging), and
+# int2 with the first 3 tokens of each sequence kept exact (attention sinks)
+KV_DTYPES = ["auto", "int8", "int4", "int2", "int2+sinks"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,6 +36,8 @@ def tiny_model(tmp_path_factory):
 def make_llm(path, **options):
     options.setdefault("dtype", "float32")
     options.setdefault("block_size", 4)
+    if options.get("kv_cache_dtype") == "int2+sinks":
+        options.update(kv_cache_dtype="int2", kv_sink_tokens=3)
     return LLM(str(path), **options)
 
 

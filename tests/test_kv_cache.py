@@ -89,7 +89,8 @@ def test_engine_plans_blocks_and_reports_bytes(tiny_model):
 # -- attention error on random data -----------------------------------------------------
 
 
-def run_cache(dtype: str, chunks=(128, 100, 1, 1, 1, 50, 1, 19), seed=0, pre_rope=False, kvh=2, group=4, d=128):
+def run_cache(dtype: str, chunks=(128, 100, 1, 1, 1, 50, 1, 19), seed=0, pre_rope=False, kvh=2, group=4, d=128,
+              sinks=0):
     """Prefill in chunks then decode through a one-layer cache; returns (output, bf16-cache reference)."""
     n = sum(chunks)
     gen = torch.Generator().manual_seed(seed)
@@ -98,7 +99,7 @@ def run_cache(dtype: str, chunks=(128, 100, 1, 1, 1, 50, 1, 19), seed=0, pre_rop
     angles = torch.arange(n).float()[:, None] * 10000.0 ** (-torch.arange(0, d, 2).float() / d)
     emb = torch.cat((angles, angles), -1)
     cos, sin = emb.cos(), emb.sin()
-    spec = KVCacheSpec(1, kvh, d, bs, dtype, "float32", 4 if quant else 0, pre_rope)
+    spec = KVCacheSpec(1, kvh, d, bs, dtype, "float32", 4 if quant else 0, pre_rope, sinks)
     blocks = list(range(3, 3 + -(-n // bs)))
     cache = PagedKVCache(spec, blocks[-1] + 1, "cpu", rope=(cos, sin))
     channel_scale = torch.exp(torch.randn(kvh, d, generator=gen) * 0.5)
@@ -140,11 +141,35 @@ def test_pre_rope_keys_lower_error():
     assert errs[True] < errs[False]
 
 
-def test_chunking_does_not_change_int4_results():
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_chunking_does_not_change_int4_results(sinks):
     """The own-block-in-full-precision rule makes results independent of prefill chunking."""
-    one, _ = run_cache("int4", chunks=(300, 1, 1), seed=2)
-    many, _ = run_cache("int4", chunks=(70, 1, 60, 64, 1, 104, 1, 1), seed=2)
+    one, _ = run_cache("int4", chunks=(300, 1, 1), seed=2, sinks=sinks)
+    many, _ = run_cache("int4", chunks=(70, 1, 60, 64, 1, 104, 1, 1), seed=2, sinks=sinks)
     torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int2"])
+def test_sinks_lower_the_error_of_attention_to_the_first_tokens(dtype):
+    """The first tokens' keys/values kept exact: the attention error against a bf16 cache drops
+    (reading the wrong rows, or none, would not lower it)."""
+    def err(sinks):
+        got, want = run_cache(dtype, seed=5, sinks=sinks)
+        return float((got - want).abs().mean())
+
+    assert err(4) < err(0)
+
+
+def test_sink_bytes():
+    spec = KVCacheSpec(LAYERS_2B4T, KV_HEADS_2B4T, HEAD_DIM_2B4T, 64, "int4", num_stage_slots=64, sink_tokens=4)
+    # 4 tokens x (K + V) x 5 heads x 128 channels x bf16, per layer and block of 64 tokens
+    assert spec.bytes_per_token == 21000 + 30 * 2 * 4 * 5 * 128 * 2 // 64
+    with pytest.raises(ValueError, match="int4/int2"):
+        KVCacheSpec(1, 1, 16, 16, "int8", sink_tokens=2)
+    with pytest.raises(ValueError, match="sink_tokens"):
+        KVCacheSpec(1, 1, 16, 16, "int4", num_stage_slots=1, sink_tokens=17)
+    with pytest.raises(ValueError, match="kv_sink_tokens"):
+        EngineConfig(kv_cache_dtype="int8", kv_sink_tokens=2)
 
 
 # -- engine -----------------------------------------------------------------------------

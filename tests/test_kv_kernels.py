@@ -278,3 +278,56 @@ def test_unrope_inverts_rope():
     angles = torch.rand(9, D // 2, generator=gen) * 50
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     torch.testing.assert_close(ref.unrope(ref.apply_rope(x, cos, sin), cos, sin), x, atol=1e-5, rtol=0)
+
+
+# -- attention sinks (int-n): the first tokens of each sequence in full precision ------------------
+
+
+def with_random_sinks(layer: KVLayer, gen: torch.Generator, sinks: int) -> KVLayer:
+    layer.sink_k = torch.randn(layer.k.shape[0], sinks, KVH, D, generator=gen).to(layer.k_stage.dtype).to(DEVICE)
+    layer.sink_v = torch.randn(layer.k.shape[0], sinks, KVH, D, generator=gen).to(layer.k_stage.dtype).to(DEVICE)
+    return layer
+
+
+@pytest.mark.parametrize("bits,sinks,rope", [(4, 4, False), (2, 1, False), (4, 3, True), (2, B, False)])
+def test_paged_attention_with_sinks_matches_twin(bits, sinks, rope):
+    gen = torch.Generator().manual_seed(40 + bits + sinks)
+    layer = with_random_sinks(make_layer("intn", bits, gen), gen, sinks)
+    q, meta = make_batch(gen, SEQS, KVH * 4)
+    if rope:
+        angles = torch.arange(64).float().unsqueeze(1) * (10000.0 ** (-torch.arange(0, D, 2).float() / D))
+        emb = torch.cat((angles, angles), dim=-1)
+        meta.rope_cos, meta.rope_sin = emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+    want = ref.paged_attention(q, layer, meta)
+    for splits in (1, 3):
+        out = torch.full_like(want, float("nan"))
+        got = kv_attention.paged_attention(q, layer, meta, splits=splits, out=out)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    # the sinks are used: without them the result differs
+    plain = KVLayer(**{**vars(layer), "sink_k": None, "sink_v": None})
+    assert (ref.paged_attention(q, plain, meta) - want).abs().max() > 1e-2
+
+
+def test_decode_with_sinks_float64_oracle():
+    """A decode query sees: positions < S from the sink rows, its own block in full precision,
+    every other position dequantized (checked against float64 softmax attention)."""
+    gen = torch.Generator().manual_seed(77)
+    sinks, heads = 3, KVH * 2
+    layer = with_random_sinks(make_layer("intn", 4, gen), gen, sinks)
+    q, meta = make_batch(gen, [(41, 1), (20, 1)], heads)
+    got = kv_attention.paged_attention(q, layer, meta, splits=2).double()
+    for s, (n, q0) in enumerate(zip(meta.seq_lens_host, meta.query_start_host)):
+        table = meta.block_tables[s, : -(-n // B)]
+        keys = ref.dequant_keys(layer, table).double()[:n]
+        values = ref.dequant_values(layer, table).double()[:n]
+        keys[:sinks], values[:sinks] = layer.sink_k[table[0]].double(), layer.sink_v[table[0]].double()
+        own = (n - 1) // B * B  # own block: staged rows, then this step's key
+        slot = int(meta.first_stage[s])
+        staged = layer.k_stage[slot, : n - 1 - own].double() if n - 1 > own else keys[:0]
+        keys[own:n] = torch.cat((staged, meta.k_new[q0 : q0 + 1].double()))
+        group = heads // KVH
+        for h in range(heads):
+            kv = h // group
+            w = torch.softmax(keys[:, kv] @ q[q0, h].double() / D**0.5, dim=0)
+            want = w @ values[:, kv]
+            assert (got[q0, h * D : (h + 1) * D] - want).abs().max() < 1e-4

@@ -114,7 +114,7 @@ class EngineCore:
         self.spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, kv_dtype,
                                 stage_dtype=str(model.dtype).replace("torch.", ""),
                                 num_stage_slots=config.max_num_seqs if kv_dtype in ("int4", "int2") else 0,
-                                pre_rope_keys=config.kv_pre_rope_keys)
+                                pre_rope_keys=config.kv_pre_rope_keys, sink_tokens=config.kv_sink_tokens)
         num_blocks = plan_num_blocks(self.spec, config, max_model_len, device)
         rope = None
         if self.spec.pre_rope_keys:

@@ -45,7 +45,9 @@ class KVCacheSpec:
 
     int4/int2 only: ``num_stage_slots`` partially filled blocks keep their keys in
     ``stage_dtype`` (the model dtype) until they fill (one per running sequence, so
-    ``max_num_seqs``); ``pre_rope_keys`` stores keys before RoPE.
+    ``max_num_seqs``); ``pre_rope_keys`` stores keys before RoPE; ``sink_tokens``: the first
+    tokens of every sequence also keep their keys and values in ``stage_dtype`` (KVQuant's
+    attention sinks), stored with the block that holds them, so every block pays for them.
     """
 
     num_layers: int
@@ -56,6 +58,7 @@ class KVCacheSpec:
     stage_dtype: str = "bfloat16"
     num_stage_slots: int = 0
     pre_rope_keys: bool = False
+    sink_tokens: int = 0
 
     def __post_init__(self):
         if self.dtype not in FLOAT_DTYPES and self.dtype not in QUANT_BITS:
@@ -66,8 +69,12 @@ class KVCacheSpec:
                 raise ValueError(f"{self.dtype} KV needs head_dim divisible by {per_byte}, got {self.head_dim}")
             if self.num_stage_slots < 1:
                 raise ValueError(f"{self.dtype} KV needs staging slots (num_stage_slots >= 1)")
+            if not 0 <= self.sink_tokens <= self.block_size:
+                raise ValueError(f"sink_tokens must be in [0, block_size={self.block_size}], got {self.sink_tokens}")
         elif self.pre_rope_keys:
             raise ValueError("pre-RoPE key quantization applies to int4/int2 KV caches only")
+        elif self.sink_tokens:
+            raise ValueError("attention-sink tokens in full precision apply to int4/int2 KV caches only")
 
     @property
     def kind(self) -> str:
@@ -94,8 +101,10 @@ class KVCacheSpec:
         if self.kind == "int8":
             return 2 * bs * kvh * (d + SCALE_BYTES)
         codes = bs * kvh * d * self.bits // 8
+        sinks = 2 * self.sink_tokens * kvh * d * FLOAT_DTYPES[self.stage_dtype].itemsize  # K and V, full precision
         return (codes + bs * kvh * 2 * SCALE_BYTES  # values: codes + per-token scale and zero
-                + codes + kvh * d * 2 * SCALE_BYTES)  # keys: codes + per-channel scale and zero
+                + codes + kvh * d * 2 * SCALE_BYTES  # keys: codes + per-channel scale and zero
+                + sinks)
 
     @property
     def bytes_per_block(self) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from bitserve.engine.kv_cache import FLOAT_DTYPES, KVCacheSpec
 from bitserve.kernels import kv_dispatch
-from bitserve.kernels.kv_reference import AttnMeta, KVLayer, unrope
+from bitserve.kernels.kv_reference import AttnMeta, KVLayer, unrope, write_sinks
 
 
 @dataclass
@@ -128,6 +128,11 @@ class IntNKV(FloatKV):
         self.v_zero = torch.zeros_like(self.v_scale)
         self.k_stage = torch.zeros((nl, spec.num_stage_slots, bs, kvh, d), dtype=FLOAT_DTYPES[spec.stage_dtype],
                                    device=device)
+        self.sink_k = self.sink_v = None
+        if spec.sink_tokens:
+            sink = (nl, num_blocks, spec.sink_tokens, kvh, d)
+            self.sink_k = torch.zeros(sink, dtype=FLOAT_DTYPES[spec.stage_dtype], device=device)
+            self.sink_v = torch.zeros_like(self.sink_k)
         if spec.pre_rope_keys and rope is None:
             raise ValueError("pre-RoPE keys need the model's RoPE tables")
         self.rope = rope if spec.pre_rope_keys else None
@@ -136,8 +141,9 @@ class IntNKV(FloatKV):
         self._slot_of: dict[int, int] = {}  # partially filled block -> staging slot
 
     def layer(self, i: int) -> KVLayer:
+        sinks = (None, None) if self.sink_k is None else (self.sink_k[i], self.sink_v[i])
         return KVLayer("intn", self.k[i], self.v[i], self.bits, self.k_scale[i], self.k_zero[i], self.v_scale[i],
-                       self.v_zero[i], self.k_stage[i])
+                       self.v_zero[i], self.k_stage[i], *sinks)
 
     # -- staging slots ------------------------------------------------------------------
     @property
@@ -205,6 +211,7 @@ class IntNKV(FloatKV):
             raise ValueError(f"keys are {k_new.dtype} but the staging pool is {layer.k_stage.dtype}")
         kv_dispatch.finalize_k_intn(k_new, layer, *state.fin)
         kv_dispatch.write_v_intn(v, layer, state.slot_mapping)
+        write_sinks(k_new, v, layer, state.slot_mapping, state.positions)
         return k_new
 
     def forward(self, i: int, q, k, v, state: StepState) -> torch.Tensor:
