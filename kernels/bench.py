@@ -210,7 +210,7 @@ GEMV_SWEEP = [  # (BLOCK_N, BLOCK_J, num_warps) of the GEMV, split-K from the he
 
 def sweep_plan() -> list:
     """Tuning data for the fixed GPU configs (2B4T shapes): GEMV configs and forced split-K at M=1,
-    GEMV vs GEMM at M = 1, 2, 4."""
+    GEMV vs GEMM at M = 1, 2, 4, and the ``dequant`` prefill path at M = 32, 128, 512."""
     plan = []
     for label, n, k in SHAPES_2B4T:
         plan += [("w2a8", label, n, k, 1, "gemv", None,
@@ -218,6 +218,9 @@ def sweep_plan() -> list:
         plan += [("w2a8", label, n, k, 1, "gemv", s, None) for s in (1, 2, 4)]
         for m in (1, 2, 4):
             plan += [("w2a8", label, n, k, m, "gemv", None, None), ("w2a8", label, n, k, m, "gemm", None, None)]
+        # prefill: the tiled GEMM vs unpacked codes + cuBLAS (int8 _int_mm for W2A8)
+        plan += [("w2a8", label, n, k, m, "dequant", None, None) for m in (32, 128, 512)]
+    plan += [("w2a16", label, n, k, 512, "dequant", None, None) for label, n, k in SHAPES_2B4T[3:]]
     return plan
 
 
@@ -270,7 +273,7 @@ def run(args) -> dict:
         if op == "w2a8":
             calls, nbytes, check = setup_ternary(n, k, m, True, path, gen, split, config)
         elif op == "w2a16":
-            calls, nbytes, check = setup_ternary(n, k, m, False, path, gen)
+            calls, nbytes, check = setup_ternary(n, k, m, False, path, gen, split, config)
         elif op == "binary":
             calls, nbytes, check = setup_binary(n, k, m, gen)
         elif op == "dual":

@@ -53,18 +53,20 @@ def _unpack_codes(packed: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     return u.view(r, -1)
 
 
-def _ternary_matmul_int8_cpu(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """CPU path of :func:`ternary_matmul_int` for int8 ``x_q``: ``x_q @ T.T = x_q @ C.T - rowsum(x_q)``
-    with the codes ``C = T + 1`` unpacked by shifts (no gather) tile by tile, an int8 GEMM with int32
-    accumulation (``torch._int_mm``: VNNI/AMX where the CPU has them), exact for any K it accepts."""
+def ternary_matmul_int8_vendor(x_q: torch.Tensor, packed: torch.Tensor,
+                               tile_elements: int | None = None) -> torch.Tensor:
+    """``x_q @ T.T = x_q @ C.T - rowsum(x_q)`` for int8 ``x_q``, with the codes ``C = T + 1``
+    unpacked by shifts (no gather) ``tile_elements`` weights at a time and the vendor int8 GEMM
+    with int32 accumulation (``torch._int_mm``: VNNI/AMX on CPUs, cuBLAS on CUDA, which needs
+    M > 16 and K, N multiples of 8), exact for any K it accepts. float32 ``[M, N]`` accumulators."""
     m, k = x_q.shape
     n, q = packed.shape
-    rows = min(n, max(1, _TILE_ELEMENTS // k))
-    buf = torch.empty((rows, 4, q), dtype=torch.uint8)
+    rows = min(n, max(1, (tile_elements or _TILE_ELEMENTS) // k))
+    buf = torch.empty((rows, 4, q), dtype=torch.uint8, device=packed.device)
     if rows == n:  # one tile
         out = torch._int_mm(x_q, _unpack_codes(packed, buf).view(torch.int8).t())
     else:
-        out = torch.empty((m, n), dtype=torch.int32)
+        out = torch.empty((m, n), dtype=torch.int32, device=x_q.device)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             codes = _unpack_codes(packed[start:stop], buf).view(torch.int8)
@@ -85,7 +87,7 @@ def ternary_matmul_int(x_q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"packed weight has K={4 * q} but activations have K={k}")
     if (x_q.dtype == torch.int8 and x_q.device.type == "cpu" and packed.device.type == "cpu"
             and k <= _INT8_PATH_MAX_K and m > 0 and n > 0 and hasattr(torch, "_int_mm")):
-        return _ternary_matmul_int8_cpu(x_q.contiguous(), packed.contiguous())
+        return ternary_matmul_int8_vendor(x_q.contiguous(), packed.contiguous())
     acc_dtype = torch.float32 if k <= _EXACT_FP32_MAX_K else torch.float64
     # Activations in (j, s) order so that a LUT-expanded packed row [Q, 4] is a
     # contiguous length-K row matching them.

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bitserve.kernels import tl_common
+from bitserve.kernels import reference, tl_common
+from bitserve.kernels.packing import unpack_ternary
 from bitserve.kernels.tl_common import (bucket, interpreting, inv_times_127, pick_split_k, quantize_int8, rne,
                                        splitk_epilogue)
 
@@ -55,6 +56,7 @@ GEMM_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32, "GROUP_M": 8, "num_
 GEMV_MAX_M = 1
 # GPU configs used unless BITSERVE_TRITON_AUTOTUNE=1 (H100 measurements in docs/kernels.md)
 GEMV_GPU = {"BLOCK_N": 16, "BLOCK_J": 256, "num_warps": 4, "num_stages": 1}
+DEQUANT_TILE_ELEMENTS = 1 << 26  # path="dequant": at most 64 MB of unpacked codes at a time
 
 
 def gemm_gpu_config(m: int) -> dict:
@@ -340,13 +342,41 @@ def ternary_gemm(x, packed, weight_scale, bias=None, out=None, *, act_int8=True,
     return out
 
 
+def ternary_dequant_gemm(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, split_k=None, config=None):
+    """Prefill path ``path="dequant"``: the codes are unpacked to bytes ``DEQUANT_TILE_ELEMENTS``
+    weights at a time and multiplied by the vendor GEMM. W2A8: per-token int8 activations (the
+    Triton quantizer) times the int8 codes through ``torch._int_mm`` (int32 accumulation, exact),
+    then the same epilogue as the kernels. W2A16: the ternary values in x's dtype through
+    ``F.linear``. cuBLAS int8 needs M > 16 and K, N multiples of 8. Not chosen automatically yet:
+    kernels/bench.py measures it against the tiled GEMM (docs/kernels.md)."""
+    m, n, q = _check(x, packed, weight_scale, bias)
+    if m == 0:
+        return out
+    x = x if x.stride(1) == 1 else x.contiguous()
+    ws = weight_scale if weight_scale.numel() == n else weight_scale.expand(n)
+    if act_int8:
+        xq, sx = quantize_int8(x)
+        y = reference.ternary_matmul_int8_vendor(xq, packed, DEQUANT_TILE_ELEMENTS) / sx[:, None] * ws
+    else:
+        rows = max(1, min(n, DEQUANT_TILE_ELEMENTS // (4 * q)))
+        y = torch.empty((m, n), dtype=torch.float32, device=x.device)
+        for r0 in range(0, n, rows):
+            t = unpack_ternary(packed[r0 : r0 + rows], x.dtype)
+            y[:, r0 : r0 + rows] = torch.nn.functional.linear(x, t).float()
+        y = y * ws
+    if bias is not None:
+        y = y + bias.float()
+    out.copy_(y)
+    return out
+
+
 def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, out_dtype=None,
                    path=None, split_k=None, config=None):
     """``[M, K] -> [M, N]`` ternary linear on the Triton kernels.
 
     act_int8: W2A8 (per-token int8 activations, :func:`bitserve.kernels.reference.ternary_linear_w2a8`)
     or W2A16 (:func:`bitserve.kernels.reference.ternary_linear_w2a16`). path: ``"gemv"``,
-    ``"gemm"`` or None (GEMV for ``M <= GEMV_MAX_M``). out: an ``[M, N]`` buffer to fill (else new,
+    ``"gemm"``, ``"dequant"`` (:func:`ternary_dequant_gemm`) or None (GEMV for ``M <= GEMV_MAX_M``). out: an ``[M, N]`` buffer to fill (else new,
     of ``out_dtype`` or x's dtype). split_k/config: explicit launch parameters (tests, tuning);
     None = the fixed configs below (``BITSERVE_TRITON_AUTOTUNE=1``: Triton's autotuner for GEMM).
     """
@@ -356,5 +386,5 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
     weight_scale = weight_scale.reshape(-1).float()
     if path is None:
         path = "gemv" if m <= GEMV_MAX_M else "gemm"
-    fn = {"gemv": ternary_gemv, "gemm": ternary_gemm}[path]
+    fn = {"gemv": ternary_gemv, "gemm": ternary_gemm, "dequant": ternary_dequant_gemm}[path]
     return fn(x, packed, weight_scale, bias, out, act_int8=act_int8, split_k=split_k, config=config)

@@ -495,3 +495,28 @@ def test_quant_linears_run_on_triton():
             assert (got.float() - want.float()).abs().max() <= tol, type(layer).__name__
             if isinstance(layer, TernaryLinear):
                 assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("act_int8", [True, False])
+def test_ternary_dequant_path(device, dtype, act_int8):
+    """path="dequant" (unpacked codes + the vendor GEMM, for prefill): W2A8 is exact up to the
+    same fp32 epilogue as the kernels; W2A16 within the float bound of the dot in x's dtype."""
+    m, n, k = 33, 72, 328
+    x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 9, True, True)
+    out = poisoned_out(m, n, dtype, device)
+    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=act_int8, path="dequant")
+    assert y is out
+    if act_int8:
+        ref, mag, amax = w2a8_oracle(x, t, ws, bias)
+        tol = 2 * UNIT[dtype] * ref.abs() + 2.0 ** -21 * mag + 1e-12
+        if device == "cuda":
+            tol = tol + 2 * amax / 127 * ws.double().abs()
+        assert_bound(y, ref, tol, "W2A8 dequant")
+    else:
+        ref = (x.double() @ t.double().t()) * ws.double() + bias.double()
+        s_abs = (x.double().abs() @ t.double().abs().t()) * ws.double()
+        # the dot rounds to x's dtype once more before the scale: one more unit of roundoff
+        bound = float_bound(ref, s_abs, dtype, k, False) + UNIT[dtype] * s_abs
+        assert_bound(y, ref, bound, "W2A16 dequant")
