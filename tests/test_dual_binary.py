@@ -19,19 +19,14 @@ from bitserve.plugins.dual_binary import DualBinaryFormat, DualBinaryLinearA8
 from bitserve.plugins.lowbit_layers import DualBinaryLinear
 from bitserve.plugins.registry import FormatRegistry
 from bitserve.plugins.testing import check_format
+from tiny_checkpoints import tiny_llama_config
 
 H, I, Q, KV = 64, 112, 64, 32  # hidden, intermediate, q size, kv size of the tiny llama below
 G = 16
 
 
 def tiny_config(**overrides):
-    from transformers import LlamaConfig
-
-    values = dict(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return tiny_llama_config(H, I, **overrides)
 
 
 def groups(layer, inter=I):

@@ -24,19 +24,14 @@ from bitserve.plugins.fakequant_grid import EPS, Misfit, Plan, analyze
 from bitserve.plugins.fakequant_layers import build_layer
 from bitserve.plugins.registry import FormatRegistry
 from bitserve.plugins.testing import check_format
+from tiny_checkpoints import tiny_llama_config
 
 H, I = 64, 128
 IDS = [1, 9, 22, 5, 71, 40, 3]
 
 
 def tiny_config(**overrides):
-    from transformers import LlamaConfig
-
-    values = dict(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return tiny_llama_config(H, I, **overrides)
 
 
 # -- the methods' quantizers, float64, from FORMATS.md ----------------------------------------------

@@ -160,3 +160,14 @@ def write_tiny_bitnet_model(folder: Path, seed: int = 0, **overrides) -> Path:
     write_bitnet_checkpoint(folder, config, state)
     write_char_tokenizer(folder, config.vocab_size)
     return folder
+
+
+def tiny_llama_config(hidden: int, intermediate: int, **overrides):
+    """A transformers LlamaConfig of a 2-layer GQA llama (4 heads, 2 KV heads, vocab 96), untied."""
+    from transformers import LlamaConfig
+
+    values = dict(vocab_size=96, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    values.update(overrides)
+    return LlamaConfig(**values)
