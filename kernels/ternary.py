@@ -352,6 +352,9 @@ def ternary_dequant_gemm(x, packed, weight_scale, bias=None, out=None, *, act_in
     m, n, q = _check(x, packed, weight_scale, bias)
     if m == 0:
         return out
+    if act_int8 and x.is_cuda and (m <= 16 or n % 8 or q % 2):
+        raise ValueError(f"path='dequant' (cuBLAS int8) needs M > 16 and K, N multiples of 8 on CUDA, got "
+                         f"M={m}, N={n}, K={4 * q}; use path='gemm'")
     x = x if x.stride(1) == 1 else x.contiguous()
     ws = weight_scale if weight_scale.numel() == n else weight_scale.expand(n)
     if act_int8:
