@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitserve.kernels import reference, tl_common
+from bitserve.kernels import reference, ternary_decode, tl_common
 from bitserve.kernels.packing import unpack_ternary
 from bitserve.kernels.tl_common import (bucket, interpreting, inv_times_127, pick_split_k, quantize_int8, rne,
                                        splitk_epilogue)
@@ -388,6 +388,10 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
         out = torch.empty((m, packed.shape[0]), dtype=out_dtype or x.dtype, device=x.device)
     weight_scale = weight_scale.reshape(-1).float()
     if path is None:
-        path = "gemv" if m <= GEMV_MAX_M else "gemm"
-    fn = {"gemv": ternary_gemv, "gemm": ternary_gemm, "dequant": ternary_dequant_gemm}[path]
+        if act_int8 and m <= ternary_decode.MAX_M and ternary_decode.supports(x, packed):
+            path = "dp4a"
+        else:
+            path = "gemv" if m <= GEMV_MAX_M else "gemm"
+    fn = {"gemv": ternary_gemv, "gemm": ternary_gemm, "dequant": ternary_dequant_gemm,
+          "dp4a": ternary_decode.ternary_w2a8_gemv}[path]
     return fn(x, packed, weight_scale, bias, out, act_int8=act_int8, split_k=split_k, config=config)

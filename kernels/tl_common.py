@@ -39,7 +39,7 @@ def launch(kernel, grid, config: dict | None, args: tuple, meta: dict) -> None:
     if config is None:
         kernel[grid](*args, **meta)
         return
-    fn = getattr(kernel, "fn", kernel)
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an autotuner's jit function, or the jit function
     cfg = dict(config)
     while True:
         try:
@@ -141,12 +141,14 @@ def inv_times_127(amax, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quantize_int8_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+def _quantize_int8_kernel(x_ptr, xq_ptr, sx_ptr, xsum_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                          WITH_SUM: tl.constexpr):
     """Per-token absmax int8 (FORMATS.md §1.5).
 
     x: ``[M, K]`` fp16/bf16/fp32 (row stride ``stride_xm``, unit column stride); xq: ``int8[M, K]``;
     sx: ``float32[M]`` = ``127 / max(max|x[m]|, 1e-5)`` rounded as torch does (``(1 / a) * 127``).
-    ``xq = clamp(rne(x * sx), -128, 127)``. Grid: ``(M,)``.
+    ``xq = clamp(rne(x * sx), -128, 127)``. WITH_SUM: also ``xsum[m] = sum(xq[m])`` (int32).
+    Grid: ``(M,)``.
     """
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
@@ -156,26 +158,33 @@ def _quantize_int8_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_
         amax = tl.maximum(amax, tl.abs(v))
     amax_row = tl.maximum(tl.max(amax, axis=0), 1e-5)
     s = inv_times_127(amax_row, BLOCK_K)
+    total = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
         v = tl.load(x_ptr + m * stride_xm + k0 + offs, mask=mask, other=0.0).to(tl.float32)
         q = tl.minimum(tl.maximum(rne(v * s), -128.0), 127.0)
         tl.store(xq_ptr + m * stride_qm + k0 + offs, q.to(tl.int8), mask=mask)
+        total += q.to(tl.int32)
     tl.store(sx_ptr + m + offs, s, mask=offs < 1)
+    if WITH_SUM:
+        tl.store(xsum_ptr + m + offs, tl.zeros([BLOCK_K], tl.int32) + tl.sum(total, axis=0), mask=offs < 1)
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(x: torch.Tensor, with_sum: bool = False):
     """Triton twin of :func:`bitserve.kernels.reference.quantize_activations_int8` for ``[M, K]``.
 
-    Returns ``(x_q int8 [M, K], s_x float32 [M])``.
+    Returns ``(x_q int8 [M, K], s_x float32 [M])``, and ``xsum int32 [M]`` (each row's sum of
+    ``x_q``) after them when ``with_sum``.
     """
     m, k = x.shape
     xq = workspace((m, k), torch.int8, x.device)
     sx = workspace((m,), torch.float32, x.device)
+    xsum = workspace((m,), torch.int32, x.device) if with_sum else None
     if m:
         block = min(QUANT_BLOCK_K, triton.next_power_of_2(k))
-        _quantize_int8_kernel[(m,)](x, xq, sx, k, x.stride(0), xq.stride(0), BLOCK_K=block, num_warps=4)
-    return xq, sx
+        _quantize_int8_kernel[(m,)](x, xq, sx, xsum if with_sum else sx, k, x.stride(0), xq.stride(0),
+                                    BLOCK_K=block, WITH_SUM=with_sum, num_warps=4)
+    return (xq, sx, xsum) if with_sum else (xq, sx)
 
 
 # -- split-K epilogue ----------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import triton_interp
 triton_interp.enable()
 pytest.importorskip("triton")
 
-from bitserve.kernels import binary, dispatch, int8_head, ops, reference, reference_lowbit, ternary, tl_common  # noqa: E402
+from bitserve.kernels import (binary, dispatch, int8_head, ops, reference, reference_lowbit, ternary,  # noqa: E402
+                              ternary_decode, tl_common)
 from bitserve.kernels.packing import (  # noqa: E402
     pack_dual_binary,
     pack_sign_bits,
@@ -150,6 +151,96 @@ def test_ternary_w2a8_paths_and_split_k(device, path, m, split_k):
     assert_bound(y, ref, tol, f"W2A8 {path} split {split_k}")
     if device == "cpu":  # fp32 output: the twin run on the same activations in fp32
         assert torch.equal(y, reference.ternary_linear_w2a8(x.float(), pack_ternary(t), ws, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+def test_ternary_w2a8_dp4a(device, dtype, m):
+    """The dp4a GEMV (path="dp4a"; K a multiple of 16, not a power of two) against the oracle."""
+    n, k = 72, 336
+    x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 5, m % 2 == 0, m != 2)
+    out = poisoned_out(m, n, dtype, device)
+    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=True, path="dp4a")
+    assert y is out
+    ref, mag, amax = w2a8_oracle(x, t, ws, bias)
+    tol = 2 * UNIT[dtype] * ref.abs() + 2.0 ** -21 * mag + 1e-12
+    if device == "cuda":
+        tol = tol + 2 * amax / 127 * ws.double().abs()
+    assert_bound(y, ref, tol, "W2A8 dp4a")
+    if device == "cpu":
+        assert torch.equal(y, reference.ternary_linear_w2a8(x, pack_ternary(t), ws, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,split_k,config", [
+    (1, 1, None), (1, 3, None), (2, 2, None), (9, 4, None), (1, None, {"BLOCK_N": 1, "BLOCK_W": 16, "num_warps": 1}),
+    (5, 2, {"BLOCK_N": 8, "BLOCK_W": 4, "BLOCK_M": 2, "num_warps": 1})])
+def test_ternary_w2a8_dp4a_split_k_and_tiles(device, m, split_k, config):
+    """Split-K (int32 partials: the result may not depend on the split), ragged tiles in N, M and K."""
+    n, k, dtype = 40, 208, torch.bfloat16
+    x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 6, True, True)
+    out = poisoned_out(m, n, torch.float32, device)
+    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=True, path="dp4a", split_k=split_k, config=config)
+    ref, mag, amax = w2a8_oracle(x, t, ws, bias)
+    tol = 2.0 ** -21 * mag + 1e-12 + (2 * amax / 127 * ws.double().abs() if device == "cuda" else 0)
+    assert_bound(y, ref, tol, f"W2A8 dp4a split {split_k} {config}")
+    if device == "cpu":
+        assert torch.equal(y, reference.ternary_linear_w2a8(x.float(), pack_ternary(t), ws, bias))
+
+
+def test_ternary_dp4a_refuses_shapes_it_cannot_read():
+    x = torch.randn(1, 200)  # K % 16 != 0: slabs of 50 bytes are not whole words
+    packed = pack_ternary(torch.zeros(8, 200, dtype=torch.int8))
+    with pytest.raises(ValueError, match="K % 16"):
+        ternary.ternary_linear(x, packed, torch.ones(1), path="dp4a")
+    with pytest.raises(ValueError, match="int8 activations"):
+        ternary.ternary_linear(torch.randn(1, 208), pack_ternary(torch.zeros(8, 208, dtype=torch.int8)),
+                               torch.ones(1), act_int8=False, path="dp4a")
+
+
+def test_w2a8_default_path_by_m_and_k(monkeypatch):
+    """Default dispatch: W2A8 with M <= ternary_decode.MAX_M and K % 16 == 0 -> dp4a, else GEMV/GEMM."""
+    taken = []
+    for name, fn in [("dp4a", "ternary_w2a8_gemv")]:
+        monkeypatch.setattr(ternary_decode, fn, lambda *a, _n=name, **kw: taken.append(_n))
+    monkeypatch.setattr(ternary, "ternary_gemv", lambda *a, **kw: taken.append("gemv"))
+    monkeypatch.setattr(ternary, "ternary_gemm", lambda *a, **kw: taken.append("gemm"))
+    for m, k, act_int8 in [(1, 208, True), (ternary_decode.MAX_M, 208, True), (ternary_decode.MAX_M + 1, 208, True),
+                           (1, 200, True), (1, 208, False)]:
+        ternary.ternary_linear(torch.zeros(m, k), pack_ternary(torch.zeros(8, k, dtype=torch.int8)), torch.ones(1),
+                               act_int8=act_int8)
+    assert taken == ["dp4a", "dp4a", "gemm", "gemv", "gemv"]
+
+
+def _dot4_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kern(a_ptr, b_ptr, c_ptr, o_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        o = dot4(tl.load(a_ptr + offs), tl.load(b_ptr + offs), tl.load(c_ptr + offs), False)
+        tl.store(o_ptr + offs, o)
+
+    return kern
+
+
+dot4 = ternary_decode.dot4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the emulation runs on the interpreter")
+def test_dot4_emulation_matches_dp4a_definition():
+    """The interpreter's stand-in for PTX dp4a.u32.s32: bytes of a unsigned, of b signed, summed into c."""
+    kern = _dot4_kernel()
+    g = gen("dot4")
+    a, b = (torch.randint(-2 ** 31, 2 ** 31 - 1, (64,), generator=g, dtype=torch.int32) for _ in range(2))
+    c = torch.randint(-2 ** 20, 2 ** 20, (64,), generator=g, dtype=torch.int32)
+    o = torch.empty_like(c)
+    kern[(1,)](a, b, c, o, BLOCK=64)
+    ua = a.view(torch.uint8).view(64, 4).long()  # little-endian bytes
+    sb = b.view(torch.int8).view(64, 4).long()
+    assert torch.equal(o.long(), c.long() + (ua * sb).sum(1))
 
 
 @pytest.mark.parametrize("device", DEVICES)

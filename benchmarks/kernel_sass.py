@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""What each weight kernel compiles to on a real GPU, without one: a static survey of the SASS.
+
+    python benchmarks/kernel_sass.py [--arch 90] [--quick] [--json FILE]
+
+For BitNet b1.58 2B4T's linear shapes it calls the kernel wrappers under
+:func:`bitserve.kernels.aot.compile_only` (every launch is compiled for ``sm_<arch>`` with the
+specialization a real launch would get, not run), then reads each kernel's main loop: instructions
+per iteration, how many weights one thread covers per iteration (from the launch config), hence
+**instructions per weight**, global-load widths, ``BAR`` (shared-memory round trips, usually a
+layout conversion), ``IDP.4A`` and tensor-core instructions, and registers per thread. Prints a
+table and, with ``--json``, writes the rows. Run on the CPU with ``TRITON_INTERPRET`` unset; the
+ternary-decode numbers in docs/kernels.md came from here.
+
+This is not a timing: it finds instruction-bound loops and shared-memory round trips, which
+decided the dp4a GEMV's design between GPU sessions (docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+SHAPES_2B4T = [("qkv", 3840, 2560), ("q|o", 2560, 2560), ("k|v", 640, 2560), ("gate_up", 13824, 2560),
+               ("down", 2560, 6912)]
+
+
+def _cases(quick: bool):
+    """(op, shape name, N, K, M, path, call) for every survey row; ``call`` launches the wrapper."""
+    import torch
+
+    from bitserve.kernels import binary, int8_head, ternary
+
+    def ternary_call(n, k, m, path, act_int8):
+        x = torch.randn(m, k).bfloat16()
+        packed = torch.zeros(n, k // 4, dtype=torch.uint8)
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        return lambda: ternary.ternary_linear(x, packed, torch.ones(n), None, out, act_int8=act_int8, path=path)
+
+    def binary_call(n, k, m):
+        x = torch.randn(m, k).bfloat16()
+        return lambda: binary.binary_linear(x, torch.zeros(n, k // 8, dtype=torch.uint8), torch.ones(k), torch.ones(n),
+                                            None, None, torch.empty(m, n, dtype=torch.bfloat16))
+
+    def dual_call(n, k, m, group=128):
+        x = torch.randn(m, k).bfloat16()
+        a = torch.ones(n, k // group)
+        return lambda: binary.dual_binary_linear(x, torch.zeros(n, k // 4, dtype=torch.uint8), a, a, group, None,
+                                                 torch.empty(m, n, dtype=torch.bfloat16))
+
+    def head_call(n, k, m):
+        x = torch.randn(m, k).bfloat16()
+        return lambda: int8_head.int8_linear(x, torch.zeros(n, k, dtype=torch.int8), torch.ones(n), None,
+                                             torch.empty(m, n, dtype=torch.bfloat16))
+
+    shapes = SHAPES_2B4T if not quick else [s for s in SHAPES_2B4T if s[0] in ("qkv", "gate_up")]
+    for name, n, k in shapes:
+        for path in ("dp4a", "gemv"):
+            yield "w2a8", name, n, k, 1, path, ternary_call(n, k, 1, path, True)
+        yield "w2a8", name, n, k, 8, "dp4a", ternary_call(n, k, 8, "dp4a", True)
+        yield "w2a16", name, n, k, 1, "gemv", ternary_call(n, k, 1, "gemv", False)
+        if name == "gate_up":
+            yield "w2a8", name, n, k, 512, "gemm", ternary_call(n, k, 512, "gemm", True)
+            yield "w2a16", name, n, k, 512, "gemm", ternary_call(n, k, 512, "gemm", False)
+            yield "binary", name, n, k, 1, "auto", binary_call(n, k, 1)
+            yield "dual", name, n, k, 1, "auto", dual_call(n, k, 1)
+    yield "int8head", "lm_head", 128256, 2560, 1, "auto", head_call(128256, 2560, 1)
+
+
+def weights_per_thread(launch, op: str, c: dict) -> float | None:
+    """Weights one thread covers per main-loop iteration, from the launch's tile sizes."""
+    threads = 32 * launch.num_warps
+    if "BLOCK_W" in c:  # dp4a: words of 16 weights
+        return c["BLOCK_N"] * c["BLOCK_W"] * 16 / threads
+    if "BLOCK_J" in c and "BLOCK_N" in c:  # bytes of 4 (ternary) / 8 (binary) weights
+        per_byte = 8 if op == "binary" else 4
+        return c["BLOCK_N"] * c["BLOCK_J"] * per_byte / threads
+    if "BLOCK_K" in c and "BLOCK_N" in c:  # int8 rows
+        return c["BLOCK_N"] * c["BLOCK_K"] / threads
+    return None
+
+
+def survey(arch: int, quick: bool) -> list[dict]:
+    from bitserve.kernels import aot
+
+    rows = []
+    for op, name, n, k, m, path, call in _cases(quick):
+        with aot.compile_only(arch) as launches:
+            call()
+        for launch in launches:
+            summ = aot.sass_summary(launch.sass())
+            meta = {key: v for key, v in launch.meta.items() if key.startswith("BLOCK_")}
+            wpt = None if "quantize" in launch.name else weights_per_thread(launch, op, meta)
+            tokens = min(m, meta.get("BLOCK_M", 1))  # each weight a thread loads serves this many real tokens
+            per_weight = summ["loop_instructions"] / (wpt * tokens) if wpt and "loop_instructions" in summ else None
+            rows.append({
+                "op": op, "shape": name, "N": n, "K": k, "M": m, "path": path, "kernel": launch.name,
+                "arch": arch, "warps": launch.num_warps, **launch.resources(), "tiles": meta,
+                "loop_instructions": summ.get("loop_instructions"), "instr_per_weight_per_token": per_weight,
+                "loop_barriers": summ.get("loop_barriers"), "loop_shared": summ.get("loop_shared"),
+                "loop_loads": summ.get("loop_loads"), "loop_idp4a": summ.get("loop_idp4a"),
+                "loop_mma": summ.get("loop_mma"), "instructions": summ["instructions"],
+            })
+    return rows
+
+
+def _fmt_loads(loads: dict | None) -> str:
+    if not loads:
+        return "-"
+    return " ".join(f"{v}x{k.replace('LDG.E.', '').replace('LDG.E', '32')}" for k, v in loads.items())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (80 = A100, 90 = H100/H200)")
+    ap.add_argument("--quick", action="store_true", help="only the qkv and gate_up shapes")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("kernel_sass compiles kernels: unset TRITON_INTERPRET", file=sys.stderr)
+        return 2
+    print(f"compiling the weight kernels for sm_{args.arch} ...", file=sys.stderr)
+    rows = survey(args.arch, args.quick)
+    hdr = f"{'op':8} {'shape':8} {'M':>4} {'path':5} {'kernel':26} {'regs':>4} {'spill':>5} {'loop':>5} {'ins/w':>6} {'BAR':>3} {'IDP':>4} {'MMA':>4}  loads"
+    print(hdr)
+    for r in rows:
+        ipw = r["instr_per_weight_per_token"]
+        print(f"{r['op']:8} {r['shape']:8} {r['M']:>4} {r['path']:5} {r['kernel'][:26]:26} {r['registers']:>4} {r['local']:>5} "
+              f"{r['loop_instructions'] or 0:>5} {('%.2f' % ipw) if ipw else '-':>6} {r['loop_barriers'] or 0:>3} "
+              f"{r['loop_idp4a'] or 0:>4} {r['loop_mma'] or 0:>4}  {_fmt_loads(r['loop_loads'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
