@@ -27,17 +27,18 @@ SHAPES_2B4T = [("qkv", 3840, 2560), ("q|o", 2560, 2560), ("k|v", 640, 2560), ("g
                ("down", 2560, 6912)]
 
 
-def _cases(quick: bool):
+def _cases(quick: bool, arch: int):
     """(op, shape name, N, K, M, path, call) for every survey row; ``call`` launches the wrapper."""
     import torch
 
     from bitserve.kernels import binary, int8_head, ternary
 
-    def ternary_call(n, k, m, path, act_int8):
+    def ternary_call(n, k, m, path, act_int8, config=None):
         x = torch.randn(m, k).bfloat16()
         packed = torch.zeros(n, k // 4, dtype=torch.uint8)
         out = torch.empty(m, n, dtype=torch.bfloat16)
-        return lambda: ternary.ternary_linear(x, packed, torch.ones(n), None, out, act_int8=act_int8, path=path)
+        return lambda: ternary.ternary_linear(x, packed, torch.ones(n), None, out, act_int8=act_int8, path=path,
+                                              config=config)
 
     def binary_call(n, k, m):
         x = torch.randn(m, k).bfloat16()
@@ -67,6 +68,30 @@ def _cases(quick: bool):
             yield "binary", name, n, k, 1, "auto", binary_call(n, k, 1)
             yield "dual", name, n, k, 1, "auto", dual_call(n, k, 1)
     yield "int8head", "lm_head", 128256, 2560, 1, "auto", head_call(128256, 2560, 1)
+    # the launch configs kernels/bench.py --sweep tries on a GPU, so that none of them fails there
+    from bitserve.kernels.bench import DP4A_SWEEP, config_label
+
+    name, n, k = SHAPES_2B4T[0]
+    if arch >= 90:  # griddepcontrol is sm_90+
+        yield "w2a8", name, n, k, 1, "dp4a/pdl", _with_pdl(ternary_call(n, k, 1, "dp4a", True, {"PDL": True}))
+    for bn, bw, w in DP4A_SWEEP:
+        cfg = {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": w, "num_stages": 1}
+        yield "w2a8", name, n, k, 1, "dp4a/" + config_label(cfg), ternary_call(n, k, 1, "dp4a", True, cfg)
+
+
+def _with_pdl(call):
+    """``call`` as if the device supported programmatic dependent launch (the survey runs on a CPU)."""
+    from bitserve.kernels import ternary_decode
+
+    def run():
+        supported = ternary_decode.pdl_supported
+        ternary_decode.pdl_supported = lambda device: True
+        try:
+            return call()
+        finally:
+            ternary_decode.pdl_supported = supported
+
+    return run
 
 
 def weights_per_thread(launch, op: str, c: dict) -> float | None:
@@ -86,7 +111,7 @@ def survey(arch: int, quick: bool) -> list[dict]:
     from bitserve.kernels import aot
 
     rows = []
-    for op, name, n, k, m, path, call in _cases(quick):
+    for op, name, n, k, m, path, call in _cases(quick, arch):
         with aot.compile_only(arch) as launches:
             call()
         for launch in launches:
@@ -102,6 +127,7 @@ def survey(arch: int, quick: bool) -> list[dict]:
                 "loop_barriers": summ.get("loop_barriers"), "loop_shared": summ.get("loop_shared"),
                 "loop_loads": summ.get("loop_loads"), "loop_idp4a": summ.get("loop_idp4a"),
                 "loop_mma": summ.get("loop_mma"), "instructions": summ["instructions"],
+                "pdl": bool(launch.meta.get("launch_pdl")), "griddepcontrol": "griddepcontrol" in launch.ptx(),
             })
     return rows
 
@@ -123,11 +149,11 @@ def main(argv=None) -> int:
         return 2
     print(f"compiling the weight kernels for sm_{args.arch} ...", file=sys.stderr)
     rows = survey(args.arch, args.quick)
-    hdr = f"{'op':8} {'shape':8} {'M':>4} {'path':5} {'kernel':26} {'regs':>4} {'spill':>5} {'loop':>5} {'ins/w':>6} {'BAR':>3} {'IDP':>4} {'MMA':>4}  loads"
+    hdr = f"{'op':8} {'shape':8} {'M':>4} {'path':14} {'kernel':26} {'regs':>4} {'spill':>5} {'loop':>5} {'ins/w':>6} {'BAR':>3} {'IDP':>4} {'MMA':>4}  loads"
     print(hdr)
     for r in rows:
         ipw = r["instr_per_weight_per_token"]
-        print(f"{r['op']:8} {r['shape']:8} {r['M']:>4} {r['path']:5} {r['kernel'][:26]:26} {r['registers']:>4} {r['local']:>5} "
+        print(f"{r['op']:8} {r['shape']:8} {r['M']:>4} {r['path']:14} {r['kernel'][:26]:26} {r['registers']:>4} {r['local']:>5} "
               f"{r['loop_instructions'] or 0:>5} {('%.2f' % ipw) if ipw else '-':>6} {r['loop_barriers'] or 0:>3} "
               f"{r['loop_idp4a'] or 0:>4} {r['loop_mma'] or 0:>4}  {_fmt_loads(r['loop_loads'])}")
     if args.json:

@@ -204,24 +204,35 @@ def launch_floor_us() -> float:
     return time_calls([lambda: _empty[(1,)](buf)], reps=10)[0]
 
 
-GEMV_SWEEP = [  # (BLOCK_N, BLOCK_J, num_warps) of the GEMV, split-K from the heuristic
-    (8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 256, 4), (16, 512, 8), (32, 128, 4)]
+DP4A_SWEEP = [  # (BLOCK_N, BLOCK_W, num_warps) of the dp4a decode GEMV at M=1; split-K from the heuristic
+    (2, 256, 2), (4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 128, 4), (16, 256, 8), (32, 64, 4)]
 
 
 def sweep_plan() -> list:
-    """Tuning data for the fixed GPU configs (2B4T shapes): GEMV configs and forced split-K at M=1,
-    GEMV vs GEMM at M = 1, 2, 4, and the ``dequant`` prefill path at M = 32, 128, 512."""
+    """Tuning data for the fixed GPU configs (2B4T shapes): dp4a GEMV configs and forced split-K at
+    M=1 against the first GEMV, dp4a vs GEMM at M = 2, 4, 8, 16, and the ``dequant`` prefill path
+    at M = 32, 128, 512."""
     plan = []
     for label, n, k in SHAPES_2B4T:
-        plan += [("w2a8", label, n, k, 1, "gemv", None,
-                  {"BLOCK_N": bn, "BLOCK_J": bj, "num_warps": w, "num_stages": 1}) for bn, bj, w in GEMV_SWEEP]
-        plan += [("w2a8", label, n, k, 1, "gemv", s, None) for s in (1, 2, 4)]
-        for m in (1, 2, 4):
-            plan += [("w2a8", label, n, k, m, "gemv", None, None), ("w2a8", label, n, k, m, "gemm", None, None)]
+        plan.append(("w2a8", label, n, k, 1, "gemv", None, None))
+        plan += [("w2a8", label, n, k, 1, "dp4a", None,
+                  {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": w, "num_stages": 1}) for bn, bw, w in DP4A_SWEEP]
+        plan += [("w2a8", label, n, k, 1, "dp4a", s, None) for s in (1, 2, 4)]
+        plan.append(("w2a8", label, n, k, 1, "dp4a", None, {"PDL": True}))  # programmatic dependent launch
+        for m in (2, 4, 8, 16):
+            plan += [("w2a8", label, n, k, m, "dp4a", None, None), ("w2a8", label, n, k, m, "gemm", None, None)]
         # prefill: the tiled GEMM vs unpacked codes + cuBLAS (int8 _int_mm for W2A8)
         plan += [("w2a8", label, n, k, m, "dequant", None, None) for m in (32, 128, 512)]
     plan += [("w2a16", label, n, k, 512, "dequant", None, None) for label, n, k in SHAPES_2B4T[3:]]
     return plan
+
+
+def config_label(config: dict) -> str:
+    """``16x128w4`` for a launch config (BLOCK_N x BLOCK_J/BLOCK_W, warps)."""
+    if "BLOCK_N" not in config:  # keys over the default plan
+        return ",".join(f"{k.lower()}" if v is True else f"{k.lower()}={v}" for k, v in config.items())
+    inner = config.get("BLOCK_W", config.get("BLOCK_J", config.get("BLOCK_K", "?")))
+    return f"{config['BLOCK_N']}x{inner}w{config.get('num_warps', '?')}" + (",pdl" if config.get("PDL") else "")
 
 
 def best_configs() -> dict:
@@ -290,7 +301,7 @@ def run(args) -> dict:
         gbps = nbytes / (us * 1e-6) / 1e9
         path = path if split is None else f"{path}/s{split}"
         if config:
-            path += f"/{config['BLOCK_N']}x{config['BLOCK_J']}w{config['num_warps']}"
+            path += "/" + config_label(config)
         rec = dict(op=op, shape=label, N=n, K=k, M=m, path=path, us=round(us, 3), bf16_us=round(bf16_us, 3),
                    GBps=round(gbps, 1), pct_copy=round(100 * gbps / copy_gbps, 1),
                    bf16_pct_copy=round(100 * bf16_bytes / (bf16_us * 1e-6) / 1e9 / copy_gbps, 1),

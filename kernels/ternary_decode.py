@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from bitserve.kernels import tl_common
-from bitserve.kernels.tl_common import interpreting, pick_split_k, quantize_int8, splitk_epilogue
+from bitserve.kernels.tl_common import (grid_dependency_wait, interpreting, pdl_supported, pick_split_k, quantize_int8,
+                                       splitk_epilogue)
 
 # words (4 bytes) of weights one program reads per K step, on GPUs: 16 words (four 128-bit loads)
 # per thread with 4 warps
@@ -61,6 +62,7 @@ def _w2a8_dp4a_kernel(
     M, N, QW, stride_xm, stride_wn, stride_om,
     WS_PER_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """``y[m] = T @ x[m]`` for BLOCK_M tokens per program, weights read once for all of them.
 
@@ -96,20 +98,28 @@ def _w2a8_dp4a_kernel(
     w_per = tl.cdiv(tl.cdiv(QW, SPLIT_K), BLOCK_W) * BLOCK_W
     w_begin = pid_k * w_per
     w_end = tl.minimum(w_begin + w_per, QW)
+    # the weights of the next step are loaded before this step's arithmetic (Triton does not
+    # pipeline loops without tl.dot); the first step's before waiting for the quantization kernel
+    # to finish (PDL: programmatic dependent launch lets this kernel start while it runs)
+    offs_w = w_begin + tl.arange(0, BLOCK_W)[None, None, :]
+    words = tl.load(w_rows + offs_w, mask=n_mask3 & (offs_w < w_end), other=0)
+    if PDL:
+        grid_dependency_wait()
     for w0 in range(w_begin, w_end, BLOCK_W):
         offs_w = w0 + tl.arange(0, BLOCK_W)[None, None, :]
-        w_mask = offs_w < w_end
-        words = tl.load(w_rows + offs_w, mask=n_mask3 & w_mask, other=0)
-        x_mask = m_mask3 & w_mask
+        x_mask = m_mask3 & (offs_w < w_end)
         x0 = tl.load(x_rows + offs_w, mask=x_mask, other=0)
         x1 = tl.load(x_rows + (QW + offs_w), mask=x_mask, other=0)
         x2 = tl.load(x_rows + (2 * QW + offs_w), mask=x_mask, other=0)
         x3 = tl.load(x_rows + (3 * QW + offs_w), mask=x_mask, other=0)
+        offs_next = offs_w + BLOCK_W
+        words_next = tl.load(w_rows + offs_next, mask=n_mask3 & (offs_next < w_end), other=0)
         high = words >> 4
         acc1 = dot4(words & 0x03030303, x0, acc1, USE_ASM)
         acc4 = dot4(words & 0x0C0C0C0C, x1, acc4, USE_ASM)
         acc1 = dot4(high & 0x03030303, x2, acc1, USE_ASM)
         acc4 = dot4(high & 0x0C0C0C0C, x3, acc4, USE_ASM)
+        words = words_next
     total = tl.sum(acc1, axis=2) + (tl.sum(acc4, axis=2) >> 2)  # [BM, BN], acc4 is 4 x an integer
     if pid_k == 0:
         total -= tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)[:, None]  # the codes are t + 1
@@ -165,9 +175,11 @@ def ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out
     qw = q // 4
     if m == 0:
         return out
-    if config is None:
-        config = INTERPRET_CONFIG if interpreting() else plan(m, n, qw, xq.device)
-    cfg = dict(config)
+    # config: a full launch config, or some keys (e.g. {"PDL": True}) over the default plan
+    cfg = {**(INTERPRET_CONFIG if interpreting() else plan(m, n, qw, xq.device)), **(config or {})}
+    pdl = bool(cfg.pop("PDL", False)) and pdl_supported(xq.device)
+    if pdl:
+        cfg["launch_pdl"] = True
     block_n = cfg.pop("BLOCK_N")
     block_m = cfg.pop("BLOCK_M", block_m_for(m))
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
@@ -181,7 +193,7 @@ def ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out
     args = (xw, sx, xsum, words, weight_scale, bias if bias is not None else dummy, out, part if part is not None else dummy,
             m, n, qw, xw.stride(0), words.stride(0), out.stride(0))
     meta = dict(WS_PER_N=weight_scale.numel() != 1, HAS_BIAS=bias is not None, SPLIT_K=split_k,
-                DIRECT=split_k == 1, BLOCK_M=block_m, BLOCK_N=block_n, USE_ASM=not interpreting())
+                DIRECT=split_k == 1, BLOCK_M=block_m, BLOCK_N=block_n, USE_ASM=not interpreting(), PDL=pdl)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     tl_common.launch(_w2a8_dp4a_kernel, grid, cfg, args, meta)
     if split_k > 1:
@@ -191,10 +203,13 @@ def ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out
 
 def ternary_w2a8_gemv(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, split_k=None, config=None):
     """``path="dp4a"`` of :func:`bitserve.kernels.ternary.ternary_linear`: per-token int8
-    quantization (one small kernel), then the dp4a GEMV. W2A8 only (``act_int8``)."""
+    quantization (one small kernel), then the dp4a GEMV. W2A8 only (``act_int8``). ``config`` may
+    hold ``"PDL": True``: launch the GEMV as a programmatic dependent launch (sm_90+, where Triton
+    supports it), so that it starts loading weights while the quantization kernel runs."""
     if not act_int8:
         raise ValueError("path='dp4a' is for int8 activations (W2A8); use path='gemv' for W2A16")
     if not supports(x, packed):
         raise ValueError(f"path='dp4a' needs K % 16 == 0 and word-aligned packed rows, got K={x.shape[-1]}")
-    xq, sx, xsum = quantize_int8(x if x.stride(1) == 1 else x.contiguous(), with_sum=True)
+    pdl = bool((config or {}).get("PDL")) and pdl_supported(x.device)
+    xq, sx, xsum = quantize_int8(x if x.stride(1) == 1 else x.contiguous(), with_sum=True, launch_dependents=pdl)
     return ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out, split_k=split_k, config=config)

@@ -121,6 +121,36 @@ def bucket(m: int) -> int:
     return min(1024, triton.next_power_of_2(max(1, m)))
 
 
+# -- programmatic dependent launch (sm_90+) ----------------------------------------------------------
+
+
+@triton.jit
+def grid_dependency_wait():
+    """PTX ``griddepcontrol.wait``: block until the previous kernel in the stream has finished and
+    its writes are visible (a no-op unless this kernel was launched with ``launch_pdl``)."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def grid_dependency_launch_dependents():
+    """PTX ``griddepcontrol.launch_dependents``: a kernel launched after this one with PDL may start."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: a CUDA device of compute capability 9.0+ and a Triton whose
+    launcher has the ``launch_pdl`` option. False when interpreting."""
+    if device.type != "cuda" or interpreting():
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - Triton without the NVIDIA backend
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and \
+        torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 # -- per-token int8 activation quantization ---------------------------------------------------------
 
 
@@ -142,14 +172,17 @@ def inv_times_127(amax, BLOCK: tl.constexpr):
 
 @triton.jit
 def _quantize_int8_kernel(x_ptr, xq_ptr, sx_ptr, xsum_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                          WITH_SUM: tl.constexpr):
+                          WITH_SUM: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """Per-token absmax int8 (FORMATS.md §1.5).
 
     x: ``[M, K]`` fp16/bf16/fp32 (row stride ``stride_xm``, unit column stride); xq: ``int8[M, K]``;
     sx: ``float32[M]`` = ``127 / max(max|x[m]|, 1e-5)`` rounded as torch does (``(1 / a) * 127``).
     ``xq = clamp(rne(x * sx), -128, 127)``. WITH_SUM: also ``xsum[m] = sum(xq[m])`` (int32).
-    Grid: ``(M,)``.
+    LAUNCH_DEPENDENTS: let a kernel launched after this one with PDL start now (it waits for
+    this kernel's results with :func:`grid_dependency_wait`). Grid: ``(M,)``.
     """
+    if LAUNCH_DEPENDENTS:
+        grid_dependency_launch_dependents()
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -170,7 +203,7 @@ def _quantize_int8_kernel(x_ptr, xq_ptr, sx_ptr, xsum_ptr, K, stride_xm, stride_
         tl.store(xsum_ptr + m + offs, tl.zeros([BLOCK_K], tl.int32) + tl.sum(total, axis=0), mask=offs < 1)
 
 
-def quantize_int8(x: torch.Tensor, with_sum: bool = False):
+def quantize_int8(x: torch.Tensor, with_sum: bool = False, launch_dependents: bool = False):
     """Triton twin of :func:`bitserve.kernels.reference.quantize_activations_int8` for ``[M, K]``.
 
     Returns ``(x_q int8 [M, K], s_x float32 [M])``, and ``xsum int32 [M]`` (each row's sum of
@@ -183,7 +216,8 @@ def quantize_int8(x: torch.Tensor, with_sum: bool = False):
     if m:
         block = min(QUANT_BLOCK_K, triton.next_power_of_2(k))
         _quantize_int8_kernel[(m,)](x, xq, sx, xsum if with_sum else sx, k, x.stride(0), xq.stride(0),
-                                    BLOCK_K=block, WITH_SUM=with_sum, num_warps=4)
+                                    BLOCK_K=block, WITH_SUM=with_sum, LAUNCH_DEPENDENTS=launch_dependents,
+                                    num_warps=4)
     return (xq, sx, xsum) if with_sum else (xq, sx)
 
 

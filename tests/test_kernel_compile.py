@@ -43,10 +43,12 @@ def test_every_weight_op_compiles_without_spills(survey):
 
 def test_dp4a_decode_loop(survey):
     arch, rows = survey
-    dp4a = [r for r in rows if r["kernel"] == "_w2a8_dp4a_kernel"]
-    assert {(r["shape"], r["M"]) for r in dp4a} == {("qkv", 1), ("qkv", 8), ("gate_up", 1), ("gate_up", 8)}
+    dp4a = [r for r in rows if r["kernel"] == "_w2a8_dp4a_kernel"]  # default plans and the bench's sweep configs
+    assert {(r["shape"], r["M"]) for r in dp4a if r["path"] == "dp4a"} == {("qkv", 1), ("qkv", 8), ("gate_up", 1),
+                                                                           ("gate_up", 8)}
+    assert len({r["path"] for r in dp4a}) > 5
     for r in dp4a:
-        what = f"sm_{arch} {r['shape']} M={r['M']}"
+        what = f"sm_{arch} {r['shape']} M={r['M']} {r['path']}"
         assert r["loop_barriers"] == 0 and r["loop_shared"] == 0, f"{what}: the loop converts layouts through shared memory"
         assert r["loop_idp4a"] > 0, f"{what}: no IDP.4A in the loop"
         assert set(r["loop_loads"]) == {"LDG.E.128"}, f"{what}: loads {r['loop_loads']} are not all 128-bit"
@@ -59,5 +61,21 @@ def test_dp4a_is_leaner_than_the_first_gemv(survey):
     _, rows = survey
     by = {(r["kernel"], r["shape"], r["M"]): r for r in rows}
     for shape in ("qkv", "gate_up"):
-        new, old = by[("_w2a8_dp4a_kernel", shape, 1)], by[("_ternary_gemv_kernel", shape, 1)]
+        new = next(r for r in rows if r["kernel"] == "_w2a8_dp4a_kernel" and r["shape"] == shape and r["M"] == 1
+                   and r["path"] == "dp4a")
+        old = by[("_ternary_gemv_kernel", shape, 1)]
         assert new["instr_per_weight_per_token"] * 3 < old["instr_per_weight_per_token"]
+
+
+def test_pdl_variant_compiles_with_grid_dependency_control(survey):
+    """bench.py --sweep times the dp4a GEMV as a programmatic dependent launch: the quantization
+    kernel lets it start early and it waits (griddepcontrol) before reading the activations."""
+    arch, rows = survey
+    pdl = {r["kernel"]: r for r in rows if r["path"] == "dp4a/pdl"}
+    if arch < 90:
+        assert not pdl, "griddepcontrol needs sm_90: no PDL launch below"
+        return
+    assert pdl["_w2a8_dp4a_kernel"]["pdl"] and pdl["_w2a8_dp4a_kernel"]["griddepcontrol"]
+    assert pdl["_quantize_int8_kernel"]["griddepcontrol"] and not pdl["_quantize_int8_kernel"]["pdl"]
+    plain = [r for r in rows if r["path"] == "dp4a" and r["M"] == 1]
+    assert plain and not any(r["pdl"] or r["griddepcontrol"] for r in plain)
