@@ -40,16 +40,16 @@ def _cases(quick: bool, arch: int):
         return lambda: ternary.ternary_linear(x, packed, torch.ones(n), None, out, act_int8=act_int8, path=path,
                                               config=config)
 
-    def binary_call(n, k, m):
+    def binary_call(n, k, m, path=None):
         x = torch.randn(m, k).bfloat16()
         return lambda: binary.binary_linear(x, torch.zeros(n, k // 8, dtype=torch.uint8), torch.ones(k), torch.ones(n),
-                                            None, None, torch.empty(m, n, dtype=torch.bfloat16))
+                                            None, None, torch.empty(m, n, dtype=torch.bfloat16), path=path)
 
-    def dual_call(n, k, m, group=128):
+    def dual_call(n, k, m, path=None, group=128):
         x = torch.randn(m, k).bfloat16()
         a = torch.ones(n, k // group)
         return lambda: binary.dual_binary_linear(x, torch.zeros(n, k // 4, dtype=torch.uint8), a, a, group, None,
-                                                 torch.empty(m, n, dtype=torch.bfloat16))
+                                                 torch.empty(m, n, dtype=torch.bfloat16), path=path)
 
     def head_call(n, k, m):
         x = torch.randn(m, k).bfloat16()
@@ -61,12 +61,14 @@ def _cases(quick: bool, arch: int):
         for path in ("dp4a", "gemv"):
             yield "w2a8", name, n, k, 1, path, ternary_call(n, k, 1, path, True)
         yield "w2a8", name, n, k, 8, "dp4a", ternary_call(n, k, 8, "dp4a", True)
-        yield "w2a16", name, n, k, 1, "gemv", ternary_call(n, k, 1, "gemv", False)
+        for path in ("decode", "gemv"):
+            yield "w2a16", name, n, k, 1, path, ternary_call(n, k, 1, path, False)
         if name == "gate_up":
             yield "w2a8", name, n, k, 512, "gemm", ternary_call(n, k, 512, "gemm", True)
             yield "w2a16", name, n, k, 512, "gemm", ternary_call(n, k, 512, "gemm", False)
-            yield "binary", name, n, k, 1, "auto", binary_call(n, k, 1)
-            yield "dual", name, n, k, 1, "auto", dual_call(n, k, 1)
+            for path in ("decode", "gemm"):
+                yield "binary", name, n, k, 1, path, binary_call(n, k, 1, path)
+                yield "dual", name, n, k, 1, path, dual_call(n, k, 1, path)
     yield "int8head", "lm_head", 128256, 2560, 1, "auto", head_call(128256, 2560, 1)
     # the launch configs kernels/bench.py --sweep tries on a GPU, so that none of them fails there
     from bitserve.kernels.bench import DP4A_SWEEP, config_label
@@ -97,8 +99,8 @@ def _with_pdl(call):
 def weights_per_thread(launch, op: str, c: dict) -> float | None:
     """Weights one thread covers per main-loop iteration, from the launch's tile sizes."""
     threads = 32 * launch.num_warps
-    if "BLOCK_W" in c:  # dp4a: words of 16 weights
-        return c["BLOCK_N"] * c["BLOCK_W"] * 16 / threads
+    if "BLOCK_W" in c:  # words of 32 (binary) or 16 (ternary, dual-binary) weights
+        return c["BLOCK_N"] * c["BLOCK_W"] * (32 if op == "binary" else 16) / threads
     if "BLOCK_J" in c and "BLOCK_N" in c:  # bytes of 4 (ternary) / 8 (binary) weights
         per_byte = 8 if op == "binary" else 4
         return c["BLOCK_N"] * c["BLOCK_J"] * per_byte / threads

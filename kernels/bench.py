@@ -132,6 +132,12 @@ def setup_ternary(n, k, m, act_int8, path, gen, split_k=None, config=None):
         if path == "auto":
             op = ops.ternary_w2a8 if act_int8 else ops.ternary_w2a16
             return lambda: op(xx, p, s, None)
+        if path == "dp4a-preq":  # the GEMV alone: activations quantized once, outside the timing
+            from bitserve.kernels import ternary_decode, tl_common
+
+            q = tl_common.quantize_int8(xx, with_sum=True)
+            return lambda: ternary_decode.ternary_w2a8_gemv_prequantized(*q, p, s, None, out, split_k=split_k,
+                                                                        config=config)
         return lambda: ternary.ternary_linear(xx, p, s, None, out, act_int8=act_int8, path=path, split_k=split_k,
                                               config=config)
 
@@ -140,8 +146,8 @@ def setup_ternary(n, k, m, act_int8, path, gen, split_k=None, config=None):
     return [make(i) for i in range(r)], set_bytes, check
 
 
-def setup_binary(n, k, m, gen):
-    from bitserve.kernels import ops, reference_lowbit
+def setup_binary(n, k, m, gen, path="auto"):
+    from bitserve.kernels import binary, ops, reference_lowbit
     from bitserve.kernels.packing import pack_sign_bits
 
     packed = pack_sign_bits(torch.randint(0, 2, (n, k), device="cuda", dtype=torch.uint8, generator=gen))
@@ -150,13 +156,16 @@ def setup_binary(n, k, m, gen):
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     set_bytes = packed.numel() + (k + n) * 4 + x.numel() * 2 + m * n * 2
     sets = [(packed.clone() if i else packed, x) for i in range(copies_for(set_bytes))]
-    calls = [(lambda p=p, xx=xx: ops.binary_w1a16(xx, p, g, h, None, None)) for p, xx in sets]
+    if path == "auto":
+        calls = [(lambda p=p, xx=xx: ops.binary_w1a16(xx, p, g, h, None, None)) for p, xx in sets]
+    else:
+        calls = [(lambda p=p, xx=xx: binary.binary_linear(xx, p, g, h, None, None, path=path)) for p, xx in sets]
     check = lambda: rel_err(calls[0](), reference_lowbit.binary_linear_w1a16(x, packed, g, h))  # noqa: E731
     return calls, set_bytes, check
 
 
-def setup_dual(n, k, m, gen, group=128):
-    from bitserve.kernels import ops, reference_lowbit
+def setup_dual(n, k, m, gen, path="auto", group=128):
+    from bitserve.kernels import binary, ops, reference_lowbit
     from bitserve.kernels.packing import pack_dual_binary
 
     b = [torch.randint(0, 2, (n, k), device="cuda", dtype=torch.uint8, generator=gen) for _ in range(2)]
@@ -166,7 +175,11 @@ def setup_dual(n, k, m, gen, group=128):
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     set_bytes = packed.numel() + 2 * a1.numel() * 4 + x.numel() * 2 + m * n * 2
     sets = [(packed.clone() if i else packed, x) for i in range(copies_for(set_bytes))]
-    calls = [(lambda p=p, xx=xx: ops.dual_binary(xx, p, a1, a2, group, None)) for p, xx in sets]
+    if path == "auto":
+        calls = [(lambda p=p, xx=xx: ops.dual_binary(xx, p, a1, a2, group, None)) for p, xx in sets]
+    else:
+        calls = [(lambda p=p, xx=xx: binary.dual_binary_linear(xx, p, a1, a2, group, None, path=path))
+                 for p, xx in sets]
     check = lambda: rel_err(calls[0](), reference_lowbit.dual_binary_linear(x, packed, a1, a2, group))  # noqa: E731
     return calls, set_bytes, check
 
@@ -192,8 +205,11 @@ def setup_dense(n, k, m, gen):
     return [(lambda ww=ww, xx=xx: F.linear(xx, ww)) for ww, xx in sets], set_bytes
 
 
-def launch_floor_us() -> float:
-    """GPU time per empty Triton kernel among many in one CUDA graph: the floor under every kernel here."""
+def launch_floor_us() -> tuple[float, str]:
+    """Time per empty Triton kernel among many in one CUDA graph (the floor under every kernel
+    here), and how it was timed ("graph", or "eager" when capture failed: then it is the Python
+    launch cost). The 2026-11-27 H100 run printed 18 us, far above a graph launch: recorded with
+    its timing mode since."""
     import triton
 
     @triton.jit
@@ -201,7 +217,7 @@ def launch_floor_us() -> float:
         pass
 
     buf = torch.empty(1, device="cuda")
-    return time_calls([lambda: _empty[(1,)](buf)], reps=10)[0]
+    return time_calls([lambda: _empty[(1,)](buf)], reps=10)
 
 
 DP4A_SWEEP = [  # (BLOCK_N, BLOCK_W, num_warps) of the dp4a decode GEMV at M=1; split-K from the heuristic
@@ -209,9 +225,10 @@ DP4A_SWEEP = [  # (BLOCK_N, BLOCK_W, num_warps) of the dp4a decode GEMV at M=1; 
 
 
 def sweep_plan() -> list:
-    """Tuning data for the fixed GPU configs (2B4T shapes): dp4a GEMV configs and forced split-K at
-    M=1 against the first GEMV, dp4a vs GEMM at M = 2, 4, 8, 16, and the ``dequant`` prefill path
-    at M = 32, 128, 512."""
+    """Tuning data for the fixed GPU configs (2B4T shapes): dp4a GEMV configs, forced split-K, PDL
+    and the GEMV alone on pre-quantized activations (what fusing the quantization upstream would
+    give) at M=1 against the first GEMV; dp4a vs GEMM at M = 2, 4, 8, 16; and the ``dequant``
+    prefill path at M = 32, 128, 512."""
     plan = []
     for label, n, k in SHAPES_2B4T:
         plan.append(("w2a8", label, n, k, 1, "gemv", None, None))
@@ -219,6 +236,7 @@ def sweep_plan() -> list:
                   {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": w, "num_stages": 1}) for bn, bw, w in DP4A_SWEEP]
         plan += [("w2a8", label, n, k, 1, "dp4a", s, None) for s in (1, 2, 4)]
         plan.append(("w2a8", label, n, k, 1, "dp4a", None, {"PDL": True}))  # programmatic dependent launch
+        plan.append(("w2a8", label, n, k, 1, "dp4a-preq", None, None))  # without the quantization kernel
         for m in (2, 4, 8, 16):
             plan += [("w2a8", label, n, k, m, "dp4a", None, None), ("w2a8", label, n, k, m, "gemm", None, None)]
         # prefill: the tiled GEMM vs unpacked codes + cuBLAS (int8 _int_mm for W2A8)
@@ -253,10 +271,10 @@ def run(args) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     dev = torch.cuda.get_device_name()
     copy_gbps = copy_bandwidth_gbps()
-    floor_us = launch_floor_us()
+    floor_us, floor_how = launch_floor_us()
     print(f"device {dev}; torch {torch.__version__}; triton {__import__('triton').__version__}; "
           f"L2 {_l2_bytes() >> 20} MiB; device-to-device copy {copy_gbps:.0f} GB/s; "
-          f"empty Triton kernel in a CUDA graph {floor_us:.2f} us each", flush=True)
+          f"empty Triton kernel {floor_us:.2f} us each ({floor_how})", flush=True)
     shapes = SHAPES_2B4T + ([] if args.quick else SHAPES_BIG)
     ms = [1, 32, 512] if args.quick else MS
     ops_wanted = set(args.ops.split(","))
@@ -271,6 +289,10 @@ def run(args) -> dict:
     for op in ("w2a16", "binary", "dual"):
         if op in ops_wanted:
             plan += [(op, label, n, k, m, "auto", None, None) for label, n, k in side for m in (1, 32, 512)]
+            if args.sweep or not args.quick:  # the CUDA-core decode GEMV vs the tiled kernel at M = 1 and 4
+                forced = "gemv" if op == "w2a16" else "gemm"
+                plan += [(op, label, n, k, m, p, None, None) for label, n, k in side for m in (1, 4)
+                         for p in ("decode", forced)]
     if "int8head" in ops_wanted:
         plan += [("int8head", HEAD[0], HEAD[1], HEAD[2], m, "auto", None, None) for m in (1, 8, 32, 128)]
 
@@ -286,9 +308,9 @@ def run(args) -> dict:
         elif op == "w2a16":
             calls, nbytes, check = setup_ternary(n, k, m, False, path, gen, split, config)
         elif op == "binary":
-            calls, nbytes, check = setup_binary(n, k, m, gen)
+            calls, nbytes, check = setup_binary(n, k, m, gen, path)
         elif op == "dual":
-            calls, nbytes, check = setup_dual(n, k, m, gen)
+            calls, nbytes, check = setup_dual(n, k, m, gen, path)
         else:
             calls, nbytes, check = setup_int8(n, k, m, gen)
         err = check()
@@ -313,7 +335,7 @@ def run(args) -> dict:
         del calls
         torch.cuda.empty_cache()
     return dict(device=dev, torch=torch.__version__, triton=__import__("triton").__version__, copy_GBps=round(copy_gbps, 1),
-                launch_floor_us=round(floor_us, 3),
+                launch_floor_us=round(floor_us, 3), launch_floor_timing=floor_how,
                 l2_bytes=_l2_bytes(), records=records, best_configs=best_configs())
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitserve.kernels import tl_common
+from bitserve.kernels import lowbit_decode, tl_common
 from bitserve.kernels.tl_common import bucket, dot_f32x, interpreting, splitk_epilogue, tile_ids, to_bf16
 
 # -- configs -----------------------------------------------------------------------------------
@@ -179,8 +179,12 @@ def _vec(t: torch.Tensor | None, size: int, name: str) -> torch.Tensor | None:
 
 
 def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=None, out=None, *,
-                  out_dtype=None, split_k=None, config=None):
-    """``[M, K] -> [M, N]`` binary W1A16 (contract: :func:`bitserve.kernels.reference_lowbit.binary_linear_w1a16`)."""
+                  out_dtype=None, split_k=None, config=None, path=None):
+    """``[M, K] -> [M, N]`` binary W1A16 (contract: :func:`bitserve.kernels.reference_lowbit.binary_linear_w1a16`).
+
+    path: ``"gemm"`` (the tiled ``tl.dot`` kernel here), ``"decode"`` (the CUDA-core GEMV of
+    :mod:`bitserve.kernels.lowbit_decode`) or None: decode for ``M <= lowbit_decode.MAX_M`` when
+    ``K % 32 == 0``, else gemm."""
     m, k = x.shape
     n, q8 = packed.shape
     if packed.dtype != torch.uint8 or 8 * q8 != k:
@@ -193,6 +197,13 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
     if m == 0:
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
+    if path is None:
+        path = "decode" if m <= lowbit_decode.MAX_M and lowbit_decode.supports(lowbit_decode.BINARY, k, packed) else "gemm"
+    if path == "decode":
+        if not lowbit_decode.supports(lowbit_decode.BINARY, k, packed):
+            raise ValueError(f"path='decode' needs K % 32 == 0 and word-aligned packed rows, got K={k}")
+        return lowbit_decode.lowbit_gemv(lowbit_decode.BINARY, x, packed, out, scale=h, in_scale=g, in_bias=beta,
+                                         bias=bias, split_k=split_k, config=config)
     if config is None and (interpreting() or not tl_common.autotune_enabled()):
         config = BINARY_DEFAULT if interpreting() else BINARY_GPU
     plan = tl_common.plan_tiled(m, n, config, split_k, triton.cdiv(q8, 64), q8, x.device)
@@ -210,8 +221,11 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
 
 
 def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=None, *,
-                       out_dtype=None, split_k=None, config=None):
-    """``[M, K] -> [M, N]`` dual-binary (contract: :func:`bitserve.kernels.reference_lowbit.dual_binary_linear`)."""
+                       out_dtype=None, split_k=None, config=None, path=None):
+    """``[M, K] -> [M, N]`` dual-binary (contract: :func:`bitserve.kernels.reference_lowbit.dual_binary_linear`).
+
+    path: ``"gemm"``, ``"decode"`` (:mod:`bitserve.kernels.lowbit_decode`) or None: decode for
+    ``M <= lowbit_decode.MAX_M`` when ``group_size % 16 == 0``, else gemm."""
     m, k = x.shape
     n, q = packed.shape
     if packed.dtype != torch.uint8 or 4 * q != k or group_size % 4 or k % group_size:
@@ -228,6 +242,15 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
     if m == 0:
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
+    dual_ok = lowbit_decode.supports(lowbit_decode.DUAL, k, packed, group_size)
+    if path is None:
+        path = "decode" if m <= lowbit_decode.MAX_M and dual_ok else "gemm"
+    if path == "decode":
+        if not dual_ok:
+            raise ValueError(f"path='decode' needs group_size % 16 == 0 and word-aligned packed rows, "
+                             f"got group_size={group_size}")
+        return lowbit_decode.lowbit_gemv(lowbit_decode.DUAL, x, packed, out, alpha1=a1, alpha2=a2,
+                                         group_size=group_size, bias=bias, split_k=split_k, config=config)
     if config is None and (interpreting() or not tl_common.autotune_enabled()):
         config = DUAL_DEFAULT if interpreting() else DUAL_GPU
     plan = tl_common.plan_tiled(m, n, config, split_k, ng, ng, x.device)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitserve.kernels import reference, ternary_decode, tl_common
+from bitserve.kernels import lowbit_decode, reference, ternary_decode, tl_common
 from bitserve.kernels.packing import unpack_ternary
 from bitserve.kernels.tl_common import (bucket, interpreting, inv_times_127, pick_split_k, quantize_int8, rne,
                                        splitk_epilogue)
@@ -373,6 +373,18 @@ def ternary_dequant_gemm(x, packed, weight_scale, bias=None, out=None, *, act_in
     return out
 
 
+def _w2a16_decode(x, packed, weight_scale, bias=None, out=None, *, act_int8=False, split_k=None, config=None):
+    """``path="decode"``: the CUDA-core GEMV of :mod:`bitserve.kernels.lowbit_decode` (W2A16 only)."""
+    m, n, q = _check(x, packed, weight_scale, bias)
+    if act_int8:
+        raise ValueError("path='decode' is for float activations (W2A16); W2A8 decodes with path='dp4a'")
+    if not lowbit_decode.supports(lowbit_decode.TERNARY, 4 * q, packed):
+        raise ValueError(f"path='decode' needs K % 16 == 0 and word-aligned packed rows, got K={4 * q}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    return lowbit_decode.lowbit_gemv(lowbit_decode.TERNARY, x, packed, out, scale=weight_scale, bias=bias,
+                                     split_k=split_k, config=config)
+
+
 def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, out_dtype=None,
                    path=None, split_k=None, config=None):
     """``[M, K] -> [M, N]`` ternary linear on the Triton kernels.
@@ -390,8 +402,11 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
     if path is None:
         if act_int8 and m <= ternary_decode.MAX_M and ternary_decode.supports(x, packed):
             path = "dp4a"
+        elif not act_int8 and m <= lowbit_decode.MAX_M and lowbit_decode.supports(lowbit_decode.TERNARY, x.shape[1],
+                                                                                   packed):
+            path = "decode"
         else:
             path = "gemv" if m <= GEMV_MAX_M else "gemm"
     fn = {"gemv": ternary_gemv, "gemm": ternary_gemm, "dequant": ternary_dequant_gemm,
-          "dp4a": ternary_decode.ternary_w2a8_gemv}[path]
+          "dp4a": ternary_decode.ternary_w2a8_gemv, "decode": _w2a16_decode}[path]
     return fn(x, packed, weight_scale, bias, out, act_int8=act_int8, split_k=split_k, config=config)

@@ -83,3 +83,18 @@ def test_pdl_variant_compiles_with_grid_dependency_control(survey):
     assert pdl["_quantize_int8_kernel"]["griddepcontrol"] and not pdl["_quantize_int8_kernel"]["pdl"]
     plain = [r for r in rows if r["path"] == "dp4a" and r["M"] == 1]
     assert plain and not any(r["pdl"] or r["griddepcontrol"] for r in plain)
+
+
+def test_float_activation_decode_loops(survey):
+    """kernels/lowbit_decode.py: no shared memory in the loop, fewer instructions per weight than the
+    tiled kernels at M=1 (which unpack every weight into a tensor-core operand)."""
+    arch, rows = survey
+    dec = {(r["op"], r["shape"]): r for r in rows if r["kernel"] == "_lowbit_gemv_kernel"}
+    assert {op for op, _ in dec} == {"binary", "dual", "w2a16"}
+    for (op, shape), r in dec.items():
+        what = f"sm_{arch} {op} {shape}"
+        assert r["loop_barriers"] == 0 and r["loop_shared"] == 0, f"{what}: shared-memory round trips in the loop"
+        assert r["loop_loads"].get("LDG.E.128", 0) > 0, f"{what}: loads {r['loop_loads']}"
+    tiled = {r["op"]: r for r in rows if r["kernel"] in ("_binary_kernel", "_dual_binary_kernel") and r["M"] == 1}
+    assert dec[("binary", "gate_up")]["instr_per_weight_per_token"] * 2 < tiled["binary"]["instr_per_weight_per_token"]
+    assert dec[("dual", "gate_up")]["instr_per_weight_per_token"] < tiled["dual"]["instr_per_weight_per_token"]

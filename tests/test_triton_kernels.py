@@ -24,8 +24,8 @@ import triton_interp
 triton_interp.enable()
 pytest.importorskip("triton")
 
-from bitserve.kernels import (binary, dispatch, int8_head, ops, reference, reference_lowbit, ternary,  # noqa: E402
-                              ternary_decode, tl_common)
+from bitserve.kernels import (binary, dispatch, int8_head, lowbit_decode, ops, reference,  # noqa: E402
+                              reference_lowbit, ternary, ternary_decode, tl_common)
 from bitserve.kernels.packing import (  # noqa: E402
     pack_dual_binary,
     pack_sign_bits,
@@ -200,17 +200,19 @@ def test_ternary_dp4a_refuses_shapes_it_cannot_read():
 
 
 def test_w2a8_default_path_by_m_and_k(monkeypatch):
-    """Default dispatch: W2A8 with M <= ternary_decode.MAX_M and K % 16 == 0 -> dp4a, else GEMV/GEMM."""
+    """Default dispatch: W2A8 with M <= ternary_decode.MAX_M and K % 16 == 0 -> dp4a, else GEMV/GEMM;
+    W2A16 with K % 16 == 0 -> the float decode GEMV."""
     taken = []
     for name, fn in [("dp4a", "ternary_w2a8_gemv")]:
         monkeypatch.setattr(ternary_decode, fn, lambda *a, _n=name, **kw: taken.append(_n))
     monkeypatch.setattr(ternary, "ternary_gemv", lambda *a, **kw: taken.append("gemv"))
     monkeypatch.setattr(ternary, "ternary_gemm", lambda *a, **kw: taken.append("gemm"))
+    monkeypatch.setattr(ternary, "_w2a16_decode", lambda *a, **kw: taken.append("decode"))
     for m, k, act_int8 in [(1, 208, True), (ternary_decode.MAX_M, 208, True), (ternary_decode.MAX_M + 1, 208, True),
                            (1, 200, True), (1, 208, False)]:
         ternary.ternary_linear(torch.zeros(m, k), pack_ternary(torch.zeros(8, k, dtype=torch.int8)), torch.ones(1),
                                act_int8=act_int8)
-    assert taken == ["dp4a", "dp4a", "gemm", "gemv", "gemv"]
+    assert taken == ["dp4a", "dp4a", "gemm", "gemv", "decode"]
 
 
 def _dot4_kernel():
@@ -295,7 +297,7 @@ def test_binary_w1a16(device, dtype, m):
     dev = lambda v: None if v is None else v.to(device)  # noqa: E731
     out = poisoned_out(m, n, dtype, device)
     y = binary.binary_linear(dev(x), dev(packed), dev(gvec), dev(hvec), dev(beta), dev(bias), out,
-                             split_k=2 if m == 16 else None, config=cfg(device, "binary"))
+                             split_k=2 if m == 16 else None, config=cfg(device, "binary"), path="gemm")
     s = signs_from_bits(bits, torch.float64)
     w = s * (gvec.double() if gvec is not None else 1.0)
     w = w * (hvec.double().unsqueeze(1) if hvec is not None else 1.0)
@@ -327,13 +329,118 @@ def test_dual_binary(device, dtype, m):
     dev = lambda v: None if v is None else v.to(device)  # noqa: E731
     out = poisoned_out(m, n, dtype, device)
     y = binary.dual_binary_linear(dev(x), dev(packed), dev(a1), dev(a2), group, dev(bias), out,
-                                  split_k=3 if m == 7 else None, config=cfg(device, "dual"))
+                                  split_k=3 if m == 7 else None, config=cfg(device, "dual"), path="gemm")
     w = a1.double().repeat_interleave(group, 1) * b1.double() + a2.double().repeat_interleave(group, 1) * b2.double()
     ref = x.double() @ w.t() + (bias.double() if bias is not None else 0.0)
     s_abs = x.double().abs() @ w.abs().t()
     assert_bound(y, ref, float_bound(ref, s_abs, dtype, k, dtype != torch.bfloat16), f"dual G={group}")
     twin = reference_lowbit.dual_binary_linear(x, packed, a1, a2, group, bias)
     assert_bound(twin, ref, float_bound(ref, s_abs, dtype, k, False), "dual twin")
+
+
+# -- CUDA-core decode GEMVs for float activations (kernels/lowbit_decode.py) -------------------------
+DECODE_MS = [1, 2, 3, 4]
+
+
+def _decode_case(kind, m, dtype, seed):
+    """(x, packed, kwargs for the wrapper, float64 weight [N, K] incl. scales, extra bias term, n, k)."""
+    g = gen("dec", kind, m, str(dtype), seed)
+    if kind == "binary":
+        n, k = 72, 224
+        bits = torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8)
+        gvec, hvec, beta = torch.rand(k, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5, torch.randn(k, generator=g)
+        w = signs_from_bits(bits, torch.float64) * gvec.double() * hvec.double().unsqueeze(1) + beta.double()
+        return pack_sign_bits(bits), dict(in_scale=gvec, out_scale=hvec, in_bias=beta), w, n, k
+    if kind == "dual":
+        n, k, group = (40, 192, 48) if seed % 2 else (72, 256, 64)
+        b1, b2 = (torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8) for _ in range(2))
+        a1, a2 = torch.rand(n, k // group, generator=g) + 0.5, -(torch.rand(n, k // group, generator=g) + 0.25)
+        w = a1.double().repeat_interleave(group, 1) * b1.double() + a2.double().repeat_interleave(group, 1) * b2.double()
+        return pack_dual_binary(b1, b2, group), dict(alpha1=a1, alpha2=a2, group_size=group), w, n, k
+    n, k = 72, 208
+    t = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n if seed % 2 else 1, generator=g) + 0.25
+    return pack_ternary(t), dict(weight_scale=ws), t.double() * ws.double().reshape(-1, 1), n, k
+
+
+def _run_decode(kind, x, packed, kw, bias, out, **launch):
+    if kind == "binary":
+        return binary.binary_linear(x, packed, kw["in_scale"], kw["out_scale"], kw["in_bias"], bias, out, **launch)
+    if kind == "dual":
+        return binary.dual_binary_linear(x, packed, kw["alpha1"], kw["alpha2"], kw["group_size"], bias, out, **launch)
+    return ternary.ternary_linear(x, packed, kw["weight_scale"], bias, out, act_int8=False, **launch)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["binary", "dual", "ternary"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", DECODE_MS)
+def test_lowbit_decode_gemv(device, kind, dtype, m):
+    """The default path for M <= lowbit_decode.MAX_M (K, group sizes multiples of 16 or 32) vs float64."""
+    packed, kw, w, n, k = _decode_case(kind, m, dtype, m)
+    g = gen("decx", kind, m, str(dtype))
+    x = rand_x(m, k, dtype, g)
+    bias = torch.randn(n, generator=g).to(dtype) if m != 3 else None
+    dev = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    out = poisoned_out(m, n, dtype, device)
+    y = _run_decode(kind, dev(x), dev(packed), {a: dev(v) for a, v in kw.items()}, dev(bias), out)
+    assert y is out
+    ref = x.double() @ w.t() + (bias.double() if bias is not None else 0.0)
+    s_abs = x.double().abs() @ w.abs().t()
+    if kind == "binary":  # the kernel sums x*g and the masked part separately: bound by |x*g| sums, times h
+        s_abs = s_abs + 2 * (x.double().abs() @ (kw["in_scale"].double() * torch.ones(n, k, dtype=torch.float64)).t()
+                             * kw["out_scale"].double())
+    assert_bound(y, ref, float_bound(ref, s_abs, dtype, k, False), f"{kind} decode M={m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["binary", "dual", "ternary"])
+@pytest.mark.parametrize("m,split_k,config", [(1, 3, None), (2, 2, None), (3, None, {"BLOCK_N": 16, "BLOCK_W": 2}),
+                                              (4, 4, {"BLOCK_N": 1, "BLOCK_W": 8, "BLOCK_M": 2})])
+def test_lowbit_decode_split_k_and_tiles(device, kind, m, split_k, config):
+    """Split-K partials (first slice carries the per-token terms) and ragged N/M/K tiles."""
+    packed, kw, w, n, k = _decode_case(kind, m, torch.bfloat16, 7)
+    g = gen("decs", kind, m, split_k)
+    x = rand_x(m, k, torch.bfloat16, g)
+    bias = torch.randn(n, generator=g)
+    dev = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    out = poisoned_out(m, n, torch.float32, device)
+    y = _run_decode(kind, dev(x), dev(packed), {a: dev(v) for a, v in kw.items()}, dev(bias), out,
+                    path="decode", split_k=split_k, config=config)
+    ref = x.double() @ w.t() + bias.double()
+    s_abs = x.double().abs() @ w.abs().t()
+    if kind == "binary":
+        s_abs = s_abs + 2 * (x.double().abs() @ (kw["in_scale"].double() * torch.ones(n, k, dtype=torch.float64)).t()
+                             * kw["out_scale"].double())
+    assert_bound(y, ref, float_bound(ref, s_abs, torch.float32, k, False), f"{kind} decode split {split_k} {config}")
+
+
+def test_lowbit_decode_default_paths_and_refusals(monkeypatch):
+    """Default: decode for M <= lowbit_decode.MAX_M when the words view works, else the tiled kernels."""
+    taken = []
+    monkeypatch.setattr(lowbit_decode, "lowbit_gemv", lambda kind, *a, **kw: taken.append(kind))
+    monkeypatch.setattr(tl_common, "launch", lambda kernel, *a, **kw: taken.append(getattr(kernel, "fn", kernel)))
+    big = lowbit_decode.MAX_M + 1
+    signs = lambda k: pack_sign_bits(torch.zeros(8, k, dtype=torch.uint8))  # noqa: E731
+    planes = lambda k, g: pack_dual_binary(torch.zeros(8, k, dtype=torch.uint8), torch.zeros(8, k, dtype=torch.uint8), g)  # noqa: E731
+    codes = lambda k: pack_ternary(torch.zeros(8, k, dtype=torch.int8))  # noqa: E731
+    for m, k in [(1, 224), (big, 224), (1, 200)]:
+        binary.binary_linear(torch.zeros(m, k), signs(k))
+    for m, group in [(1, 32), (big, 32), (1, 56)]:
+        binary.dual_binary_linear(torch.zeros(m, 224), planes(224, group), torch.ones(8, 224 // group),
+                                  torch.ones(8, 224 // group), group)
+    for m, k in [(1, 224), (big, 224), (1, 200)]:
+        ternary.ternary_linear(torch.zeros(m, k), codes(k), torch.ones(1), act_int8=False)
+    gemm = lambda name: any(getattr(t, "__name__", "") == name for t in taken)  # noqa: E731
+    assert [t for t in taken if isinstance(t, int)] == [lowbit_decode.BINARY, lowbit_decode.DUAL, lowbit_decode.TERNARY]
+    assert len(taken) == 9 and gemm("_binary_kernel") and gemm("_dual_binary_kernel")
+    with pytest.raises(ValueError, match="K % 32"):
+        binary.binary_linear(torch.zeros(1, 200), signs(200), path="decode")
+    with pytest.raises(ValueError, match="group_size % 16"):
+        binary.dual_binary_linear(torch.zeros(1, 224), planes(224, 56), torch.ones(8, 4), torch.ones(8, 4), 56,
+                                  path="decode")
+    with pytest.raises(ValueError, match="W2A8 decodes with path='dp4a'"):
+        ternary.ternary_linear(torch.zeros(1, 224), codes(224), torch.ones(1), path="decode")
 
 
 # -- int8 LM head -------------------------------------------------------------------------------------
