@@ -40,6 +40,12 @@ def _cases(quick: bool, arch: int):
         return lambda: ternary.ternary_linear(x, packed, torch.ones(n), None, out, act_int8=act_int8, path=path,
                                               config=config)
 
+    def normed_call(n, k, m):
+        x = torch.randn(m, k).bfloat16()
+        packed = torch.zeros(n, k // 4, dtype=torch.uint8)
+        return lambda: ternary.ternary_linear_rmsnorm(x, torch.ones(k, dtype=torch.bfloat16), 1e-5, packed,
+                                                      torch.ones(n), None, torch.empty(m, n, dtype=torch.bfloat16))
+
     def binary_call(n, k, m, path=None):
         x = torch.randn(m, k).bfloat16()
         return lambda: binary.binary_linear(x, torch.zeros(n, k // 8, dtype=torch.uint8), torch.ones(k), torch.ones(n),
@@ -61,6 +67,7 @@ def _cases(quick: bool, arch: int):
         for path in ("dp4a", "gemv"):
             yield "w2a8", name, n, k, 1, path, ternary_call(n, k, 1, path, True)
         yield "w2a8", name, n, k, 8, "dp4a", ternary_call(n, k, 8, "dp4a", True)
+        yield "w2a8+norm", name, n, k, 1, "auto", normed_call(n, k, 1)
         for path in ("decode", "gemv"):
             yield "w2a16", name, n, k, 1, path, ternary_call(n, k, 1, path, False)
         if name == "gate_up":
@@ -151,11 +158,11 @@ def main(argv=None) -> int:
         return 2
     print(f"compiling the weight kernels for sm_{args.arch} ...", file=sys.stderr)
     rows = survey(args.arch, args.quick)
-    hdr = f"{'op':8} {'shape':8} {'M':>4} {'path':14} {'kernel':26} {'regs':>4} {'spill':>5} {'loop':>5} {'ins/w':>6} {'BAR':>3} {'IDP':>4} {'MMA':>4}  loads"
+    hdr = f"{'op':9} {'shape':8} {'M':>4} {'path':14} {'kernel':26} {'regs':>4} {'spill':>5} {'loop':>5} {'ins/w':>6} {'BAR':>3} {'IDP':>4} {'MMA':>4}  loads"
     print(hdr)
     for r in rows:
         ipw = r["instr_per_weight_per_token"]
-        print(f"{r['op']:8} {r['shape']:8} {r['M']:>4} {r['path']:14} {r['kernel'][:26]:26} {r['registers']:>4} {r['local']:>5} "
+        print(f"{r['op']:9} {r['shape']:8} {r['M']:>4} {r['path']:14} {r['kernel'][:26]:26} {r['registers']:>4} {r['local']:>5} "
               f"{r['loop_instructions'] or 0:>5} {('%.2f' % ipw) if ipw else '-':>6} {r['loop_barriers'] or 0:>3} "
               f"{r['loop_idp4a'] or 0:>4} {r['loop_mma'] or 0:>4}  {_fmt_loads(r['loop_loads'])}")
     if args.json:

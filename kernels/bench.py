@@ -132,6 +132,9 @@ def setup_ternary(n, k, m, act_int8, path, gen, split_k=None, config=None):
         if path == "auto":
             op = ops.ternary_w2a8 if act_int8 else ops.ternary_w2a16
             return lambda: op(xx, p, s, None)
+        if path == "rmsnorm":  # the model's BitNet path: RMSNorm + quantization in one kernel, then the GEMV/GEMM
+            norm_w = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+            return lambda: ternary.ternary_linear_rmsnorm(xx, norm_w, 1e-5, p, s, None, out)
         if path == "dp4a-preq":  # the GEMV alone: activations quantized once, outside the timing
             from bitserve.kernels import ternary_decode, tl_common
 
@@ -142,6 +145,10 @@ def setup_ternary(n, k, m, act_int8, path, gen, split_k=None, config=None):
                                               config=config)
 
     twin = reference.ternary_linear_w2a8 if act_int8 else reference_lowbit.ternary_linear_w2a16
+    if path == "rmsnorm":
+        def twin(xx, pp, ss):
+            return reference.ternary_linear_w2a8_rmsnorm(xx, torch.ones(k, device="cuda", dtype=torch.bfloat16), 1e-5,
+                                                         pp, ss)
     check = lambda: rel_err(make(0)(), twin(x, packed, ws))  # noqa: E731
     return [make(i) for i in range(r)], set_bytes, check
 
@@ -237,6 +244,7 @@ def sweep_plan() -> list:
         plan += [("w2a8", label, n, k, 1, "dp4a", s, None) for s in (1, 2, 4)]
         plan.append(("w2a8", label, n, k, 1, "dp4a", None, {"PDL": True}))  # programmatic dependent launch
         plan.append(("w2a8", label, n, k, 1, "dp4a-preq", None, None))  # without the quantization kernel
+        plan.append(("w2a8", label, n, k, 1, "rmsnorm", None, None))  # norm + quantization fused, then dp4a
         for m in (2, 4, 8, 16):
             plan += [("w2a8", label, n, k, m, "dp4a", None, None), ("w2a8", label, n, k, m, "gemm", None, None)]
         # prefill: the tiled GEMM vs unpacked codes + cuBLAS (int8 _int_mm for W2A8)

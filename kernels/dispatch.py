@@ -39,6 +39,20 @@ def ternary_linear_w2a8(
     return reference.ternary_linear_w2a8(x, packed, weight_scale, bias)
 
 
+def ternary_linear_w2a8_rmsnorm(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W2A8 linear of ``rmsnorm(x)``; see :func:`bitserve.kernels.reference.ternary_linear_w2a8_rmsnorm`."""
+    if _via_op(x):
+        return ops.ternary_w2a8_rmsnorm(x, norm_weight, float(eps), packed, weight_scale.float(), bias)
+    return reference.ternary_linear_w2a8_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias)
+
+
 def ternary_linear_w2a16(
     x: torch.Tensor,
     packed: torch.Tensor,

@@ -9,6 +9,7 @@ Importing this module registers the ops and touches no GPU; Triton is imported o
 |---|---|---|
 | ``bitserve::ternary_w2a8`` | x, packed u8[N,K/4], weight_scale f32[1/N], bias? | ``reference.ternary_linear_w2a8`` |
 | ``bitserve::ternary_w2a16`` | same | ``reference_lowbit.ternary_linear_w2a16`` |
+| ``bitserve::ternary_w2a8_rmsnorm`` | x, norm_weight, eps, packed, weight_scale, bias? | ``reference.ternary_linear_w2a8_rmsnorm`` |
 | ``bitserve::binary_w1a16`` | x, packed u8[N,K/8], in_scale?[K], out_scale?[N], in_bias?[K], bias? | ``reference_lowbit.binary_linear_w1a16`` |
 | ``bitserve::dual_binary`` | x, packed u8[N,K/4], alpha1/alpha2 [N,K/G], group_size, bias? | ``reference_lowbit.dual_binary_linear`` |
 | ``bitserve::int8_linear`` | x, weight i8[N,K], scale f32[1/N], bias?, out_dtype? | ``reference_lowbit.int8_linear`` |
@@ -98,6 +99,22 @@ def _(x, packed, weight_scale, bias=None):
 @ternary_w2a16.register_fake
 def _(x, packed, weight_scale, bias=None):
     return x.new_empty(_out_shape(x, packed.shape[0]))
+
+
+@torch.library.custom_op("bitserve::ternary_w2a8_rmsnorm", mutates_args=())
+def ternary_w2a8_rmsnorm(x: Tensor, norm_weight: Tensor, eps: float, packed: Tensor, weight_scale: Tensor,
+                         bias: Optional[Tensor] = None) -> Tensor:
+    if use_triton_for(x):
+        from bitserve.kernels import ternary
+
+        y = ternary.ternary_linear_rmsnorm(_flat(x), norm_weight, eps, packed, weight_scale, bias)
+        return y.reshape(_out_shape(x, packed.shape[0]))
+    return reference.ternary_linear_w2a8_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias)
+
+
+@ternary_w2a8_rmsnorm.register_fake
+def _(x, norm_weight, eps, packed, weight_scale, bias=None):
+    return x.new_empty(_out_shape(x, packed.shape[0]), dtype=torch.promote_types(norm_weight.dtype, x.dtype))
 
 
 # -- binary / dual-binary ----------------------------------------------------------------------------

@@ -32,6 +32,23 @@ def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return x_q.to(torch.int8), scale
 
 
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x * rsqrt(mean(x^2) + eps))``: the normalisation in float32, rounded to x's
+    dtype, then the weight product in the promoted dtype -- Hugging Face Llama's RMSNorm, and
+    :class:`bitserve.model.layers.RMSNorm`'s forward."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def ternary_linear_w2a8_rmsnorm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, packed: torch.Tensor,
+                                weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`ternary_linear_w2a8` of :func:`rmsnorm` ``(x)``: a BitNet linear with the RMSNorm
+    before it, as one op (the Triton version quantizes in the norm's kernel). Output in the
+    norm's output dtype."""
+    return ternary_linear_w2a8(rmsnorm(x, norm_weight, eps), packed, weight_scale, bias)
+
+
 def _ternary_lut(device: torch.device) -> torch.Tensor:
     """``[256, 4]`` float32: the four ternary values (slabs 0..3) held by each byte."""
     codes = torch.arange(256, device=device, dtype=torch.int32)

@@ -315,15 +315,19 @@ def ternary_gemv(x, packed, weight_scale, bias=None, out=None, *, act_int8=True,
     return out
 
 
-def ternary_gemm(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, split_k=None, config=None):
-    """GEMM path of :func:`ternary_linear` (W2A8: quantizes x with a per-token kernel first)."""
+def ternary_gemm(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, split_k=None, config=None,
+                 quantized=None):
+    """GEMM path of :func:`ternary_linear` (W2A8: quantizes x with a per-token kernel first, unless
+    ``quantized = (x_q, s_x)`` is given)."""
     m, n, q = _check(x, packed, weight_scale, bias)
     if m == 0:
         return out
     if config is None and (interpreting() or not tl_common.autotune_enabled()):
         config = GEMM_DEFAULT if interpreting() else gemm_gpu_config(m)
     sx = None
-    if act_int8:
+    if act_int8 and quantized is not None:
+        xin, sx = quantized
+    elif act_int8:
         xin, sx = quantize_int8(x if x.stride(1) == 1 else x.contiguous())
     else:
         xin = x if x.stride(1) == 1 else x.contiguous()
@@ -410,3 +414,28 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
     fn = {"gemv": ternary_gemv, "gemm": ternary_gemm, "dequant": ternary_dequant_gemm,
           "dp4a": ternary_decode.ternary_w2a8_gemv, "decode": _w2a16_decode}[path]
     return fn(x, packed, weight_scale, bias, out, act_int8=act_int8, split_k=split_k, config=config)
+
+
+def ternary_linear_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias=None, out=None, *, path=None,
+                           split_k=None, config=None):
+    """W2A8 linear of ``rmsnorm(x)`` (:func:`bitserve.kernels.reference.ternary_linear_w2a8_rmsnorm`):
+    the norm and the int8 quantization in one kernel (:func:`bitserve.kernels.tl_common.rmsnorm_quantize_int8`),
+    then the dp4a GEMV (``M <= ternary_decode.MAX_M``, ``K % 16 == 0``) or the tiled GEMM on the
+    quantized rows. path: ``"dp4a"``, ``"gemm"`` or None. Output in the norm's output dtype."""
+    m, n, q = _check(x, packed, weight_scale.reshape(-1).float(), bias)
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.promote_types(norm_weight.dtype, x.dtype), device=x.device)
+    if m == 0:
+        return out
+    weight_scale = weight_scale.reshape(-1).float()
+    x = x if x.stride(1) == 1 else x.contiguous()
+    xq, sx, xsum = tl_common.rmsnorm_quantize_int8(x, norm_weight, eps)
+    if path is None:
+        path = "dp4a" if m <= ternary_decode.MAX_M and ternary_decode.supports(x, packed) else "gemm"
+    if path == "dp4a":
+        return ternary_decode.ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out,
+                                                            split_k=split_k, config=config)
+    if path != "gemm":
+        raise ValueError(f"ternary_linear_rmsnorm: path must be 'dp4a', 'gemm' or None, got {path!r}")
+    return ternary_gemm(xq, packed, weight_scale, bias, out, act_int8=True, split_k=split_k, config=config,
+                        quantized=(xq, sx))

@@ -221,6 +221,83 @@ def quantize_int8(x: torch.Tensor, with_sum: bool = False, launch_dependents: bo
     return (xq, sx, xsum) if with_sum else (xq, sx)
 
 
+_ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@triton.jit
+def _round_to(v, KIND: tl.constexpr):
+    """float32 ``v`` rounded to bf16 (1) / fp16 (2) and back, or unchanged (0)."""
+    if KIND == 1:
+        return v.to(tl.bfloat16).to(tl.float32)
+    elif KIND == 2:
+        return v.to(tl.float16).to(tl.float32)
+    else:
+        return v
+
+
+@triton.jit
+def _rmsnorm_row(x_row, w_ptr, k0, offs, K, r, X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr):
+    mask = k0 + offs < K
+    v = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+    return _round_to(w * _round_to(v * r, X_ROUND), Y_ROUND), mask
+
+
+@triton.jit
+def _rmsnorm_quantize_int8_kernel(x_ptr, w_ptr, xq_ptr, sx_ptr, xsum_ptr, K, stride_xm, stride_qm, eps,
+                                  X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr, BLOCK_K: tl.constexpr):
+    """RMSNorm then per-token int8, one row per program: the quantization of
+    :func:`bitserve.kernels.reference.rmsnorm` ``(x)`` without writing the normalised row.
+
+    ``r = 1 / sqrt(sum(x^2) / K + eps)`` (correctly rounded, like torch on the CPU), ``y =
+    round_Y(w * round_X(x * r))`` with X/Y the rounding of x's dtype and of the product's
+    dtype; then ``xq``, ``sx``, ``xsum`` as :func:`_quantize_int8_kernel`. Three passes over the
+    row (sum of squares, absmax, codes); the row is re-read from cache. Grid: ``(M,)``.
+    """
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + m * stride_xm
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        ss += v * v
+    ms = tl.sum(ss, axis=0) / K
+    r = tl.math.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), tl.math.sqrt_rn(tl.zeros([BLOCK_K], tl.float32) + ms + eps))
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        y, mask = _rmsnorm_row(x_row, w_ptr, k0, offs, K, r, X_ROUND, Y_ROUND)
+        amax = tl.maximum(amax, tl.abs(y))
+    s = inv_times_127(tl.maximum(tl.max(amax, axis=0), 1e-5), BLOCK_K)
+    total = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        y, mask = _rmsnorm_row(x_row, w_ptr, k0, offs, K, r, X_ROUND, Y_ROUND)
+        q = tl.minimum(tl.maximum(rne(y * s), -128.0), 127.0)
+        tl.store(xq_ptr + m * stride_qm + k0 + offs, q.to(tl.int8), mask=mask)
+        total += q.to(tl.int32)
+    tl.store(sx_ptr + m + offs, s, mask=offs < 1)
+    tl.store(xsum_ptr + m + offs, tl.zeros([BLOCK_K], tl.int32) + tl.sum(total, axis=0), mask=offs < 1)
+
+
+def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Triton twin of ``quantize_activations_int8(rmsnorm(x, weight, eps))`` for ``[M, K]``
+    (:mod:`bitserve.kernels.reference`): ``(x_q int8 [M, K], s_x float32 [M], xsum int32 [M])``."""
+    m, k = x.shape
+    if weight.shape != (k,):
+        raise ValueError(f"norm weight must be [{k}], got {tuple(weight.shape)}")
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    if x.dtype not in _ROUNDING or out_dtype not in _ROUNDING:
+        raise ValueError(f"rmsnorm_quantize_int8 takes float16/bfloat16/float32, got {x.dtype} and {weight.dtype}")
+    xq = workspace((m, k), torch.int8, x.device)
+    sx = workspace((m,), torch.float32, x.device)
+    xsum = workspace((m,), torch.int32, x.device)
+    if m:
+        block = min(QUANT_BLOCK_K, triton.next_power_of_2(k))
+        _rmsnorm_quantize_int8_kernel[(m,)](x, weight, xq, sx, xsum, k, x.stride(0), xq.stride(0), float(eps),
+                                            X_ROUND=_ROUNDING[x.dtype], Y_ROUND=_ROUNDING[out_dtype],
+                                            BLOCK_K=block, num_warps=4)
+    return xq, sx, xsum
+
+
 # -- split-K epilogue ----------------------------------------------------------------------------------
 
 

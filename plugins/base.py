@@ -17,6 +17,7 @@ from typing import ClassVar, Collection, Sequence
 import torch
 from torch import nn
 
+from bitserve.kernels import reference
 from bitserve.plugins.checkpoint import CheckpointReader
 
 
@@ -57,6 +58,12 @@ class QuantLinear(nn.Module, ABC):
     def input_transform(self, x: torch.Tensor) -> torch.Tensor:
         """What the layer does to x before quantizing it (identity unless overridden)."""
         return x
+
+    def forward_rmsnorm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``self(rmsnorm(x))`` -- the model calls this for every linear right after an RMSNorm.
+        Override to fuse the norm into the layer's own activation handling; the result must equal
+        the unfused one (up to the kernels' rounding)."""
+        return self(reference.rmsnorm(x, norm_weight, eps))
 
     @property
     def bias_vector(self) -> torch.Tensor | None:

@@ -57,6 +57,13 @@ class TernaryLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.ternary_linear_w2a8(self.input_transform(x), self.packed, self.scale, self.bias)
 
+    def forward_rmsnorm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """The model's RMSNorm and this layer as one op: on GPUs the norm's kernel writes the int8
+        activations directly (no normalised copy, no separate quantization kernel)."""
+        if self.input_norm is not None:  # a second norm inside the linear: nothing to fuse
+            return super().forward_rmsnorm(x, norm_weight, eps)
+        return dispatch.ternary_linear_w2a8_rmsnorm(x, norm_weight, eps, self.packed, self.scale, self.bias)
+
     def dequantize(self) -> torch.Tensor:
         return unpack_ternary(self.packed, torch.float32) * self.scale.unsqueeze(1)
 

@@ -39,7 +39,8 @@ def survey(request, tmp_path_factory):
 
 def test_every_weight_op_compiles_without_spills(survey):
     arch, rows = survey
-    assert {r["op"] for r in rows} == {"w2a8", "w2a16", "binary", "dual", "int8head"}
+    assert {r["op"] for r in rows} == {"w2a8", "w2a8+norm", "w2a16", "binary", "dual", "int8head"}
+    assert {r["kernel"] for r in rows if r["op"] == "w2a8+norm"} == {"_rmsnorm_quantize_int8_kernel", "_w2a8_dp4a_kernel"}
     for r in rows:
         assert r["registers"] > 0, r
         assert r["local"] == 0, f"sm_{arch}: {r['kernel']} ({r['op']} {r['shape']} M={r['M']}) spills registers"
@@ -48,8 +49,8 @@ def test_every_weight_op_compiles_without_spills(survey):
 def test_dp4a_decode_loop(survey):
     arch, rows = survey
     dp4a = [r for r in rows if r["kernel"] == "_w2a8_dp4a_kernel"]  # default plans and the bench's sweep configs
-    assert {(r["shape"], r["M"]) for r in dp4a if r["path"] == "dp4a"} == {("qkv", 1), ("qkv", 8), ("gate_up", 1),
-                                                                           ("gate_up", 8)}
+    assert {(r["shape"], r["M"]) for r in dp4a if r["path"] == "dp4a" and r["op"] == "w2a8"} == {
+        ("qkv", 1), ("qkv", 8), ("gate_up", 1), ("gate_up", 8)}
     assert len({r["path"] for r in dp4a}) > 5
     for r in dp4a:
         what = f"sm_{arch} {r['shape']} M={r['M']} {r['path']}"

@@ -502,6 +502,74 @@ def test_quantize_int8_kernel(device, dtype):
     assert xq[4, :5].tolist() == [127, -64, 0, 2, 2]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_rmsnorm_quantize_int8_kernel(device, x_dtype, w_dtype):
+    """The fused RMSNorm + int8 quantization vs quantize_activations_int8(rmsnorm(x)): the
+    normalised row is rounded to x's dtype, multiplied by the weight in the promoted dtype."""
+    g = gen("rmsq", str(x_dtype), str(w_dtype))
+    x = rand_x(9, 1100, x_dtype, g)  # K > the kernel's block: several passes
+    x[2] = 0  # eps only: all codes 0
+    w = (torch.rand(1100, generator=g) + 0.5).to(w_dtype)
+    xq, sx, xsum = tl_common.rmsnorm_quantize_int8(x.to(device), w.to(device), 1e-5)
+    rq, rs = reference.quantize_activations_int8(reference.rmsnorm(x, w, 1e-5))
+    assert torch.equal(xsum.cpu(), xq.cpu().int().sum(1))
+    assert xq[2].abs().max() == 0
+    diff = (xq.cpu().int() - rq.int()).abs()
+    rel = ((sx.cpu() - rs.view(-1)) / rs.view(-1)).abs().max()
+    if device == "cpu" and x_dtype != torch.float32:  # rounding x*r to x's dtype absorbs the summation order
+        assert torch.equal(xq, rq) and torch.equal(sx, rs.view(-1))
+    elif device == "cpu":  # float32 rows keep the last bits of r, whose sum of squares ran in another order
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.001 and rel <= 2.0 ** -20
+    else:  # on GPUs that ulp can also move a bf16 rounding
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01 and rel <= 2.0 ** -7
+    with pytest.raises(ValueError, match="norm weight"):
+        tl_common.rmsnorm_quantize_int8(x.to(device), w[:10].to(device), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,path", [(1, None), (3, "dp4a"), (8, None), (9, None), (33, "gemm"), (2, "gemm")])
+def test_ternary_w2a8_rmsnorm(device, m, path):
+    """RMSNorm + W2A8 as one op (the model's path for BitNet linears) vs the twin of the unfused pair."""
+    n, k = 40, 208
+    x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, torch.bfloat16, device, 8, True, True)
+    w = (torch.rand(k, generator=gen("rmsw", m)) + 0.5).bfloat16()
+    y = ternary.ternary_linear_rmsnorm(xd, w.to(device), 1e-5, pd, wsd, bd, path=path)
+    want = reference.ternary_linear_w2a8(reference.rmsnorm(x, w, 1e-5), pack_ternary(t), ws, bias)
+    assert y.dtype == want.dtype == torch.bfloat16
+    if device == "cpu":
+        assert torch.equal(y, want)
+    else:
+        normed = reference.rmsnorm(x, w, 1e-5)
+        ref, mag, amax = w2a8_oracle(normed, t, ws, bias)
+        tol = 2 * UNIT[torch.bfloat16] * ref.abs() + 2.0 ** -21 * mag + 4 * amax / 127 * ws.double().abs()
+        assert_bound(y, ref, tol, f"rmsnorm W2A8 M={m}")
+
+
+def test_model_runs_bitnet_linears_through_the_fused_norm(tmp_path, monkeypatch):
+    """Every BitNet linear after an RMSNorm (q/k/v, o, gate/up, down) goes through forward_rmsnorm,
+    and the whole engine on the Triton kernels (interpreter) generates the twins' tokens."""
+    from tiny_checkpoints import write_tiny_bitnet_model
+
+    from bitserve.llm import LLM
+    from bitserve.plugins.bitnet import TernaryLinear
+    from bitserve.sampling_params import SamplingParams
+
+    model = write_tiny_bitnet_model(tmp_path / "m", seed=3)
+    calls = []
+    fused = TernaryLinear.forward_rmsnorm
+    monkeypatch.setattr(TernaryLinear, "forward_rmsnorm", lambda self, *a: calls.append(1) or fused(self, *a))
+    llm = LLM(str(model), dtype="bfloat16", block_size=4, max_num_batched_tokens=16)
+    prompts = ["abcab", "hello wor", "zz"]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    want = [o.token_ids for o in llm.generate(prompts, params)]
+    assert calls and len(calls) % (4 * 2) == 0  # 4 fused linears x 2 layers per forward
+    with dispatch.use_triton(True):
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert got == want
+
+
 # -- dispatch, custom ops, compile ---------------------------------------------------------------------
 def test_dispatch_rules(monkeypatch):
     calls = []

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from bitserve.kernels import reference
+
 
 class RMSNorm(nn.Module):
     """``x * rsqrt(mean(x^2) + eps) * weight``, computed in float32 like Hugging Face's Llama."""
@@ -17,10 +19,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return reference.rmsnorm(x, self.weight, self.eps)
 
 
 class OutputLayerNorm(nn.Module):

@@ -23,6 +23,15 @@ from bitserve.plugins.base import LinearSpec
 BuildLinear = Callable[[Sequence[LinearSpec]], nn.Module]
 
 
+def norm_linear(norm: RMSNorm | None, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(norm(x))``; through the layer's ``forward_rmsnorm`` when it has one, so that a
+    format can fuse the norm into its activation quantization (BitNet W2A8 on GPUs)."""
+    if norm is None:
+        return linear(x)
+    fused = getattr(linear, "forward_rmsnorm", None)
+    return fused(x, norm.weight, norm.eps) if fused is not None else linear(norm(x))
+
+
 def output_norm(cfg: ModelConfig) -> OutputLayerNorm | None:
     """The norm applied to each projection's output, or None (every format but OneBit)."""
     return OutputLayerNorm(cfg.proj_out_layernorm_eps) if cfg.proj_out_layernorm else None
@@ -44,9 +53,11 @@ class Attention(nn.Module):
         self.rope = rope
         self.head_dim = d
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, attn: AttentionBackend):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, attn: AttentionBackend,
+                input_norm: RMSNorm | None = None):
+        """Self-attention of ``input_norm(x)`` (the norm is applied here so that it can fuse into q/k/v)."""
         cfg = self.cfg
-        qkv = self.qkv_proj(x)
+        qkv = norm_linear(input_norm, self.qkv_proj, x)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if self.out_norm is not None:
             q, k, v = self.out_norm(q), self.out_norm(k), self.out_norm(v)
@@ -54,9 +65,7 @@ class Attention(nn.Module):
         q = self.rope.apply(q.reshape(t, cfg.num_heads, self.head_dim), cos, sin)
         k = self.rope.apply(k.reshape(t, cfg.num_kv_heads, self.head_dim), cos, sin)
         out = attn(layer, q, k, v.reshape(t, cfg.num_kv_heads, self.head_dim))
-        if self.attn_sub_norm is not None:
-            out = self.attn_sub_norm(out)
-        out = self.o_proj(out)
+        out = norm_linear(self.attn_sub_norm, self.o_proj, out)
         return out if self.out_norm is None else self.out_norm(out)
 
 
@@ -74,14 +83,12 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.intermediate = i
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+    def forward(self, x: torch.Tensor, input_norm: RMSNorm | None = None) -> torch.Tensor:
+        """The MLP of ``input_norm(x)``."""
+        gate, up = norm_linear(input_norm, self.gate_up_proj, x).split(self.intermediate, dim=-1)
         if self.out_norm is not None:
             gate, up = self.out_norm(gate), self.out_norm(up)
-        y = self.act(gate) * up
-        if self.ffn_sub_norm is not None:
-            y = self.ffn_sub_norm(y)
-        y = self.down_proj(y)
+        y = norm_linear(self.ffn_sub_norm, self.down_proj, self.act(gate) * up)
         return y if self.out_norm is None else self.out_norm(y)
 
 
@@ -96,8 +103,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, f"{prefix}.mlp", build_linear)
 
     def forward(self, x, cos, sin, attn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, self.index, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(x, cos, sin, self.index, attn, self.input_layernorm)
+        return x + self.mlp(x, self.post_attention_layernorm)
 
 
 class Backbone(nn.Module):
