@@ -234,8 +234,8 @@ DP4A_SWEEP = [  # (BLOCK_N, BLOCK_W, num_warps) of the dp4a decode GEMV at M=1; 
 def sweep_plan() -> list:
     """Tuning data for the fixed GPU configs (2B4T shapes): dp4a GEMV configs, forced split-K, PDL
     and the GEMV alone on pre-quantized activations (what fusing the quantization upstream would
-    give) at M=1 against the first GEMV; dp4a vs GEMM at M = 2, 4, 8, 16; and the ``dequant``
-    prefill path at M = 32, 128, 512."""
+    give) at M=1 against the first GEMV; dp4a vs GEMM at M = 2, 4, 8, 16; and at M = 32, 128, 512
+    the four-dot GEMM, the one-dot GEMM and the ``dequant`` path."""
     plan = []
     for label, n, k in SHAPES_2B4T:
         plan.append(("w2a8", label, n, k, 1, "gemv", None, None))
@@ -246,9 +246,9 @@ def sweep_plan() -> list:
         plan.append(("w2a8", label, n, k, 1, "dp4a-preq", None, None))  # without the quantization kernel
         plan.append(("w2a8", label, n, k, 1, "rmsnorm", None, None))  # norm + quantization fused, then dp4a
         for m in (2, 4, 8, 16):
-            plan += [("w2a8", label, n, k, m, "dp4a", None, None), ("w2a8", label, n, k, m, "gemm", None, None)]
-        # prefill: the tiled GEMM vs unpacked codes + cuBLAS (int8 _int_mm for W2A8)
-        plan += [("w2a8", label, n, k, m, "dequant", None, None) for m in (32, 128, 512)]
+            plan += [("w2a8", label, n, k, m, "dp4a", None, None), ("w2a8", label, n, k, m, "wide", None, None)]
+        # prefill: the one-dot GEMM (default) vs the four-dot GEMM vs unpacked codes + cuBLAS (int8 _int_mm)
+        plan += [("w2a8", label, n, k, m, p, None, None) for m in (32, 128, 512) for p in ("gemm", "wide", "dequant")]
     plan += [("w2a16", label, n, k, 512, "dequant", None, None) for label, n, k in SHAPES_2B4T[3:]]
     return plan
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitserve.kernels import lowbit_decode, reference, ternary_decode, tl_common
+from bitserve.kernels import lowbit_decode, reference, ternary_decode, ternary_prefill, tl_common
 from bitserve.kernels.packing import unpack_ternary
 from bitserve.kernels.tl_common import (bucket, interpreting, inv_times_127, pick_split_k, quantize_int8, rne,
                                        splitk_epilogue)
@@ -377,6 +377,14 @@ def ternary_dequant_gemm(x, packed, weight_scale, bias=None, out=None, *, act_in
     return out
 
 
+def _w2a8_wide(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, split_k=None, config=None):
+    """``path="wide"``: the one-dot-per-step W2A8 GEMM of :mod:`bitserve.kernels.ternary_prefill`."""
+    _check(x, packed, weight_scale, bias)
+    if not act_int8:
+        raise ValueError("path='wide' is for int8 activations (W2A8)")
+    return ternary_prefill.ternary_gemm_wide(x, packed, weight_scale, bias, out, split_k=split_k, config=config)
+
+
 def _w2a16_decode(x, packed, weight_scale, bias=None, out=None, *, act_int8=False, split_k=None, config=None):
     """``path="decode"``: the CUDA-core GEMV of :mod:`bitserve.kernels.lowbit_decode` (W2A16 only)."""
     m, n, q = _check(x, packed, weight_scale, bias)
@@ -409,9 +417,11 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
         elif not act_int8 and m <= lowbit_decode.MAX_M and lowbit_decode.supports(lowbit_decode.TERNARY, x.shape[1],
                                                                                    packed):
             path = "decode"
+        elif m <= GEMV_MAX_M:
+            path = "gemv"
         else:
-            path = "gemv" if m <= GEMV_MAX_M else "gemm"
-    fn = {"gemv": ternary_gemv, "gemm": ternary_gemm, "dequant": ternary_dequant_gemm,
+            path = "wide" if act_int8 and m > ternary_prefill.MIN_M else "gemm"
+    fn = {"gemv": ternary_gemv, "gemm": ternary_gemm, "dequant": ternary_dequant_gemm, "wide": _w2a8_wide,
           "dp4a": ternary_decode.ternary_w2a8_gemv, "decode": _w2a16_decode}[path]
     return fn(x, packed, weight_scale, bias, out, act_int8=act_int8, split_k=split_k, config=config)
 
@@ -420,8 +430,8 @@ def ternary_linear_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias=None,
                            split_k=None, config=None):
     """W2A8 linear of ``rmsnorm(x)`` (:func:`bitserve.kernels.reference.ternary_linear_w2a8_rmsnorm`):
     the norm and the int8 quantization in one kernel (:func:`bitserve.kernels.tl_common.rmsnorm_quantize_int8`),
-    then the dp4a GEMV (``M <= ternary_decode.MAX_M``, ``K % 16 == 0``) or the tiled GEMM on the
-    quantized rows. path: ``"dp4a"``, ``"gemm"`` or None. Output in the norm's output dtype."""
+    then the dp4a GEMV (``M <= ternary_decode.MAX_M``, ``K % 16 == 0``) or a tiled GEMM on the
+    quantized rows (``"wide"``, default, or ``"gemm"``). Output in the norm's output dtype."""
     m, n, q = _check(x, packed, weight_scale.reshape(-1).float(), bias)
     if out is None:
         out = torch.empty((m, n), dtype=torch.promote_types(norm_weight.dtype, x.dtype), device=x.device)
@@ -431,11 +441,14 @@ def ternary_linear_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias=None,
     x = x if x.stride(1) == 1 else x.contiguous()
     xq, sx, xsum = tl_common.rmsnorm_quantize_int8(x, norm_weight, eps)
     if path is None:
-        path = "dp4a" if m <= ternary_decode.MAX_M and ternary_decode.supports(x, packed) else "gemm"
+        path = "dp4a" if m <= ternary_decode.MAX_M and ternary_decode.supports(x, packed) else "wide"
     if path == "dp4a":
         return ternary_decode.ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out,
                                                             split_k=split_k, config=config)
+    if path == "wide":
+        return ternary_prefill.ternary_gemm_wide(xq, packed, weight_scale, bias, out, split_k=split_k, config=config,
+                                                 quantized=(xq, sx))
     if path != "gemm":
-        raise ValueError(f"ternary_linear_rmsnorm: path must be 'dp4a', 'gemm' or None, got {path!r}")
+        raise ValueError(f"ternary_linear_rmsnorm: path must be 'dp4a', 'wide', 'gemm' or None, got {path!r}")
     return ternary_gemm(xq, packed, weight_scale, bias, out, act_int8=True, split_k=split_k, config=config,
                         quantized=(xq, sx))

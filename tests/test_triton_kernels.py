@@ -25,7 +25,7 @@ triton_interp.enable()
 pytest.importorskip("triton")
 
 from bitserve.kernels import (binary, dispatch, int8_head, lowbit_decode, ops, reference,  # noqa: E402
-                              reference_lowbit, ternary, ternary_decode, tl_common)
+                              reference_lowbit, ternary, ternary_decode, ternary_prefill, tl_common)
 from bitserve.kernels.packing import (  # noqa: E402
     pack_dual_binary,
     pack_sign_bits,
@@ -123,9 +123,10 @@ def w2a8_oracle(x, t, ws, bias):
 def test_ternary_w2a8(device, dtype, m):
     n, k = 72, 328
     x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 0, m % 2 == 0, m != 2)
-    path = "gemv" if m <= ternary.GEMV_MAX_M else "gemm"
+    # K = 328: no dp4a (K % 16 != 0)
+    path = "gemv" if m <= ternary.GEMV_MAX_M else "gemm" if m <= ternary_prefill.MIN_M else "wide"
     out = poisoned_out(m, n, dtype, device)
-    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=True, config=cfg(device, path))
+    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=True, config=cfg(device, path) if path != "wide" else None)
     assert y is out
     ref, mag, amax = w2a8_oracle(x, t, ws, bias)
     tol = 2 * UNIT[dtype] * ref.abs() + 2.0 ** -21 * mag + 1e-12
@@ -139,13 +140,14 @@ def test_ternary_w2a8(device, dtype, m):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path,m,split_k", [("gemv", 7, None), ("gemv", 16, 1), ("gemv", 1, 2), ("gemv", 2, 5),
-                                            ("gemm", 1, None), ("gemm", 2, 1), ("gemm", 33, 2), ("gemm", 7, 3)])
+                                            ("gemm", 1, None), ("gemm", 2, 1), ("gemm", 33, 2), ("gemm", 7, 3),
+                                            ("wide", 1, None), ("wide", 33, 2), ("wide", 7, 3), ("wide", 128, None)])
 def test_ternary_w2a8_paths_and_split_k(device, path, m, split_k):
     n, k, dtype = 40, 200, torch.bfloat16
     x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 1, True, True)
     out = poisoned_out(m, n, torch.float32, device)  # fp32 output buffer for bf16 activations
     y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=True, path=path, split_k=split_k,
-                               config=cfg(device, path))
+                               config=cfg(device, path) if path != "wide" else None)
     ref, mag, amax = w2a8_oracle(x, t, ws, bias)
     tol = 2.0 ** -21 * mag + 1e-12 + (2 * amax / 127 * ws.double().abs() if device == "cuda" else 0)
     assert_bound(y, ref, tol, f"W2A8 {path} split {split_k}")
@@ -208,11 +210,12 @@ def test_w2a8_default_path_by_m_and_k(monkeypatch):
     monkeypatch.setattr(ternary, "ternary_gemv", lambda *a, **kw: taken.append("gemv"))
     monkeypatch.setattr(ternary, "ternary_gemm", lambda *a, **kw: taken.append("gemm"))
     monkeypatch.setattr(ternary, "_w2a16_decode", lambda *a, **kw: taken.append("decode"))
+    monkeypatch.setattr(ternary, "_w2a8_wide", lambda *a, **kw: taken.append("wide"))
     for m, k, act_int8 in [(1, 208, True), (ternary_decode.MAX_M, 208, True), (ternary_decode.MAX_M + 1, 208, True),
-                           (1, 200, True), (1, 208, False)]:
+                           (1, 200, True), (1, 208, False), (ternary_prefill.MIN_M + 1, 208, True)]:
         ternary.ternary_linear(torch.zeros(m, k), pack_ternary(torch.zeros(8, k, dtype=torch.int8)), torch.ones(1),
                                act_int8=act_int8)
-    assert taken == ["dp4a", "dp4a", "gemm", "gemv", "decode"]
+    assert taken == ["dp4a", "dp4a", "gemm", "gemv", "decode", "wide"]
 
 
 def _dot4_kernel():
@@ -529,7 +532,8 @@ def test_rmsnorm_quantize_int8_kernel(device, x_dtype, w_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("m,path", [(1, None), (3, "dp4a"), (8, None), (9, None), (33, "gemm"), (2, "gemm")])
+@pytest.mark.parametrize("m,path", [(1, None), (3, "dp4a"), (8, None), (9, None), (33, "gemm"), (2, "gemm"),
+                                    (5, "wide")])
 def test_ternary_w2a8_rmsnorm(device, m, path):
     """RMSNorm + W2A8 as one op (the model's path for BitNet linears) vs the twin of the unfused pair."""
     n, k = 40, 208
