@@ -605,6 +605,8 @@ def _op_args():
     return [
         (torch.ops.bitserve.ternary_w2a8, (x, tern, torch.rand(12) + 0.5, torch.randn(12))),
         (torch.ops.bitserve.ternary_w2a16, (x, tern, torch.rand(1) + 0.5, None)),
+        (torch.ops.bitserve.ternary_w2a8_rmsnorm, (x.bfloat16(), torch.rand(64).bfloat16() + 0.5, 1e-5, tern,
+                                                  torch.rand(12) + 0.5, None)),
         (torch.ops.bitserve.binary_w1a16, (x, bits, torch.rand(64), torch.rand(12), torch.randn(64), None)),
         (torch.ops.bitserve.dual_binary, (x, dual, torch.rand(12, 2), -torch.rand(12, 2), 32, torch.randn(12))),
         (torch.ops.bitserve.int8_linear, (x, q, s, None, torch.float32)),
