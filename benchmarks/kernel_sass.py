@@ -78,7 +78,11 @@ def _cases(quick: bool, arch: int):
             for path in ("decode", "gemm"):
                 yield "binary", name, n, k, 1, path, binary_call(n, k, 1, path)
                 yield "dual", name, n, k, 1, path, dual_call(n, k, 1, path)
-    yield "int8head", "lm_head", 128256, 2560, 1, "auto", head_call(128256, 2560, 1)
+            for path in ("wide", "gemm"):
+                yield "binary", name, n, k, 512, path, binary_call(n, k, 512, path)
+            yield "dual", name, n, k, 512, "gemm", dual_call(n, k, 512, "gemm")
+    for m in (1, 128):
+        yield "int8head", "lm_head", 128256, 2560, m, "auto", head_call(128256, 2560, m)
     # the launch configs kernels/bench.py --sweep tries on a GPU, so that none of them fails there
     from bitserve.kernels.bench import DP4A_SWEEP, config_label
 

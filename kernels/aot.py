@@ -51,8 +51,8 @@ class CompiledLaunch:
         return self.kernel.asm["ptx"]
 
     def resources(self) -> dict:
-        """``{"registers": per thread, "local": bytes of local memory per thread (spills)}`` from
-        ``cuobjdump -res-usage`` on the cubin (-1 where it cannot tell)."""
+        """``{"registers": per thread, "local": bytes of stack + local memory per thread (spills)}``
+        from ``cuobjdump -res-usage`` on the cubin (-1 registers where it cannot tell)."""
         import os
         import subprocess
         import tempfile
@@ -64,8 +64,11 @@ class CompiledLaunch:
             f.write(self.kernel.asm["cubin"])
             f.flush()
             res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
-        found = {key: re.search(rf"{tag}:(\d+)", res.stdout) for key, tag in (("registers", "REG"), ("local", "LOCAL"))}
-        return {key: int(m.group(1)) if m else -1 for key, m in found.items()}
+        found = {key: re.search(rf"\b{tag}:(\d+)", res.stdout)
+                 for key, tag in (("registers", "REG"), ("stack", "STACK"), ("local_mem", "LOCAL"))}
+        got = {key: int(m.group(1)) if m else -1 for key, m in found.items()}
+        # register spills live in the stack frame (STACK); LOCAL is local memory declared as such
+        return {"registers": got["registers"], "local": max(got["stack"], 0) + max(got["local_mem"], 0)}
 
 
 class _CompileOnlyDriver:

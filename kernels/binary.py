@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitserve.kernels import lowbit_decode, tl_common
+from bitserve.kernels import binary_prefill, lowbit_decode, tl_common
 from bitserve.kernels.tl_common import bucket, dot_f32x, interpreting, splitk_epilogue, tile_ids, to_bf16
 
 # -- configs -----------------------------------------------------------------------------------
@@ -38,6 +38,13 @@ DUAL_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8, "num_warps": 4, "num
 # GPU configs unless BITSERVE_TRITON_AUTOTUNE=1 (BLOCK_M follows M)
 BINARY_GPU = {"BLOCK_N": 64, "BLOCK_J": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 DUAL_GPU = {"BLOCK_N": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+# above 32 tokens (BLOCK_M 64/128) 8 warps: with 4 the tiles spilled registers (kernel_sass.py)
+WIDE_M_WARPS = 8
+
+
+def gpu_config(base: dict, m: int) -> dict:
+    """``base`` with 8 warps when M > 32."""
+    return {**base, "num_warps": WIDE_M_WARPS} if m > 32 else base
 
 
 def _prune(configs, named_args, **kwargs):
@@ -182,9 +189,10 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
                   out_dtype=None, split_k=None, config=None, path=None):
     """``[M, K] -> [M, N]`` binary W1A16 (contract: :func:`bitserve.kernels.reference_lowbit.binary_linear_w1a16`).
 
-    path: ``"gemm"`` (the tiled ``tl.dot`` kernel here), ``"decode"`` (the CUDA-core GEMV of
+    path: ``"gemm"`` (the tiled ``tl.dot`` kernel here), ``"wide"`` (one deep dot per step,
+    :mod:`bitserve.kernels.binary_prefill`), ``"decode"`` (the CUDA-core GEMV of
     :mod:`bitserve.kernels.lowbit_decode`) or None: decode for ``M <= lowbit_decode.MAX_M`` when
-    ``K % 32 == 0``, else gemm."""
+    ``K % 32 == 0``, wide above ``binary_prefill.MIN_M`` tokens, else gemm."""
     m, k = x.shape
     n, q8 = packed.shape
     if packed.dtype != torch.uint8 or 8 * q8 != k:
@@ -198,14 +206,23 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
     if path is None:
-        path = "decode" if m <= lowbit_decode.MAX_M and lowbit_decode.supports(lowbit_decode.BINARY, k, packed) else "gemm"
+        if m <= lowbit_decode.MAX_M and lowbit_decode.supports(lowbit_decode.BINARY, k, packed):
+            path = "decode"
+        else:
+            path = "wide" if m > binary_prefill.MIN_M else "gemm"
     if path == "decode":
         if not lowbit_decode.supports(lowbit_decode.BINARY, k, packed):
             raise ValueError(f"path='decode' needs K % 32 == 0 and word-aligned packed rows, got K={k}")
         return lowbit_decode.lowbit_gemv(lowbit_decode.BINARY, x, packed, out, scale=h, in_scale=g, in_bias=beta,
                                          bias=bias, split_k=split_k, config=config)
-    if config is None and (interpreting() or not tl_common.autotune_enabled()):
-        config = BINARY_DEFAULT if interpreting() else BINARY_GPU
+    kernel = _binary_kernel
+    if path == "wide":
+        kernel = binary_prefill._binary_wide_kernel
+        config = {**(binary_prefill.INTERPRET_CONFIG if interpreting() else binary_prefill.GPU_CONFIG), **(config or {})}
+    elif path != "gemm":
+        raise ValueError(f"binary_linear: path must be 'decode', 'gemm', 'wide' or None, got {path!r}")
+    elif config is None and (interpreting() or not tl_common.autotune_enabled()):
+        config = BINARY_DEFAULT if interpreting() else gpu_config(BINARY_GPU, m)
     plan = tl_common.plan_tiled(m, n, config, split_k, triton.cdiv(q8, 64), q8, x.device)
     d = packed
     args = (x, packed, g if g is not None else d, h if h is not None else d, beta if beta is not None else d,
@@ -214,7 +231,7 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
     meta = dict(HAS_G=g is not None, HAS_H=h is not None, HAS_BETA=beta is not None, HAS_BIAS=bias is not None,
                 SPLIT_X=not (x.dtype == torch.bfloat16 and g is None), SPLIT_K=plan.split_k,
                 DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m)
-    tl_common.launch(_binary_kernel, plan.grid(m, n), plan.tunables, args, meta)
+    tl_common.launch(kernel, plan.grid(m, n), plan.tunables, args, meta)
     if plan.split_k > 1:
         splitk_epilogue(plan.part, out, None, None, bias)
     return out
@@ -252,7 +269,7 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
         return lowbit_decode.lowbit_gemv(lowbit_decode.DUAL, x, packed, out, alpha1=a1, alpha2=a2,
                                          group_size=group_size, bias=bias, split_k=split_k, config=config)
     if config is None and (interpreting() or not tl_common.autotune_enabled()):
-        config = DUAL_DEFAULT if interpreting() else DUAL_GPU
+        config = DUAL_DEFAULT if interpreting() else gpu_config(DUAL_GPU, m)
     plan = tl_common.plan_tiled(m, n, config, split_k, ng, ng, x.device)
     d = packed
     args = (x, packed, a1, a2, bias if bias is not None else d, out, plan.part if plan.part is not None else d,

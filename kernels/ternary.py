@@ -60,10 +60,12 @@ DEQUANT_TILE_ELEMENTS = 1 << 26  # path="dequant": at most 64 MB of unpacked cod
 
 
 def gemm_gpu_config(m: int) -> dict:
-    """Fixed GEMM launch config by M (the autotuner's winners on 2B4T shapes, H100)."""
+    """Fixed GEMM launch config by M (the autotuner's winners on 2B4T shapes, H100). Above 32 tokens
+    (BLOCK_M 64/128) 8 warps: with 4, both accumulators of a 128 x 64 tile did not fit in registers
+    and spilled (32 B/thread W2A8, 536 B W2A16 on sm_90; benchmarks/kernel_sass.py)."""
     if m <= 32:
         return {"BLOCK_N": 128, "BLOCK_J": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_N": 64, "BLOCK_J": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_N": 64, "BLOCK_J": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def _prune_gemm(configs, named_args, **kwargs):

@@ -24,8 +24,8 @@ import triton_interp
 triton_interp.enable()
 pytest.importorskip("triton")
 
-from bitserve.kernels import (binary, dispatch, int8_head, lowbit_decode, ops, reference,  # noqa: E402
-                              reference_lowbit, ternary, ternary_decode, ternary_prefill, tl_common)
+from bitserve.kernels import (binary, binary_prefill, dispatch, int8_head, lowbit_decode, ops,  # noqa: E402
+                              reference, reference_lowbit, ternary, ternary_decode, ternary_prefill, tl_common)
 from bitserve.kernels.packing import (  # noqa: E402
     pack_dual_binary,
     pack_sign_bits,
@@ -315,6 +315,35 @@ def test_binary_w1a16(device, dtype, m):
     assert_bound(twin, ref, float_bound(ref, s_abs, dtype, k, False), f"binary twin {variant}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,variant,split_k", [(33, "onebit", None), (64, "fbi", 2), (7, "plain", None),
+                                               (40, "onebit", 3)])
+def test_binary_w1a16_wide(device, dtype, m, variant, split_k):
+    """The one-dot prefill GEMM (default above binary_prefill.MIN_M tokens) vs float64."""
+    n, k = 40, 200
+    g = gen("bw", m, str(dtype), variant)
+    x = rand_x(m, k, dtype, g)
+    bits = torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8)
+    gvec = torch.rand(k, generator=g) + 0.5 if variant != "plain" else None
+    hvec = torch.rand(n, generator=g) + 0.5 if variant == "onebit" else None
+    beta = torch.randn(k, generator=g) * 0.1 if variant == "fbi" else None
+    bias = torch.randn(n, generator=g).to(dtype)
+    packed = pack_sign_bits(bits)
+    dev = lambda v: None if v is None else v.to(device)  # noqa: E731
+    out = poisoned_out(m, n, dtype, device)
+    y = binary.binary_linear(dev(x), dev(packed), dev(gvec), dev(hvec), dev(beta), dev(bias), out, split_k=split_k,
+                             path="wide")
+    w = signs_from_bits(bits, torch.float64) * (gvec.double() if gvec is not None else 1.0)
+    w = w * (hvec.double().unsqueeze(1) if hvec is not None else 1.0) + (beta.double() if beta is not None else 0.0)
+    ref = x.double() @ w.t() + bias.double()
+    wa = torch.ones(n, k, dtype=torch.float64) * (gvec.double() if gvec is not None else 1.0)
+    wa = wa * (hvec.double().unsqueeze(1) if hvec is not None else 1.0)
+    s_abs = x.double().abs() @ wa.t() + ((x.double().abs() @ beta.double().abs()).unsqueeze(1) if beta is not None else 0)
+    split = not (dtype == torch.bfloat16 and gvec is None)
+    assert_bound(y, ref, float_bound(ref, s_abs, dtype, k, split), f"binary wide {variant}")
+
+
 # -- dual-binary ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -427,7 +456,7 @@ def test_lowbit_decode_default_paths_and_refusals(monkeypatch):
     signs = lambda k: pack_sign_bits(torch.zeros(8, k, dtype=torch.uint8))  # noqa: E731
     planes = lambda k, g: pack_dual_binary(torch.zeros(8, k, dtype=torch.uint8), torch.zeros(8, k, dtype=torch.uint8), g)  # noqa: E731
     codes = lambda k: pack_ternary(torch.zeros(8, k, dtype=torch.int8))  # noqa: E731
-    for m, k in [(1, 224), (big, 224), (1, 200)]:
+    for m, k in [(1, 224), (big, 224), (1, 200), (binary_prefill.MIN_M + 1, 224)]:
         binary.binary_linear(torch.zeros(m, k), signs(k))
     for m, group in [(1, 32), (big, 32), (1, 56)]:
         binary.dual_binary_linear(torch.zeros(m, 224), planes(224, group), torch.ones(8, 224 // group),
@@ -436,7 +465,8 @@ def test_lowbit_decode_default_paths_and_refusals(monkeypatch):
         ternary.ternary_linear(torch.zeros(m, k), codes(k), torch.ones(1), act_int8=False)
     gemm = lambda name: any(getattr(t, "__name__", "") == name for t in taken)  # noqa: E731
     assert [t for t in taken if isinstance(t, int)] == [lowbit_decode.BINARY, lowbit_decode.DUAL, lowbit_decode.TERNARY]
-    assert len(taken) == 9 and gemm("_binary_kernel") and gemm("_dual_binary_kernel")
+    assert len(taken) == 10 and gemm("_binary_kernel") and gemm("_dual_binary_kernel")
+    assert getattr(taken[3], "__name__", "") == "_binary_wide_kernel"
     with pytest.raises(ValueError, match="K % 32"):
         binary.binary_linear(torch.zeros(1, 200), signs(200), path="decode")
     with pytest.raises(ValueError, match="group_size % 16"):
