@@ -105,17 +105,17 @@ def test_float_activation_decode_loops(survey):
 
 
 def test_wide_prefill_gemm_is_one_dot_per_step(survey):
-    """kernels/ternary_prefill.py: one tensor-core dot per K step: fewer barriers and registers than
-    the four-dot GEMM at M = 512 (the default above ternary_prefill.MIN_M tokens); at M = 32, where
-    the four-dot GEMM stays the default, it compiles too."""
+    """kernels/ternary_prefill.py: one tensor-core dot per K step: fewer loop instructions than the
+    four-dot GEMM at M = 512 (the default above ternary_prefill.MIN_M tokens), and on sm_90 fewer
+    barriers and registers; at M = 32, where the four-dot GEMM stays the default, it compiles too."""
     arch, rows = survey
     wide = {r["M"]: r for r in rows if r["kernel"] == "_ternary_gemm_wide_kernel"}
     four = {r["M"]: r for r in rows if r["kernel"] == "_ternary_gemm_kernel" and r["op"] == "w2a8"}
     assert set(wide) == {32, 512} and all(r["loop_mma"] > 0 for r in wide.values())
-    assert wide[512]["registers"] < four[512]["registers"], (wide[512], four[512])
     assert wide[512]["loop_instructions"] < four[512]["loop_instructions"], (wide[512], four[512])
     if arch >= 90:  # wgmma takes the weight operand from shared memory: one staging per step instead of four
         assert wide[512]["loop_barriers"] < four[512]["loop_barriers"], (wide[512], four[512])
+        assert wide[512]["registers"] < four[512]["registers"], (wide[512], four[512])
 
 
 def test_binary_wide_prefill_gemm(survey):
