@@ -80,7 +80,8 @@ def _cases(quick: bool, arch: int):
                 yield "dual", name, n, k, 1, path, dual_call(n, k, 1, path)
             for path in ("wide", "gemm"):
                 yield "binary", name, n, k, 512, path, binary_call(n, k, 512, path)
-            yield "dual", name, n, k, 512, "gemm", dual_call(n, k, 512, "gemm")
+            for path in ("wide", "gemm"):
+                yield "dual", name, n, k, 512, path, dual_call(n, k, 512, path)
     for m in (1, 128):
         yield "int8head", "lm_head", 128256, 2560, m, "auto", head_call(128256, 2560, m)
     # the launch configs kernels/bench.py --sweep tries on a GPU, so that none of them fails there

@@ -97,7 +97,8 @@ def compile_only(arch: int = 90) -> Iterator[list[CompiledLaunch]]:
     """Within the block, Triton launches compile for ``sm_<arch>`` and are recorded, not run.
 
     Call the kernel wrappers with CPU tensors of the shapes of interest; the yielded list fills
-    with one :class:`CompiledLaunch` per launch. Outputs are left unwritten.
+    with one :class:`CompiledLaunch` per launch. Outputs are left unwritten. One target per process:
+    Triton's in-process kernel cache does not key on the target (a second arch raises).
     """
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
@@ -111,6 +112,9 @@ def compile_only(arch: int = 90) -> Iterator[list[CompiledLaunch]]:
 
     def record(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        if kernel.metadata.target.arch != arch:  # Triton caches compiled kernels per device, not per target
+            raise RuntimeError(f"compile_only: {self.fn.__name__} was already compiled for sm_{kernel.metadata.target.arch} "
+                               f"in this process; use one process per target architecture")
         launches.append(CompiledLaunch(self.fn.__name__, kernel, dict(kwargs)))
         return kernel
 

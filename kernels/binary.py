@@ -241,8 +241,9 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
                        out_dtype=None, split_k=None, config=None, path=None):
     """``[M, K] -> [M, N]`` dual-binary (contract: :func:`bitserve.kernels.reference_lowbit.dual_binary_linear`).
 
-    path: ``"gemm"``, ``"decode"`` (:mod:`bitserve.kernels.lowbit_decode`) or None: decode for
-    ``M <= lowbit_decode.MAX_M`` when ``group_size % 16 == 0``, else gemm."""
+    path: ``"gemm"``, ``"wide"`` (:mod:`bitserve.kernels.binary_prefill`), ``"decode"``
+    (:mod:`bitserve.kernels.lowbit_decode`) or None: decode for ``M <= lowbit_decode.MAX_M`` when
+    ``group_size % 16 == 0``, else gemm (wide is opt-in until timed)."""
     m, k = x.shape
     n, q = packed.shape
     if packed.dtype != torch.uint8 or 4 * q != k or group_size % 4 or k % group_size:
@@ -261,22 +262,29 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
     x = x if x.stride(1) == 1 else x.contiguous()
     dual_ok = lowbit_decode.supports(lowbit_decode.DUAL, k, packed, group_size)
     if path is None:
-        path = "decode" if m <= lowbit_decode.MAX_M and dual_ok else "gemm"
+        path = "decode" if m <= lowbit_decode.MAX_M and dual_ok else "gemm"  # wide: opt-in, see binary_prefill
     if path == "decode":
         if not dual_ok:
             raise ValueError(f"path='decode' needs group_size % 16 == 0 and word-aligned packed rows, "
                              f"got group_size={group_size}")
         return lowbit_decode.lowbit_gemv(lowbit_decode.DUAL, x, packed, out, alpha1=a1, alpha2=a2,
                                          group_size=group_size, bias=bias, split_k=split_k, config=config)
-    if config is None and (interpreting() or not tl_common.autotune_enabled()):
+    kernel, block_j = _dual_binary_kernel, max(16, min(128, triton.next_power_of_2(gb)))
+    if path == "wide":
+        kernel, block_j = binary_prefill._dual_binary_wide_kernel, max(4, min(32, triton.next_power_of_2(gb)))
+        base = binary_prefill.DUAL_INTERPRET_CONFIG if interpreting() else binary_prefill.DUAL_GPU_CONFIG
+        config = {**base, **(config or {})}
+    elif path != "gemm":
+        raise ValueError(f"dual_binary_linear: path must be 'decode', 'gemm', 'wide' or None, got {path!r}")
+    elif config is None and (interpreting() or not tl_common.autotune_enabled()):
         config = DUAL_DEFAULT if interpreting() else gpu_config(DUAL_GPU, m)
     plan = tl_common.plan_tiled(m, n, config, split_k, ng, ng, x.device)
     d = packed
     args = (x, packed, a1, a2, bias if bias is not None else d, out, plan.part if plan.part is not None else d,
             m, n, ng, gb, x.stride(0), packed.stride(0), a1.stride(0), out.stride(0), bucket(m))
     meta = dict(HAS_BIAS=bias is not None, SPLIT_X=x.dtype != torch.bfloat16, SPLIT_K=plan.split_k,
-                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m, BLOCK_J=max(16, min(128, triton.next_power_of_2(gb))))
-    tl_common.launch(_dual_binary_kernel, plan.grid(m, n), plan.tunables, args, meta)
+                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m, BLOCK_J=block_j)
+    tl_common.launch(kernel, plan.grid(m, n), plan.tunables, args, meta)
     if plan.split_k > 1:
         splitk_epilogue(plan.part, out, None, None, bias)
     return out

@@ -87,3 +87,70 @@ def _binary_wide_kernel(
                  total.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :], total, mask=out_mask)
+
+
+# -- dual-binary -------------------------------------------------------------------------------------
+DUAL_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+# 64 x 128 tiles: 128 x 128 spilled (three fp32 accumulators and a 128-deep fp32 activation tile).
+# Opt-in (path="wide"): on sm_90 it has 7 barriers per step against the tiled kernel's 18, with the
+# same instructions, but sits at the 255-register limit -- only a GPU run can tell which is faster.
+DUAL_GPU_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+@triton.jit
+def _plane4(p, FIRST: tl.constexpr):
+    """``[BJ, BN]`` dual-binary bytes -> one plane (bits ``FIRST, FIRST+2, FIRST+4, FIRST+6``: the
+    four slabs) as ``[4*BJ, BN]`` bf16 0/1, row ``s*BJ + j``."""
+    bits = tl.join(tl.join((p >> FIRST) & 1, (p >> (FIRST + 2)) & 1), tl.join((p >> (FIRST + 4)) & 1, (p >> (FIRST + 6)) & 1))
+    rows = tl.reshape(tl.permute(bits, (3, 2, 0, 1)), (4 * p.shape[0], p.shape[1]))
+    return rows.to(tl.float32).to(tl.bfloat16)
+
+
+@triton.jit
+def _dual_binary_wide_kernel(
+    x_ptr, p_ptr, a1_ptr, a2_ptr, bias_ptr, out_ptr, part_ptr,
+    M, N, NG, GB, stride_xm, stride_pn, stride_an, stride_om, M_BUCKET,
+    HAS_BIAS: tl.constexpr, SPLIT_X: tl.constexpr, SPLIT_K, DIRECT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Arguments as :func:`bitserve.kernels.binary._dual_binary_kernel`: per group and step, one dot
+    per bit plane over the four slabs joined (two dots, or four with bf16 hi + lo activations,
+    instead of eight or sixteen)."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    c = tl.arange(0, 4 * BLOCK_J)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    p_cols = p_ptr + offs_n.to(tl.int64)[None, :] * stride_pn
+    a_rows = offs_n.to(tl.int64) * stride_an
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    g_per = tl.cdiv(NG, SPLIT_K)
+    g_begin = pid_k * g_per
+    g_end = tl.minimum(g_begin + g_per, NG)
+    for g in range(g_begin, g_end):
+        d1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        d2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for j0 in range(0, GB, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            p = tl.load(p_cols + (g * GB + offs_j)[:, None], mask=(offs_j < GB)[:, None] & n_mask[None, :], other=0)
+            c_mask = j0 + c % BLOCK_J < GB
+            cols = 4 * g * GB + (c // BLOCK_J) * GB + j0 + c % BLOCK_J
+            xs = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            d1 = dot_f32x(xs, _plane4(p, 0), d1, SPLIT_X)
+            d2 = dot_f32x(xs, _plane4(p, 1), d2, SPLIT_X)
+        a1 = tl.load(a1_ptr + a_rows + g, mask=n_mask, other=0.0)
+        a2 = tl.load(a2_ptr + a_rows + g, mask=n_mask, other=0.0)
+        acc += d1 * a1[None, :] + d2 * a2[None, :]
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :], acc, mask=out_mask)

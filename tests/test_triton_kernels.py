@@ -476,6 +476,27 @@ def test_lowbit_decode_default_paths_and_refusals(monkeypatch):
         ternary.ternary_linear(torch.zeros(1, 224), codes(224), torch.ones(1), path="decode")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,group,split_k", [(33, 64, None), (40, 160, 2), (7, 32, None), (64, 16, 3)])
+def test_dual_binary_wide(device, dtype, m, group, split_k):
+    """The opt-in one-dot-per-plane dual-binary GEMM (path="wide") vs float64."""
+    n, k = 40, 320
+    g = gen("dw", m, str(dtype), group)
+    x = rand_x(m, k, dtype, g)
+    b1, b2 = (torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8) for _ in range(2))
+    a1, a2 = torch.rand(n, k // group, generator=g) + 0.5, -(torch.rand(n, k // group, generator=g) + 0.25)
+    bias = torch.randn(n, generator=g).to(dtype)
+    packed = pack_dual_binary(b1, b2, group)
+    out = poisoned_out(m, n, dtype, device)
+    y = binary.dual_binary_linear(x.to(device), packed.to(device), a1.to(device), a2.to(device), group,
+                                  bias.to(device), out, split_k=split_k, path="wide")
+    w = a1.double().repeat_interleave(group, 1) * b1.double() + a2.double().repeat_interleave(group, 1) * b2.double()
+    ref = x.double() @ w.t() + bias.double()
+    s_abs = x.double().abs() @ w.abs().t()
+    assert_bound(y, ref, float_bound(ref, s_abs, dtype, k, dtype != torch.bfloat16), f"dual wide G={group}")
+
+
 # -- int8 LM head -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
