@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from bitserve.kernels import binary_prefill, lowbit_decode, tl_common
-from bitserve.kernels.tl_common import bucket, dot_f32x, interpreting, splitk_epilogue, tile_ids, to_bf16
+from bitserve.kernels.tl_common import (bucket, dot_f32x, interpreting, splitk_epilogue, store_tile, tile_ids,
+                                       to_bf16)
 
 # -- configs -----------------------------------------------------------------------------------
 BINARY_CONFIGS = [
@@ -106,14 +107,8 @@ def _binary_kernel(
     if HAS_BETA:
         total = total + xb[:, None]
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            total = total + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 total.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :], total, mask=out_mask)
+    store_tile(total, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, bias_ptr, bias_ptr, bias_ptr,
+               False, 0, HAS_BIAS, DIRECT)
 
 
 # -- dual-binary ------------------------------------------------------------------------------------
@@ -165,14 +160,8 @@ def _dual_binary_kernel(
         a2 = tl.load(a2_ptr + a_rows + g, mask=n_mask, other=0.0)
         acc += d1 * a1[None, :] + d2 * a2[None, :]
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+    store_tile(acc, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, bias_ptr, bias_ptr, bias_ptr,
+               False, 0, HAS_BIAS, DIRECT)
 
 
 # -- wrappers --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from bitserve.kernels.tl_common import dot_f32x, tile_ids
+from bitserve.kernels.tl_common import dot_f32x, store_tile, tile_ids
 
 # the binary GEMM takes this kernel by default above this many tokens (kernels/binary.py): on sm_90
 # it needs 0.12 instructions per weight and token and 2 barriers per step, against 0.20 and 16
@@ -79,14 +79,8 @@ def _binary_wide_kernel(
     if HAS_BETA:
         total = total + xb[:, None]
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            total = total + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 total.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :], total, mask=out_mask)
+    store_tile(total, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, bias_ptr, bias_ptr, bias_ptr,
+               False, 0, HAS_BIAS, DIRECT)
 
 
 # -- dual-binary -------------------------------------------------------------------------------------
@@ -146,11 +140,5 @@ def _dual_binary_wide_kernel(
         a2 = tl.load(a2_ptr + a_rows + g, mask=n_mask, other=0.0)
         acc += d1 * a1[None, :] + d2 * a2[None, :]
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+    store_tile(acc, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, bias_ptr, bias_ptr, bias_ptr,
+               False, 0, HAS_BIAS, DIRECT)

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from bitserve.kernels import tl_common
-from bitserve.kernels.tl_common import bucket, dot_f32x, interpreting, pick_split_k, splitk_epilogue, tile_ids
+from bitserve.kernels.tl_common import (bucket, dot_f32x, interpreting, pick_split_k, splitk_epilogue, store_tile,
+                                       tile_ids)
 
 # -- configs -----------------------------------------------------------------------------------
 HEAD_GEMV_CONFIGS = [
@@ -122,14 +123,8 @@ def _int8_gemm_kernel(
         acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     else:
         acc = acc * tl.load(scale_ptr)
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+    store_tile(acc, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, bias_ptr, bias_ptr, bias_ptr,
+               False, 0, HAS_BIAS, DIRECT)
 
 
 # -- wrapper ---------------------------------------------------------------------------------------

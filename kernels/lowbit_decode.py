@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from bitserve.kernels import tl_common
-from bitserve.kernels.tl_common import interpreting, pick_split_k, splitk_epilogue
+from bitserve.kernels.tl_common import interpreting, pick_split_k, splitk_epilogue, store_tile
 
 BINARY, DUAL, TERNARY = 0, 1, 2
 SLABS = {BINARY: 8, DUAL: 4, TERNARY: 4}
@@ -165,14 +165,8 @@ def _lowbit_gemv_kernel(
         else:
             total = total * tl.load(scale_ptr)
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            total = total + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 total.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :], total, mask=out_mask)
+    store_tile(total, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, bias_ptr, bias_ptr, bias_ptr,
+               False, 0, HAS_BIAS, DIRECT)
 
 
 def supports(kind: int, k: int, packed: torch.Tensor, group_size: int | None = None) -> bool:

@@ -32,7 +32,7 @@ import triton.language as tl
 from bitserve.kernels import lowbit_decode, reference, ternary_decode, ternary_prefill, tl_common
 from bitserve.kernels.packing import unpack_ternary
 from bitserve.kernels.tl_common import (bucket, interpreting, inv_times_127, pick_split_k, quantize_int8, rne,
-                                       splitk_epilogue)
+                                       splitk_epilogue, store_tile)
 
 # -- configs -----------------------------------------------------------------------------------
 GEMV_BLOCK_N = 16  # output rows per GEMV program (on GPUs; small so that decode fills the SMs)
@@ -250,23 +250,8 @@ def _ternary_gemm_kernel(
     else:
         total = acc_a + acc_b * 0.25 - xsum[:, None]
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if DIRECT:
-        y = total.to(tl.float32)
-        if ACT_INT8:
-            s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=1.0)
-            y = tl.math.div_rn(y, tl.broadcast_to(s_x[:, None], (BLOCK_M, BLOCK_N)))
-        if WS_PER_N:
-            y = y * tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        else:
-            y = y * tl.load(ws_ptr)
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        idx = (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
-        tl.store(part_ptr + idx, total, mask=out_mask)
+    store_tile(total, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, sx_ptr, ws_ptr, bias_ptr,
+               ACT_INT8, WS_PER_N + 1, HAS_BIAS, DIRECT)
 
 
 # -- wrappers --------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from bitserve.kernels import tl_common
 from bitserve.kernels.tl_common import (grid_dependency_wait, interpreting, pdl_supported, pick_split_k, quantize_int8,
-                                       splitk_epilogue)
+                                       splitk_epilogue, store_tile)
 
 # words (4 bytes) of weights one program reads per K step, on GPUs: 16 words (four 128-bit loads)
 # per thread with 4 warps
@@ -124,21 +124,8 @@ def _w2a8_dp4a_kernel(
     if pid_k == 0:
         total -= tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)[:, None]  # the codes are t + 1
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if DIRECT:
-        s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=1.0)
-        y = tl.math.div_rn(total.to(tl.float32), tl.broadcast_to(s_x[:, None], (BLOCK_M, BLOCK_N)))
-        if WS_PER_N:
-            y = y * tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        else:
-            y = y * tl.load(ws_ptr)
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        idx = (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
-        tl.store(part_ptr + idx, total, mask=out_mask)
+    store_tile(total, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, sx_ptr, ws_ptr, bias_ptr,
+               True, WS_PER_N + 1, HAS_BIAS, DIRECT)
 
 
 def supports(x: torch.Tensor, packed: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from bitserve.kernels import tl_common
-from bitserve.kernels.tl_common import interpreting, quantize_int8, splitk_epilogue, tile_ids
+from bitserve.kernels.tl_common import interpreting, quantize_int8, splitk_epilogue, store_tile, tile_ids
 
 # W2A8 with more tokens than this takes this GEMM by default: at M <= 32 the joined operand's layout
 # shuffles cost more instructions than the four-dot GEMM spends (kernel_sass.py: 547 vs 358 per step)
@@ -72,21 +72,8 @@ def _ternary_gemm_wide_kernel(
         xsum += tl.sum(x4.to(tl.int32), axis=1)
     total = acc - xsum[:, None]
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if DIRECT:
-        s_x = tl.load(sx_ptr + offs_m, mask=m_mask, other=1.0)
-        y = tl.math.div_rn(total.to(tl.float32), tl.broadcast_to(s_x[:, None], (BLOCK_M, BLOCK_N)))
-        if WS_PER_N:
-            y = y * tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        else:
-            y = y * tl.load(ws_ptr)
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        idx = (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
-        tl.store(part_ptr + idx, total, mask=out_mask)
+    store_tile(total, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, sx_ptr, ws_ptr, bias_ptr,
+               True, WS_PER_N + 1, HAS_BIAS, DIRECT)
 
 
 def ternary_gemm_wide(x, packed, weight_scale, bias, out, *, split_k=None, config=None, quantized=None):

@@ -302,16 +302,42 @@ def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float):
 
 
 @triton.jit
+def store_tile(total, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, rowdiv_ptr, colmul_ptr, bias_ptr,
+               HAS_ROWDIV: tl.constexpr, COLMUL: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr):
+    """Finish a ``[BM, BN]`` tile of accumulators (rows ``offs_m``, columns ``offs_n``).
+
+    DIRECT: ``y = total / rowdiv[m] * colmul[n] + bias[n]`` -- each factor optional (COLMUL: 0
+    none, 1 one scalar, 2 a vector ``[N]``), the division IEEE (``div_rn``) -- stored to ``out``
+    (row stride ``stride_om``) in its dtype. Else the raw ``total`` goes to the split-K workspace
+    ``part[pid_k, m, n]`` (``[SPLIT_K, M, N]`` contiguous) and :func:`splitk_epilogue` applies the
+    same epilogue to the sum, so a result does not depend on the split beyond float summation.
+    """
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    mask = m_mask[:, None] & n_mask[None, :]
+    if DIRECT:
+        y = total.to(tl.float32)
+        if HAS_ROWDIV:
+            r = tl.load(rowdiv_ptr + offs_m, mask=m_mask, other=1.0)
+            y = tl.math.div_rn(y, tl.broadcast_to(r[:, None], y.shape))
+        if COLMUL == 1:
+            y = y * tl.load(colmul_ptr)
+        elif COLMUL == 2:
+            y = y * tl.load(colmul_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        tl.store(part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :], total, mask=mask)
+
+
+@triton.jit
 def _splitk_epilogue_kernel(part_ptr, out_ptr, rowdiv_ptr, colmul_ptr, bias_ptr, M, N, stride_om,
                             SPLIT_K, HAS_ROWDIV: tl.constexpr, COLMUL: tl.constexpr,
                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Sum split-K partials and apply the epilogue.
-
-    part: ``[SPLIT_K, M, N]`` int32 (exact integer accumulators) or float32, contiguous;
-    ``y = sum / rowdiv[m] * colmul[n] + bias[n]`` where each factor is optional (COLMUL: 0 none,
-    1 one scalar, 2 a vector ``[N]``); the division is IEEE (``div_rn``). out: ``[M, N]`` with row
-    stride ``stride_om``, any float dtype. Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``.
-    """
+    """Sum split-K partials ``part [SPLIT_K, M, N]`` (int32 exact accumulators, or float32) and
+    finish them with :func:`store_tile`. Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -319,18 +345,8 @@ def _splitk_epilogue_kernel(part_ptr, out_ptr, rowdiv_ptr, colmul_ptr, bias_ptr,
     acc = tl.load(part_ptr + idx, mask=mask, other=0)
     for s in range(1, SPLIT_K):
         acc += tl.load(part_ptr + (s * M).to(tl.int64) * N + idx, mask=mask, other=0)
-    y = acc.to(tl.float32)
-    if HAS_ROWDIV:
-        r = tl.load(rowdiv_ptr + offs_m, mask=offs_m < M, other=1.0)
-        y = tl.math.div_rn(y, tl.broadcast_to(r[:, None], (BLOCK_M, BLOCK_N)))
-    if COLMUL == 1:
-        y = y * tl.load(colmul_ptr)
-    elif COLMUL == 2:
-        y = y * tl.load(colmul_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    store_tile(acc, offs_m, offs_n, M, N, 0, out_ptr, stride_om, part_ptr, rowdiv_ptr, colmul_ptr, bias_ptr,
+               HAS_ROWDIV, COLMUL, HAS_BIAS, True)
 
 
 def splitk_epilogue(part: torch.Tensor, out: torch.Tensor, rowdiv: torch.Tensor | None,
