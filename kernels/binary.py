@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from bitserve.kernels import binary_prefill, lowbit_decode, tl_common
+from bitserve.kernels.binary_prefill import bits8, plane4, slab_columns
 from bitserve.kernels.tl_common import (bucket, dot_f32x, interpreting, splitk_epilogue, store_tile, tile_ids,
                                        to_bf16)
 
@@ -64,6 +65,7 @@ def _binary_kernel(
     HAS_G: tl.constexpr, HAS_H: tl.constexpr, HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT_X: tl.constexpr, SPLIT_K, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, GROUP_M: tl.constexpr,
+    WIDE: tl.constexpr = False,
 ):
     """Binary W1A16: ``y = h * ((x*g) @ S.T) + x @ beta + bias``, S = 1 - 2*bit.
 
@@ -91,16 +93,26 @@ def _binary_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_J)
         j_mask = offs_j < j_end
         p = tl.load(p_cols + offs_j[:, None], mask=j_mask[:, None] & n_mask[None, :], other=0)  # [BJ, BN]
-        for s in tl.static_range(8):
-            cols = s * Q8 + offs_j
-            xs = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
+        if WIDE:  # the eight slabs in one dot (kernels/binary_prefill.py)
+            cols, c_mask = slab_columns(j0, j_end, Q8, 8, BLOCK_J)
+            xs = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
             if HAS_BETA:
-                beta = tl.load(beta_ptr + cols, mask=j_mask, other=0.0)
-                xb += tl.sum(xs * beta[None, :], axis=1)
+                xb += tl.sum(xs * tl.load(beta_ptr + cols, mask=c_mask, other=0.0)[None, :], axis=1)
             if HAS_G:
-                xs = xs * tl.load(g_ptr + cols, mask=j_mask, other=0.0)[None, :]
+                xs = xs * tl.load(g_ptr + cols, mask=c_mask, other=0.0)[None, :]
             xgsum += tl.sum(xs, axis=1)
-            acc = dot_f32x(xs * (1.0 / (1 << s)), to_bf16(p & (1 << s)), acc, SPLIT_X)
+            acc = dot_f32x(xs, bits8(p), acc, SPLIT_X)
+        else:
+            for s in tl.static_range(8):
+                cols = s * Q8 + offs_j
+                xs = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
+                if HAS_BETA:
+                    beta = tl.load(beta_ptr + cols, mask=j_mask, other=0.0)
+                    xb += tl.sum(xs * beta[None, :], axis=1)
+                if HAS_G:
+                    xs = xs * tl.load(g_ptr + cols, mask=j_mask, other=0.0)[None, :]
+                xgsum += tl.sum(xs, axis=1)
+                acc = dot_f32x(xs * (1.0 / (1 << s)), to_bf16(p & (1 << s)), acc, SPLIT_X)
     total = xgsum[:, None] - 2.0 * acc
     if HAS_H:
         total = total * tl.load(h_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
@@ -120,6 +132,7 @@ def _dual_binary_kernel(
     M, N, NG, GB, stride_xm, stride_pn, stride_an, stride_om, M_BUCKET,
     HAS_BIAS: tl.constexpr, SPLIT_X: tl.constexpr, SPLIT_K, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, GROUP_M: tl.constexpr,
+    WIDE: tl.constexpr = False,
 ):
     """Dual-binary: ``y = sum_g a1[n,g] * x_g @ B1_g.T + a2[n,g] * x_g @ B2_g.T + bias``.
 
@@ -150,12 +163,19 @@ def _dual_binary_kernel(
             offs_j = j0 + tl.arange(0, BLOCK_J)
             j_mask = offs_j < GB
             p = tl.load(p_cols + (g * GB + offs_j)[:, None], mask=j_mask[:, None] & n_mask[None, :], other=0)
-            for s in tl.static_range(4):
-                cols = (4 * g + s) * GB + offs_j
-                xs = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
-                xs = xs.to(tl.float32) * (1.0 / (1 << (2 * s)))
-                d1 = dot_f32x(xs, to_bf16(p & (1 << (2 * s))), d1, SPLIT_X)
-                d2 = dot_f32x(xs * 0.5, to_bf16(p & (2 << (2 * s))), d2, SPLIT_X)
+            if WIDE:  # per plane, the four slabs in one dot (kernels/binary_prefill.py)
+                cols, c_mask = slab_columns(j0, GB, GB, 4, BLOCK_J)
+                xs = tl.load(x_rows + (4 * g * GB + cols)[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+                xs = xs.to(tl.float32)
+                d1 = dot_f32x(xs, plane4(p, 0), d1, SPLIT_X)
+                d2 = dot_f32x(xs, plane4(p, 1), d2, SPLIT_X)
+            else:
+                for s in tl.static_range(4):
+                    cols = (4 * g + s) * GB + offs_j
+                    xs = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
+                    xs = xs.to(tl.float32) * (1.0 / (1 << (2 * s)))
+                    d1 = dot_f32x(xs, to_bf16(p & (1 << (2 * s))), d1, SPLIT_X)
+                    d2 = dot_f32x(xs * 0.5, to_bf16(p & (2 << (2 * s))), d2, SPLIT_X)
         a1 = tl.load(a1_ptr + a_rows + g, mask=n_mask, other=0.0)
         a2 = tl.load(a2_ptr + a_rows + g, mask=n_mask, other=0.0)
         acc += d1 * a1[None, :] + d2 * a2[None, :]
@@ -204,9 +224,7 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
             raise ValueError(f"path='decode' needs K % 32 == 0 and word-aligned packed rows, got K={k}")
         return lowbit_decode.lowbit_gemv(lowbit_decode.BINARY, x, packed, out, scale=h, in_scale=g, in_bias=beta,
                                          bias=bias, split_k=split_k, config=config)
-    kernel = _binary_kernel
     if path == "wide":
-        kernel = binary_prefill._binary_wide_kernel
         config = {**(binary_prefill.INTERPRET_CONFIG if interpreting() else binary_prefill.GPU_CONFIG), **(config or {})}
     elif path != "gemm":
         raise ValueError(f"binary_linear: path must be 'decode', 'gemm', 'wide' or None, got {path!r}")
@@ -219,8 +237,8 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
             m, n, q8, x.stride(0), packed.stride(0), out.stride(0), bucket(m))
     meta = dict(HAS_G=g is not None, HAS_H=h is not None, HAS_BETA=beta is not None, HAS_BIAS=bias is not None,
                 SPLIT_X=not (x.dtype == torch.bfloat16 and g is None), SPLIT_K=plan.split_k,
-                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m)
-    tl_common.launch(kernel, plan.grid(m, n), plan.tunables, args, meta)
+                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m, WIDE=path == "wide")
+    tl_common.launch(_binary_kernel, plan.grid(m, n), plan.tunables, args, meta)
     if plan.split_k > 1:
         splitk_epilogue(plan.part, out, None, None, bias)
     return out
@@ -258,9 +276,9 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
                              f"got group_size={group_size}")
         return lowbit_decode.lowbit_gemv(lowbit_decode.DUAL, x, packed, out, alpha1=a1, alpha2=a2,
                                          group_size=group_size, bias=bias, split_k=split_k, config=config)
-    kernel, block_j = _dual_binary_kernel, max(16, min(128, triton.next_power_of_2(gb)))
+    block_j = max(16, min(128, triton.next_power_of_2(gb)))
     if path == "wide":
-        kernel, block_j = binary_prefill._dual_binary_wide_kernel, max(4, min(32, triton.next_power_of_2(gb)))
+        block_j = max(4, min(32, triton.next_power_of_2(gb)))
         base = binary_prefill.DUAL_INTERPRET_CONFIG if interpreting() else binary_prefill.DUAL_GPU_CONFIG
         config = {**base, **(config or {})}
     elif path != "gemm":
@@ -272,8 +290,8 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
     args = (x, packed, a1, a2, bias if bias is not None else d, out, plan.part if plan.part is not None else d,
             m, n, ng, gb, x.stride(0), packed.stride(0), a1.stride(0), out.stride(0), bucket(m))
     meta = dict(HAS_BIAS=bias is not None, SPLIT_X=x.dtype != torch.bfloat16, SPLIT_K=plan.split_k,
-                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m, BLOCK_J=block_j)
-    tl_common.launch(kernel, plan.grid(m, n), plan.tunables, args, meta)
+                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m, BLOCK_J=block_j, WIDE=path == "wide")
+    tl_common.launch(_dual_binary_kernel, plan.grid(m, n), plan.tunables, args, meta)
     if plan.split_k > 1:
         splitk_epilogue(plan.part, out, None, None, bias)
     return out

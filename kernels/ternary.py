@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from bitserve.kernels import lowbit_decode, reference, ternary_decode, ternary_prefill, tl_common
+from bitserve.kernels.ternary_prefill import wide_operands
 from bitserve.kernels.packing import unpack_ternary
 from bitserve.kernels.tl_common import (bucket, interpreting, inv_times_127, pick_split_k, quantize_int8, rne,
                                        splitk_epilogue, store_tile)
@@ -186,7 +187,7 @@ def _ternary_gemm_kernel(
     M, N, Q, stride_xm, stride_pn, stride_om, M_BUCKET,
     ACT_INT8: tl.constexpr, SPLIT_X: tl.constexpr, WS_PER_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT_K, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, WIDE: tl.constexpr = False,
 ):
     """Ternary GEMM ``y = x @ T.T`` with ``tl.dot``.
 
@@ -194,7 +195,9 @@ def _ternary_gemm_kernel(
     int32 dots and ``y = acc / s_x * ws + bias``. Else x is fp16/bf16 (dots in x's type) or fp32
     (SPLIT_X: bf16 hi/lo), fp32 accumulation, ``y = acc * ws + bias``. p: ``uint8[N, Q]`` ternary
     kernel layout; ws ``[N]`` (WS_PER_N) or ``[1]`` float32; out ``[M, N]``. SPLIT_K > 1 writes raw
-    partials to ``part[k, m, n]``. Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
+    partials to ``part[k, m, n]``. WIDE (ACT_INT8 only): one dot over the four slabs joined per step
+    (:mod:`bitserve.kernels.ternary_prefill`) instead of four. Grid:
+    ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -228,23 +231,29 @@ def _ternary_gemm_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_J)
         j_mask = offs_j < j_end
         p = tl.load(p_cols + offs_j[:, None], mask=j_mask[:, None] & n_mask[None, :], other=0)  # [BJ, BN]
-        xmask = m_mask[:, None] & j_mask[None, :]
-        x0 = tl.load(x_rows + offs_j[None, :], mask=xmask, other=0)
-        x1 = tl.load(x_rows + (Q + offs_j)[None, :], mask=xmask, other=0)
-        x2 = tl.load(x_rows + (2 * Q + offs_j)[None, :], mask=xmask, other=0)
-        x3 = tl.load(x_rows + (3 * Q + offs_j)[None, :], mask=xmask, other=0)
-        if ACT_INT8:
-            acc_a = tl.dot(x0, (p & 3).to(tl.int8, bitcast=True), acc_a, out_dtype=tl.int32)
-            acc_a = tl.dot(x3, (p >> 6).to(tl.int8, bitcast=True), acc_a, out_dtype=tl.int32)
-            acc_b = tl.dot(x1, (p & 12).to(tl.int8, bitcast=True), acc_b, out_dtype=tl.int32)
-            acc_b = tl.dot(x2, ((p >> 2) & 12).to(tl.int8, bitcast=True), acc_b, out_dtype=tl.int32)
-            xsum += tl.sum(x0.to(tl.int32) + x1.to(tl.int32) + x2.to(tl.int32) + x3.to(tl.int32), axis=1)
+        if WIDE:
+            x4, w4 = wide_operands(x_rows, p, j0, j_end, Q, m_mask, BLOCK_J)
+            acc_a = tl.dot(x4, w4, acc_a, out_dtype=tl.int32)
+            xsum += tl.sum(x4.to(tl.int32), axis=1)
         else:
-            acc_a = fdot(x0, wcast(p & 3, x0, SPLIT_X), acc_a, SPLIT_X)
-            acc_a = fdot(x3, wcast(p >> 6, x0, SPLIT_X), acc_a, SPLIT_X)
-            acc_b = fdot(x1, wcast(p & 12, x0, SPLIT_X), acc_b, SPLIT_X)
-            acc_b = fdot(x2, wcast((p >> 2) & 12, x0, SPLIT_X), acc_b, SPLIT_X)
-            xsum += tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=1)
+            xmask = m_mask[:, None] & j_mask[None, :]
+            x0 = tl.load(x_rows + offs_j[None, :], mask=xmask, other=0)
+            x1 = tl.load(x_rows + (Q + offs_j)[None, :], mask=xmask, other=0)
+            x2 = tl.load(x_rows + (2 * Q + offs_j)[None, :], mask=xmask, other=0)
+            x3 = tl.load(x_rows + (3 * Q + offs_j)[None, :], mask=xmask, other=0)
+            if ACT_INT8:
+                acc_a = tl.dot(x0, (p & 3).to(tl.int8, bitcast=True), acc_a, out_dtype=tl.int32)
+                acc_a = tl.dot(x3, (p >> 6).to(tl.int8, bitcast=True), acc_a, out_dtype=tl.int32)
+                acc_b = tl.dot(x1, (p & 12).to(tl.int8, bitcast=True), acc_b, out_dtype=tl.int32)
+                acc_b = tl.dot(x2, ((p >> 2) & 12).to(tl.int8, bitcast=True), acc_b, out_dtype=tl.int32)
+                xsum += tl.sum(x0.to(tl.int32) + x1.to(tl.int32) + x2.to(tl.int32) + x3.to(tl.int32), axis=1)
+            else:
+                acc_a = fdot(x0, wcast(p & 3, x0, SPLIT_X), acc_a, SPLIT_X)
+                acc_a = fdot(x3, wcast(p >> 6, x0, SPLIT_X), acc_a, SPLIT_X)
+                acc_b = fdot(x1, wcast(p & 12, x0, SPLIT_X), acc_b, SPLIT_X)
+                acc_b = fdot(x2, wcast((p >> 2) & 12, x0, SPLIT_X), acc_b, SPLIT_X)
+                xsum += tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32),
+                               axis=1)
     if ACT_INT8:
         total = acc_a + (acc_b >> 2) - xsum[:, None]  # acc_b is 4 x an integer: exact
     else:
@@ -303,13 +312,18 @@ def ternary_gemv(x, packed, weight_scale, bias=None, out=None, *, act_int8=True,
 
 
 def ternary_gemm(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, split_k=None, config=None,
-                 quantized=None):
+                 quantized=None, wide=False):
     """GEMM path of :func:`ternary_linear` (W2A8: quantizes x with a per-token kernel first, unless
-    ``quantized = (x_q, s_x)`` is given)."""
+    ``quantized = (x_q, s_x)`` is given). ``wide``: the one-dot step (W2A8 only, ``path="wide"``)."""
     m, n, q = _check(x, packed, weight_scale, bias)
+    if wide and not act_int8:
+        raise ValueError("path='wide' is for int8 activations (W2A8)")
     if m == 0:
         return out
-    if config is None and (interpreting() or not tl_common.autotune_enabled()):
+    if wide:
+        config = {**(ternary_prefill.INTERPRET_CONFIG if interpreting() else ternary_prefill.gpu_config(m)),
+                  **(config or {})}
+    elif config is None and (interpreting() or not tl_common.autotune_enabled()):
         config = GEMM_DEFAULT if interpreting() else gemm_gpu_config(m)
     sx = None
     if act_int8 and quantized is not None:
@@ -326,7 +340,7 @@ def ternary_gemm(x, packed, weight_scale, bias=None, out=None, *, act_int8=True,
             bucket(m))
     meta = dict(ACT_INT8=act_int8, SPLIT_X=(not act_int8) and x.dtype == torch.float32,
                 WS_PER_N=weight_scale.numel() != 1, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
-                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m)
+                DIRECT=plan.split_k == 1, BLOCK_M=plan.block_m, WIDE=wide)
     tl_common.launch(_ternary_gemm_kernel, plan.grid(m, n), plan.tunables, args, meta)
     if plan.split_k > 1:
         splitk_epilogue(plan.part, out, sx, weight_scale, bias)
@@ -365,11 +379,9 @@ def ternary_dequant_gemm(x, packed, weight_scale, bias=None, out=None, *, act_in
 
 
 def _w2a8_wide(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, split_k=None, config=None):
-    """``path="wide"``: the one-dot-per-step W2A8 GEMM of :mod:`bitserve.kernels.ternary_prefill`."""
-    _check(x, packed, weight_scale, bias)
-    if not act_int8:
-        raise ValueError("path='wide' is for int8 activations (W2A8)")
-    return ternary_prefill.ternary_gemm_wide(x, packed, weight_scale, bias, out, split_k=split_k, config=config)
+    """``path="wide"``: :func:`ternary_gemm` with the one-dot step (:mod:`bitserve.kernels.ternary_prefill`)."""
+    return ternary_gemm(x, packed, weight_scale, bias, out, act_int8=act_int8, split_k=split_k, config=config,
+                        wide=True)
 
 
 def _w2a16_decode(x, packed, weight_scale, bias=None, out=None, *, act_int8=False, split_k=None, config=None):
@@ -432,10 +444,7 @@ def ternary_linear_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias=None,
     if path == "dp4a":
         return ternary_decode.ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out,
                                                             split_k=split_k, config=config)
-    if path == "wide":
-        return ternary_prefill.ternary_gemm_wide(xq, packed, weight_scale, bias, out, split_k=split_k, config=config,
-                                                 quantized=(xq, sx))
-    if path != "gemm":
+    if path not in ("wide", "gemm"):
         raise ValueError(f"ternary_linear_rmsnorm: path must be 'dp4a', 'wide', 'gemm' or None, got {path!r}")
     return ternary_gemm(xq, packed, weight_scale, bias, out, act_int8=True, split_k=split_k, config=config,
-                        quantized=(xq, sx))
+                        quantized=(xq, sx), wide=path == "wide")

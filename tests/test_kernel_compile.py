@@ -109,8 +109,9 @@ def test_wide_prefill_gemm_is_one_dot_per_step(survey):
     four-dot GEMM at M = 512 (the default above ternary_prefill.MIN_M tokens), and on sm_90 fewer
     barriers and registers; at M = 32, where the four-dot GEMM stays the default, it compiles too."""
     arch, rows = survey
-    wide = {r["M"]: r for r in rows if r["kernel"] == "_ternary_gemm_wide_kernel"}
-    four = {r["M"]: r for r in rows if r["kernel"] == "_ternary_gemm_kernel" and r["op"] == "w2a8"}
+    gemm = [r for r in rows if r["kernel"] == "_ternary_gemm_kernel" and r["op"] == "w2a8"]
+    wide = {r["M"]: r for r in gemm if r["path"] == "wide"}
+    four = {r["M"]: r for r in gemm if r["path"] == "gemm"}
     assert set(wide) == {32, 512} and all(r["loop_mma"] > 0 for r in wide.values())
     assert wide[512]["loop_instructions"] < four[512]["loop_instructions"], (wide[512], four[512])
     if arch >= 90:  # wgmma takes the weight operand from shared memory: one staging per step instead of four
@@ -121,8 +122,8 @@ def test_wide_prefill_gemm_is_one_dot_per_step(survey):
 def test_binary_wide_prefill_gemm(survey):
     """kernels/binary_prefill.py (default above 32 tokens): eight bit slabs in one dot per step."""
     arch, rows = survey
-    wide = next(r for r in rows if r["kernel"] == "_binary_wide_kernel" and r["M"] == 512)
-    tiled = next(r for r in rows if r["kernel"] == "_binary_kernel" and r["M"] == 512)
+    wide = next(r for r in rows if r["kernel"] == "_binary_kernel" and r["M"] == 512 and r["path"] == "wide")
+    tiled = next(r for r in rows if r["kernel"] == "_binary_kernel" and r["M"] == 512 and r["path"] == "gemm")
     assert wide["loop_mma"] > 0
     assert wide["instr_per_weight_per_token"] < tiled["instr_per_weight_per_token"], (wide, tiled)
     if arch >= 90:
