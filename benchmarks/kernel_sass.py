@@ -74,7 +74,8 @@ def _cases(quick: bool, arch: int):
             for m in (32, 512):
                 for path in ("wide", "gemm"):
                     yield "w2a8", name, n, k, m, path, ternary_call(n, k, m, path, True)
-            yield "w2a16", name, n, k, 512, "gemm", ternary_call(n, k, 512, "gemm", False)
+            for path in ("wide", "gemm"):
+                yield "w2a16", name, n, k, 512, path, ternary_call(n, k, 512, path, False)
             for path in ("decode", "gemm"):
                 yield "binary", name, n, k, 1, path, binary_call(n, k, 1, path)
                 yield "dual", name, n, k, 1, path, dual_call(n, k, 1, path)

@@ -301,7 +301,7 @@ def run(args) -> dict:
                 forced = "gemv" if op == "w2a16" else "gemm"
                 plan += [(op, label, n, k, m, p, None, None) for label, n, k in side for m in (1, 4)
                          for p in ("decode", forced)]
-                if op in ("binary", "dual"):  # the one-dot prefill GEMMs vs the tiled ones
+                if op in ("binary", "dual", "w2a16"):  # the one-dot prefill GEMMs vs the tiled ones
                     plan += [(op, label, n, k, m, p, None, None) for label, n, k in side for m in (128, 512)
                              for p in ("wide", "gemm")]
     if "int8head" in ops_wanted:

@@ -195,7 +195,7 @@ def _ternary_gemm_kernel(
     int32 dots and ``y = acc / s_x * ws + bias``. Else x is fp16/bf16 (dots in x's type) or fp32
     (SPLIT_X: bf16 hi/lo), fp32 accumulation, ``y = acc * ws + bias``. p: ``uint8[N, Q]`` ternary
     kernel layout; ws ``[N]`` (WS_PER_N) or ``[1]`` float32; out ``[M, N]``. SPLIT_K > 1 writes raw
-    partials to ``part[k, m, n]``. WIDE (ACT_INT8 only): one dot over the four slabs joined per step
+    partials to ``part[k, m, n]``. WIDE: one dot over the four slabs joined per step
     (:mod:`bitserve.kernels.ternary_prefill`) instead of four. Grid:
     ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``.
     """
@@ -232,9 +232,13 @@ def _ternary_gemm_kernel(
         j_mask = offs_j < j_end
         p = tl.load(p_cols + offs_j[:, None], mask=j_mask[:, None] & n_mask[None, :], other=0)  # [BJ, BN]
         if WIDE:
-            x4, w4 = wide_operands(x_rows, p, j0, j_end, Q, m_mask, BLOCK_J)
-            acc_a = tl.dot(x4, w4, acc_a, out_dtype=tl.int32)
-            xsum += tl.sum(x4.to(tl.int32), axis=1)
+            x4, c4 = wide_operands(x_rows, p, j0, j_end, Q, m_mask, BLOCK_J)
+            if ACT_INT8:
+                acc_a = tl.dot(x4, c4.to(tl.int8, bitcast=True), acc_a, out_dtype=tl.int32)
+                xsum += tl.sum(x4.to(tl.int32), axis=1)
+            else:
+                acc_a = fdot(x4, wcast(c4, x4, SPLIT_X), acc_a, SPLIT_X)
+                xsum += tl.sum(x4.to(tl.float32), axis=1)
         else:
             xmask = m_mask[:, None] & j_mask[None, :]
             x0 = tl.load(x_rows + offs_j[None, :], mask=xmask, other=0)
@@ -314,10 +318,8 @@ def ternary_gemv(x, packed, weight_scale, bias=None, out=None, *, act_int8=True,
 def ternary_gemm(x, packed, weight_scale, bias=None, out=None, *, act_int8=True, split_k=None, config=None,
                  quantized=None, wide=False):
     """GEMM path of :func:`ternary_linear` (W2A8: quantizes x with a per-token kernel first, unless
-    ``quantized = (x_q, s_x)`` is given). ``wide``: the one-dot step (W2A8 only, ``path="wide"``)."""
+    ``quantized = (x_q, s_x)`` is given). ``wide``: the one-dot step (``path="wide"``)."""
     m, n, q = _check(x, packed, weight_scale, bias)
-    if wide and not act_int8:
-        raise ValueError("path='wide' is for int8 activations (W2A8)")
     if m == 0:
         return out
     if wide:
@@ -401,9 +403,13 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
     """``[M, K] -> [M, N]`` ternary linear on the Triton kernels.
 
     act_int8: W2A8 (per-token int8 activations, :func:`bitserve.kernels.reference.ternary_linear_w2a8`)
-    or W2A16 (:func:`bitserve.kernels.reference.ternary_linear_w2a16`). path: ``"gemv"``,
-    ``"gemm"``, ``"dequant"`` (:func:`ternary_dequant_gemm`) or None (GEMV for ``M <= GEMV_MAX_M``). out: an ``[M, N]`` buffer to fill (else new,
-    of ``out_dtype`` or x's dtype). split_k/config: explicit launch parameters (tests, tuning);
+    or W2A16 (:func:`bitserve.kernels.reference_lowbit.ternary_linear_w2a16`). path: ``"gemv"``, ``"gemm"``,
+    ``"wide"`` (the GEMM with :mod:`bitserve.kernels.ternary_prefill`'s one-dot step), ``"dp4a"``
+    (:mod:`bitserve.kernels.ternary_decode`, W2A8), ``"decode"`` (:mod:`bitserve.kernels.lowbit_decode`,
+    W2A16), ``"dequant"`` (:func:`ternary_dequant_gemm`) or None: with ``K % 16 == 0`` dp4a (W2A8) up
+    to ``ternary_decode.MAX_M`` tokens or decode (W2A16) up to ``lowbit_decode.MAX_M``; otherwise GEMV
+    for ``M <= GEMV_MAX_M``, gemm up to ``ternary_prefill.MIN_M`` and wide above. out: an ``[M, N]``
+    buffer to fill (else new, of ``out_dtype`` or x's dtype). split_k/config: explicit launch parameters (tests, tuning);
     None = the fixed configs below (``BITSERVE_TRITON_AUTOTUNE=1``: Triton's autotuner for GEMM).
     """
     m = x.shape[0]
@@ -419,7 +425,7 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
         elif m <= GEMV_MAX_M:
             path = "gemv"
         else:
-            path = "wide" if act_int8 and m > ternary_prefill.MIN_M else "gemm"
+            path = "wide" if m > ternary_prefill.MIN_M else "gemm"
     fn = {"gemv": ternary_gemv, "gemm": ternary_gemm, "dequant": ternary_dequant_gemm, "wide": _w2a8_wide,
           "dp4a": ternary_decode.ternary_w2a8_gemv, "decode": _w2a16_decode}[path]
     return fn(x, packed, weight_scale, bias, out, act_int8=act_int8, split_k=split_k, config=config)

@@ -9,7 +9,8 @@ four slabs' codes are joined into one ``[4*BLOCK_J, BLOCK_N]`` int8 operand (row
 is slab ``s`` of byte ``j``) and the activation tile gathers the matching ``[BLOCK_M, 4*BLOCK_J]``
 columns (``s*Q + j``), so each step is a single int8 x int8 -> int32 dot four times as deep, into
 one accumulator: 3 barriers and ~150 registers on sm_90 (``benchmarks/kernel_sass.py``). Codes are
-``t + 1``; the kernel's ``- sum(x_q)`` per token fixes that, exactly.
+``t + 1``; the kernel's ``- sum(x_q)`` per token fixes that, exactly. W2A16 takes the same step with
+the codes in the activations' float type.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ def gpu_config(m: int) -> dict:
 
 @triton.jit
 def wide_operands(x_rows, p, j0, j_end, Q, m_mask, BLOCK_J: tl.constexpr):
-    """``(x4 int8 [BM, 4*BJ], w4 int8 [4*BJ, BN])`` for the step at byte ``j0``: the activations of
-    slab ``s`` byte ``j`` in column ``s*BJ + j``, and the codes ``t + 1`` of the packed tile ``p``
-    ``[BJ, BN]`` in the matching rows."""
+    """``(x4 [BM, 4*BJ], c4 uint8 [4*BJ, BN])`` for the step at byte ``j0``: the activations (x's
+    type) of slab ``s`` byte ``j`` in column ``s*BJ + j``, and the codes ``t + 1`` of the packed
+    tile ``p`` ``[BJ, BN]`` in the matching rows."""
     c = tl.arange(0, 4 * BLOCK_J)
     x_cols = j0 + (c // BLOCK_J) * Q + c % BLOCK_J
     x4 = tl.load(x_rows + x_cols[None, :], mask=m_mask[:, None] & (j0 + c % BLOCK_J < j_end)[None, :], other=0)
     codes = tl.join(tl.join(p & 3, (p >> 2) & 3), tl.join((p >> 4) & 3, p >> 6))  # [BJ, BN, 2, 2]: slab i + 2o
     w4 = tl.reshape(tl.permute(codes, (3, 2, 0, 1)), (4 * BLOCK_J, p.shape[1]))
-    return x4, w4.to(tl.int8, bitcast=True)
+    return x4, w4

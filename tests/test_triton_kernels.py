@@ -212,10 +212,11 @@ def test_w2a8_default_path_by_m_and_k(monkeypatch):
     monkeypatch.setattr(ternary, "_w2a16_decode", lambda *a, **kw: taken.append("decode"))
     monkeypatch.setattr(ternary, "_w2a8_wide", lambda *a, **kw: taken.append("wide"))
     for m, k, act_int8 in [(1, 208, True), (ternary_decode.MAX_M, 208, True), (ternary_decode.MAX_M + 1, 208, True),
-                           (1, 200, True), (1, 208, False), (ternary_prefill.MIN_M + 1, 208, True)]:
+                           (1, 200, True), (1, 208, False), (ternary_prefill.MIN_M + 1, 208, True),
+                           (ternary_prefill.MIN_M + 1, 208, False)]:
         ternary.ternary_linear(torch.zeros(m, k), pack_ternary(torch.zeros(8, k, dtype=torch.int8)), torch.ones(1),
                                act_int8=act_int8)
-    assert taken == ["dp4a", "dp4a", "gemm", "gemv", "decode", "wide"]
+    assert taken == ["dp4a", "dp4a", "gemm", "gemv", "decode", "wide", "wide"]
 
 
 def _dot4_kernel():
@@ -254,26 +255,29 @@ def test_dot4_emulation_matches_dp4a_definition():
 def test_ternary_w2a16(device, dtype, m):
     n, k = 72, 328
     x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 2, m % 2 == 1, m != 7)
-    path = "gemv" if m <= ternary.GEMV_MAX_M else "gemm"
+    # K = 328: no float decode GEMV (K % 16 != 0)
+    path = "gemv" if m <= ternary.GEMV_MAX_M else "gemm" if m <= ternary_prefill.MIN_M else "wide"
     out = poisoned_out(m, n, dtype, device)
-    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=False, config=cfg(device, path))
+    y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=False,
+                               config=cfg(device, path) if path != "wide" else None)
     xd64 = x.double()
     ref = (xd64 @ t.double().t()) * ws.double() + (bias.double() if bias is not None else 0)
     s_abs = (xd64.abs() @ t.double().abs().t()) * ws.double()
-    split = path == "gemm" and dtype == torch.float32
+    split = path != "gemv" and dtype == torch.float32
     assert_bound(y, ref, float_bound(ref, s_abs, dtype, k, split), f"W2A16 {path}")
     twin = reference_lowbit.ternary_linear_w2a16(x, pack_ternary(t), ws, bias)
     assert_bound(twin, ref, float_bound(ref, s_abs, dtype, k, False), "W2A16 twin")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("path,m,split_k", [("gemv", 9, 3), ("gemm", 1, 4), ("gemm", 128, 2)])
+@pytest.mark.parametrize("path,m,split_k", [("gemv", 9, 3), ("gemm", 1, 4), ("gemm", 128, 2), ("wide", 128, 2),
+                                            ("wide", 33, None), ("wide", 5, 3)])
 def test_ternary_w2a16_paths_and_split_k(device, path, m, split_k):
     n, k, dtype = 40, 200, torch.float16
     x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 3, False, True)
     out = poisoned_out(m, n, dtype, device)
     y = ternary.ternary_linear(xd, pd, wsd, bd, out, act_int8=False, path=path, split_k=split_k,
-                               config=cfg(device, path))
+                               config=cfg(device, path) if path != "wide" else None)
     ref = (x.double() @ t.double().t()) * ws.double() + bias.double()
     s_abs = (x.double().abs() @ t.double().abs().t()) * ws.double()
     assert_bound(y, ref, float_bound(ref, s_abs, dtype, k, False), f"W2A16 {path} split {split_k}")
