@@ -232,23 +232,26 @@ DP4A_SWEEP = [  # (BLOCK_N, BLOCK_W, num_warps) of the dp4a decode GEMV at M=1; 
 
 
 def sweep_plan() -> list:
-    """Tuning data for the fixed GPU configs (2B4T shapes): dp4a GEMV configs, forced split-K, PDL
-    and the GEMV alone on pre-quantized activations (what fusing the quantization upstream would
-    give) at M=1 against the first GEMV; dp4a vs GEMM at M = 2, 4, 8, 16; and at M = 32, 128, 512
-    the four-dot GEMM, the one-dot GEMM and the ``dequant`` path."""
+    """Tuning data for the fixed GPU configs (2B4T shapes), most telling first (``--budget-s`` cuts
+    the tail): at M=1 the first GEMV, the dp4a GEMV alone on pre-quantized activations (what fusing
+    the quantization upstream gives), the fused RMSNorm path and PDL; at M = 32, 128, 512 the
+    four-dot GEMM, the one-dot GEMM and the ``dequant`` path; dp4a vs GEMM at M = 2..16; then dp4a
+    launch configs and forced split-K."""
+    def w2a8(label, n, k, m, path, split=None, config=None):
+        return ("w2a8", label, n, k, m, path, split, config)
+
     plan = []
     for label, n, k in SHAPES_2B4T:
-        plan.append(("w2a8", label, n, k, 1, "gemv", None, None))
-        plan += [("w2a8", label, n, k, 1, "dp4a", None,
-                  {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": w, "num_stages": 1}) for bn, bw, w in DP4A_SWEEP]
-        plan += [("w2a8", label, n, k, 1, "dp4a", s, None) for s in (1, 2, 4)]
-        plan.append(("w2a8", label, n, k, 1, "dp4a", None, {"PDL": True}))  # programmatic dependent launch
-        plan.append(("w2a8", label, n, k, 1, "dp4a-preq", None, None))  # without the quantization kernel
-        plan.append(("w2a8", label, n, k, 1, "rmsnorm", None, None))  # norm + quantization fused, then dp4a
-        for m in (2, 4, 8, 16):
-            plan += [("w2a8", label, n, k, m, "dp4a", None, None), ("w2a8", label, n, k, m, "wide", None, None)]
-        # prefill: the one-dot GEMM (default) vs the four-dot GEMM vs unpacked codes + cuBLAS (int8 _int_mm)
-        plan += [("w2a8", label, n, k, m, p, None, None) for m in (32, 128, 512) for p in ("gemm", "wide", "dequant")]
+        plan += [w2a8(label, n, k, 1, "gemv"), w2a8(label, n, k, 1, "dp4a-preq"), w2a8(label, n, k, 1, "rmsnorm"),
+                 w2a8(label, n, k, 1, "dp4a", config={"PDL": True})]
+    for label, n, k in SHAPES_2B4T:
+        plan += [w2a8(label, n, k, m, p) for m in (32, 128, 512) for p in ("gemm", "wide", "dequant")]
+    for label, n, k in SHAPES_2B4T:
+        plan += [w2a8(label, n, k, m, p) for m in (2, 4, 8, 16) for p in ("dp4a", "gemm")]
+    for label, n, k in SHAPES_2B4T:
+        plan += [w2a8(label, n, k, 1, "dp4a", config={"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw, "num_stages": 1})
+                 for bn, bw, nw in DP4A_SWEEP]
+        plan += [w2a8(label, n, k, 1, "dp4a", split=s) for s in (1, 2, 4)]
     plan += [("w2a16", label, n, k, 512, "dequant", None, None) for label, n, k in SHAPES_2B4T[3:]]
     return plan
 
@@ -291,21 +294,22 @@ def run(args) -> dict:
         for m in ms:
             if "w2a8" in ops_wanted:
                 plan.append(("w2a8", label, n, k, m, "auto", None, None))
-    if "w2a8" in ops_wanted and (args.sweep or not args.quick):  # tuning data before the other ops
-        plan += sweep_plan()
     side = [("2b4t.gate_up", 13824, 2560), ("2b4t.down", 2560, 6912)]
+    sweeping = args.sweep or not args.quick
     for op in ("w2a16", "binary", "dual"):
         if op in ops_wanted:
             plan += [(op, label, n, k, m, "auto", None, None) for label, n, k in side for m in (1, 32, 512)]
-            if args.sweep or not args.quick:  # the CUDA-core decode GEMV vs the tiled kernel at M = 1 and 4
-                forced = "gemv" if op == "w2a16" else "gemm"
-                plan += [(op, label, n, k, m, p, None, None) for label, n, k in side for m in (1, 4)
-                         for p in ("decode", forced)]
-                if op in ("binary", "dual", "w2a16"):  # the one-dot prefill GEMMs vs the tiled ones
-                    plan += [(op, label, n, k, m, p, None, None) for label, n, k in side for m in (128, 512)
-                             for p in ("wide", "gemm")]
     if "int8head" in ops_wanted:
         plan += [("int8head", HEAD[0], HEAD[1], HEAD[2], m, "auto", None, None) for m in (1, 8, 32, 128)]
+    if "w2a8" in ops_wanted and sweeping:  # tuning data, most telling first
+        plan += sweep_plan()
+    for op in ("w2a16", "binary", "dual"):
+        if op in ops_wanted and sweeping:
+            forced = "gemv" if op == "w2a16" else "gemm"  # the CUDA-core decode GEMV vs the tiled kernel
+            plan += [(op, label, n, k, m, p, None, None) for label, n, k in side for m in (1, 4)
+                     for p in ("decode", forced)]
+            plan += [(op, label, n, k, m, p, None, None) for label, n, k in side for m in (128, 512)
+                     for p in ("wide", "gemm")]  # the one-dot prefill GEMMs vs the tiled ones
 
     dense_cache: dict = {}
     records = []
