@@ -45,7 +45,6 @@ SLABS = {BINARY: 8, DUAL: 4, TERNARY: 4}
 # words one program reads per K step on GPUs: 4 per thread with 4 warps (each word is 16-32
 # weights and 16-32 activation loads, from L1)
 TILE_WORDS = 512
-MIN_TILES_PER_SM = 2
 INTERPRET_CONFIG = {"BLOCK_N": 8, "BLOCK_W": 4, "num_warps": 1, "num_stages": 1}
 PREP_BLOCK = 1024
 # float-activation ops take these kernels for M <= MAX_M (kernels/binary.py, kernels/ternary.py)
@@ -179,14 +178,11 @@ def supports(kind: int, k: int, packed: torch.Tensor, group_size: int | None = N
 
 
 def plan(m: int, n: int, qw: int, device: torch.device) -> dict:
-    """GPU launch config: rows per program so that the N tiles fill the SMs ~MIN_TILES_PER_SM
-    times (down to 1 row), ``TILE_WORDS`` words per K step over 4 warps."""
-    sms = tl_common.sm_count(device)
+    """GPU launch config: rows per program so that the N tiles fill the SMs
+    (:func:`bitserve.kernels.tl_common.rows_per_program`), ``TILE_WORDS`` words per K step over 4 warps."""
     bm = min(MAX_M, triton.next_power_of_2(max(1, m)))
     groups = triton.cdiv(m, bm)
-    block_n = 16
-    while block_n > 1 and triton.cdiv(n, block_n) * groups < MIN_TILES_PER_SM * sms:
-        block_n //= 2
+    block_n = tl_common.rows_per_program(n, groups, device)
     block_w = max(8, min(triton.next_power_of_2(qw), TILE_WORDS // (block_n * bm)))
     return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_W": block_w, "num_warps": 4, "num_stages": 1}
 

@@ -35,8 +35,6 @@ from bitserve.kernels.tl_common import (grid_dependency_wait, interpreting, pdl_
 # words (4 bytes) of weights one program reads per K step, on GPUs: 16 words (four 128-bit loads)
 # per thread with 4 warps
 TILE_WORDS = 2048
-# programs per SM to aim for before splitting K (the loads of each program are few and wide)
-MIN_TILES_PER_SM = 2
 INTERPRET_CONFIG = {"BLOCK_N": 8, "BLOCK_W": 16, "num_warps": 1, "num_stages": 1}
 # W2A8 with at most this many tokens takes this kernel by default (kernels/ternary.py); above,
 # the tensor-core GEMM. Not yet measured on a GPU against the GEMM at M = 2..8 (bench.py --sweep).
@@ -141,15 +139,12 @@ def block_m_for(m: int) -> int:
 
 
 def plan(m: int, n: int, qw: int, device: torch.device) -> dict:
-    """Launch config for the GPU: rows per program so that the N tiles alone fill the SMs about
-    ``MIN_TILES_PER_SM`` times (down to 1 row), a K step of ``TILE_WORDS`` words per program
+    """Launch config for the GPU: rows per program so that the N tiles alone fill the SMs
+    (:func:`bitserve.kernels.tl_common.rows_per_program`), a K step of ``TILE_WORDS`` words per program
     spread over 4 warps, and split-K only when N is too small for even that."""
-    sms = tl_common.sm_count(device)
     bm = block_m_for(m)
     groups = triton.cdiv(m, bm)
-    block_n = 16
-    while block_n > 1 and triton.cdiv(n, block_n) * groups < MIN_TILES_PER_SM * sms:
-        block_n //= 2
+    block_n = tl_common.rows_per_program(n, groups, device)
     block_w = max(16, min(triton.next_power_of_2(qw), TILE_WORDS // (block_n * bm)))
     return {"BLOCK_N": block_n, "BLOCK_W": block_w, "num_warps": 4, "num_stages": 1}
 

@@ -78,6 +78,16 @@ def pick_split_k(tiles: int, k_iters: int, device: torch.device, max_split: int 
     return int(max(1, min(max_split, k_iters, triton.cdiv(target, tiles))))
 
 
+def rows_per_program(n: int, groups: int, device: torch.device, max_rows: int = 16) -> int:
+    """Output rows per program of a decode GEMV (a power of two <= ``max_rows``): the most that still
+    give ``n / rows * groups`` programs filling the GPU about ``WAVES`` times, down to one row (then
+    the caller splits K)."""
+    rows = max_rows
+    while rows > 1 and triton.cdiv(n, rows) * groups < WAVES * sm_count(device):
+        rows //= 2
+    return rows
+
+
 def block_m_for(m: int) -> int:
     """BLOCK_M of the tiled (``tl.dot``) kernels for M tokens: 16, 32, 64 or 128."""
     return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
