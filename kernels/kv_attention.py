@@ -399,6 +399,8 @@ def num_splits(num_seqs: int, num_kv_heads: int, max_pages: int, device: torch.d
 def _plan(meta: AttnMeta, block_q: int, device: torch.device):
     """Decode sequences and prefill tiles of the step, built once and shared by all layers."""
     key = ("plan", block_q)
+    if key not in meta.plan and meta.decode_seqs is not None:  # a CUDA-graph step: all decode, fixed launch
+        meta.plan[key] = (range(meta.decode_seqs.numel()), meta.decode_seqs, None, meta.max_seq_len)
     if key not in meta.plan:
         starts, lens = meta.query_start_host, meta.seq_lens_host
         decode = [s for s in range(len(lens)) if starts[s + 1] - starts[s] == 1]

@@ -51,6 +51,16 @@ def stage_k(k_new, layer: KVLayer, stage_dst, stage_src) -> None:
     kv_reference.stage_k(k_new, layer, stage_dst, stage_src)  # a plain copy on every device
 
 
+def attention_graph_safe(q: torch.Tensor, layer: KVLayer) -> bool:
+    """Whether :func:`paged_attention` of queries like ``q`` launches from device tensors only (the
+    Triton kernels), so a CUDA graph can replay it; the twins read lengths back to the host."""
+    if not (q.is_cuda and use_triton(q)):
+        return False
+    from bitserve.kernels import kv_attention
+
+    return kv_attention.supported(layer, q)
+
+
 def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta) -> torch.Tensor:
     if use_triton(q):
         from bitserve.kernels import kv_attention

@@ -102,6 +102,11 @@ class AttnMeta:
     tokens; its ``seq_lens[s]`` tokens (new ones included) live in the blocks
     ``block_tables[s]``. ``*_host`` are the same numbers as Python lists (tiling).
     int4/int2 only: ``first_stage``, ``k_new`` and the optional RoPE tables.
+
+    A step replayed from a CUDA graph (:mod:`bitserve.engine.cuda_graphs`) sets
+    ``decode_seqs`` (``arange(S)`` on the device: every sequence decodes one token) and
+    ``max_seq_len`` (a bound on ``seq_lens``): the launches then depend on those, not on this
+    step's lengths, and the ``*_host`` lists are stale (the twins read the tensors instead).
     """
 
     block_tables: torch.Tensor
@@ -113,7 +118,16 @@ class AttnMeta:
     k_new: torch.Tensor | None = None
     rope_cos: torch.Tensor | None = None
     rope_sin: torch.Tensor | None = None
+    decode_seqs: torch.Tensor | None = None
+    max_seq_len: int = 0
     plan: dict = field(default_factory=dict)  # per-step launch data cached by the Triton wrapper
+
+    def host_lists(self) -> tuple[list[int], list[int]]:
+        """``(seq_lens, query_start_loc)`` as lists: the ``*_host`` copies, or, for a graph-replayed
+        step whose host lists describe the capture, read back from the device."""
+        if self.decode_seqs is None:
+            return self.seq_lens_host, self.query_start_host
+        return self.seq_lens.tolist(), self.query_start_loc.tolist()
 
 
 # -- packing and quantizers -----------------------------------------------------------
@@ -309,10 +323,10 @@ def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta) -> torch.Te
     bs = layer.block_size
     cdt = q.dtype
     out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-    starts = meta.query_start_host
+    lens, starts = meta.host_lists()
     rope = meta.rope_cos is not None
     kdt = torch.float32 if rope else cdt
-    for s, n in enumerate(meta.seq_lens_host):
+    for s, n in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
         if q1 == q0:
             continue

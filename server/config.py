@@ -50,6 +50,9 @@ class EngineConfig:
                                         "on CPU, capped at 2 GiB; gpu_memory_utilization of free memory on CUDA)"})
     num_kv_blocks: int | None = field(default=None, metadata={"help": "exact number of KV blocks (overrides the budget)"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "fraction of free GPU memory for the KV cache"})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "never replay CUDA graphs: run every step's kernels one by one (by default decode steps of up to "
+                "max_num_seqs (at most 256) sequences replay graphs captured at start-up on CUDA)"})
 
     def __post_init__(self):
         if self.block_size is not None and self.block_size < 1:

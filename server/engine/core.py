@@ -7,6 +7,7 @@ detokenizing, stop strings, ``n`` fan-out) belongs to the front end
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch
 
 from bitserve.config import EngineConfig
 from bitserve.engine.block_manager import BlockManager
+from bitserve.engine.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
 from bitserve.engine.limits import EngineLimits
 from bitserve.engine.kv_cache import KVCacheSpec, PagedKVCache, canonical_kv_dtype, default_block_size
 from bitserve.engine.model_runner import ModelRunner
@@ -21,8 +23,10 @@ from bitserve.engine.request import FinishReason, Request, RequestStatus, Timing
 from bitserve.engine.sampler import Sampler, SampleResult, SamplingState, make_generator
 from bitserve.engine.scheduler import Scheduler
 from bitserve.model import LlamaForCausalLM
+from bitserve.kernels import kv_dispatch
 from bitserve.sampling_params import SamplingParams
 
+log = logging.getLogger(__name__)
 _CPU_DEFAULT_KV_CAP = 2 << 30
 
 
@@ -101,7 +105,10 @@ class EngineCore:
         max_model_len: int,
         eos_token_ids: tuple[int, ...] = (),
         default_seed: int = 0,
+        graph_capture: GraphCapture | None = None,
     ):
+        """``graph_capture``: how decode steps are captured and replayed (default: CUDA graphs on a
+        CUDA device, none elsewhere; ``config.enforce_eager`` turns them off)."""
         cfg = model.config
         device = model.model.norm.weight.device
         self.config = config
@@ -120,6 +127,10 @@ class EngineCore:
         if self.spec.pre_rope_keys:
             rope = model.model.rope.cos_sin(torch.arange(max_model_len, device=device), torch.float32)
         self.kv_cache = PagedKVCache(self.spec, num_blocks, device, rope)
+        self.runner = ModelRunner(model, self.kv_cache)
+        if not config.enforce_eager and (graph_capture is not None or device.type == "cuda"):
+            # the last block is the graphs' scratch block: the block manager never sees it
+            num_blocks -= self._capture_graphs(model, graph_capture, num_blocks, max_model_len)
         self.blocks = BlockManager(num_blocks, block_size, config.enable_prefix_caching,
                                    on_free=self.kv_cache.free_block)
         self.scheduler = Scheduler(
@@ -130,12 +141,43 @@ class EngineCore:
             max_model_len=max_model_len,
             policy=config.scheduling_policy,
         )
-        self.runner = ModelRunner(model, self.kv_cache)
         self.sampler = Sampler()
         self._states: dict[str, SamplingState] = {}
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._steps = 0
+
+    def _capture_graphs(self, model: LlamaForCausalLM, capture: GraphCapture | None, num_blocks: int,
+                        max_model_len: int) -> int:
+        """Capture the decode graphs (:mod:`bitserve.engine.cuda_graphs`); returns the KV blocks
+        they keep (1: the scratch block), 0 when the step cannot be captured (logged)."""
+        why = None
+        if not self.kv_cache.graph_safe:
+            why = f"the {self.spec.dtype} KV cache plans each step on the host"
+        elif num_blocks < 2:
+            why = "the KV cache has a single block (the graphs need one of their own)"
+        elif capture is None:
+            probe = torch.empty(1, model.config.num_heads, model.config.head_dim, dtype=model.dtype,
+                                device=self.kv_cache.layout.k.device)
+            if not kv_dispatch.attention_graph_safe(probe, self.kv_cache.layout.layer(0)):
+                why = "the attention of this KV layout runs the plain-torch twin"
+            else:
+                capture = CudaGraphCapture(probe.device)
+        if why is not None:
+            log.info("decode steps run eagerly: %s", why)
+            return 0
+        graphs = DecodeGraphs(model, self.kv_cache, scratch_block=num_blocks - 1, max_batch=self.config.max_num_seqs,
+                              max_model_len=max_model_len, capture=capture)
+        try:
+            graphs.capture_all()
+        except Exception as exc:  # noqa: BLE001 -- e.g. a third-party plugin that syncs with the host
+            log.warning("decode steps run eagerly: capturing them as CUDA graphs failed: %s: %s",
+                        type(exc).__name__, exc)
+            if self.kv_cache.layout.k.is_cuda:
+                torch.cuda.synchronize()
+            return 0
+        self.runner.graphs = graphs
+        return 1
 
     # -- requests ---------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:

@@ -148,6 +148,11 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.layout.nbytes
 
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a decode step over this layout can be replayed from a CUDA graph."""
+        return self.layout.graph_safe
+
     def begin_step(self, batch):
         return self.layout.begin_step(batch)
 

@@ -33,7 +33,9 @@ class StepBatch:
     """The flat batch of one step as the KV cache needs it (built by the model runner).
 
     Sequence ``s`` computes tokens ``starts[s]:seq_lens_host[s]`` (query rows
-    ``query_start_host[s]:query_start_host[s+1]``) in blocks ``block_ids[s]``.
+    ``query_start_host[s]:query_start_host[s+1]``) in blocks ``block_ids[s]``. A decode batch
+    captured in a CUDA graph also sets ``decode_seqs``/``max_seq_len`` (see ``AttnMeta``); its
+    host lists then describe the capture, not the replayed steps.
     """
 
     slot_mapping: torch.Tensor
@@ -45,6 +47,8 @@ class StepBatch:
     seq_lens_host: list[int]
     query_start_host: list[int]
     block_ids: list[list[int]]
+    decode_seqs: torch.Tensor | None = None
+    max_seq_len: int = 0
 
 
 @dataclass
@@ -59,11 +63,16 @@ class StepState:
 
 def _attn_meta(batch: StepBatch) -> AttnMeta:
     return AttnMeta(batch.block_tables, batch.seq_lens, batch.query_start_loc,
-                    batch.seq_lens_host, batch.query_start_host)
+                    batch.seq_lens_host, batch.query_start_host, decode_seqs=batch.decode_seqs,
+                    max_seq_len=batch.max_seq_len)
 
 
 class FloatKV:
     """bf16 / fp16 / fp32 blocks ``[L, NB, B, KVH, D]`` (the unquantized reference layout)."""
+
+    # a decode step's work on the device depends only on the batch's tensors (no per-step host
+    # bookkeeping), so it can be captured in a CUDA graph and replayed
+    graph_safe = True
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device):
         shape = (spec.num_layers, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
@@ -113,6 +122,8 @@ class Int8KV(FloatKV):
 
 class IntNKV(FloatKV):
     """int4/int2: planar codes; keys per channel per block, values per token; staging pool for partial blocks."""
+
+    graph_safe = False  # begin_step assigns staging slots and sizes the key-finalizing work on the host
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device,
                  rope: tuple[torch.Tensor, torch.Tensor] | None = None):

@@ -22,11 +22,15 @@ class PagedAttention:
 
 
 class ModelRunner:
+    """Runs each step eagerly, or -- pure decode steps, once ``graphs`` is set -- by replaying a
+    captured CUDA graph (:class:`bitserve.engine.cuda_graphs.DecodeGraphs`)."""
+
     def __init__(self, model: LlamaForCausalLM, kv_cache: PagedKVCache):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.spec.block_size
         self.device = model.model.norm.weight.device
+        self.graphs = None  # a DecodeGraphs
 
     def _batch(self, chunks: list[ScheduledChunk]):
         ids, positions, slots, qsl, seq_lens, tables, starts = [], [], [], [0], [], [], []
@@ -58,6 +62,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run the step; return float32 logits ``[num_sampling_chunks, vocab]`` in chunk order."""
+        if self.graphs is not None and self.graphs.handles(chunks):
+            return self.graphs.run(chunks)
         ids, positions, batch, sample_rows = self._batch(chunks)
         attn = PagedAttention(self.kv_cache, batch)
         hidden = self.model(ids, positions, attn)
