@@ -31,11 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=100, help="questions per LLM.chat call (default: %(default)s)")
     ap.add_argument("--show-errors", type=int, default=10, help="print this many wrong answers")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (to compare)")
     args = ap.parse_args(argv)
 
     questions = make_questions(args.n, seed=args.seed, split="test")
     t0 = time.time()
-    llm = LLM(args.model)
+    llm = LLM(args.model, enforce_eager=args.enforce_eager)
     load_s = time.time() - t0
     params = SamplingParams(temperature=0.0, max_tokens=16)
 
@@ -60,7 +61,9 @@ def main(argv=None) -> int:
     print(f"{'skill':10s} {'n':>5s} {'accuracy':>9s}")
     for skill, v in per_skill.items():
         print(f"{skill:10s} {len(v):5d} {sum(v) / len(v):9.3f}")
-    print(f"{'overall':10s} {total:5d} {correct / total:9.3f}   ({gen_s:.1f}s, {total / gen_s:.1f} questions/s)")
+    stats = llm.core.stats()
+    print(f"{'overall':10s} {total:5d} {correct / total:9.3f}   ({gen_s:.1f}s, {total / gen_s:.1f} questions/s; "
+          f"{stats.cuda_graph_steps} of {stats.steps} engine steps from CUDA graphs)")
     for text, answer, got in errors[: args.show_errors]:
         print(f"  wrong: {text!r} expected {answer!r} got {got!r}")
     if args.json:
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
             "overall": correct / total,
             "per_skill": {s: sum(v) / len(v) for s, v in per_skill.items()},
             "seconds": gen_s,
+            "engine_steps": stats.steps,
+            "cuda_graph_steps": stats.cuda_graph_steps,
             "errors": errors,
         }
         with open(args.json, "w") as f:

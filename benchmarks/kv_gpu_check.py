@@ -9,7 +9,9 @@ head_dim 128, bf16), per KV dtype:
    one decode step;
 3. end to end: decode tok/s of the engine on a random 2B4T checkpoint
    (``benchmarks/bitnet_2b4t_memory.py`` writes it) with ``--seqs`` requests of
-   ``--e2e-context`` prompt tokens, per KV dtype (same loaded model, a fresh engine each).
+   ``--e2e-context`` prompt tokens, per KV dtype (same loaded model, a fresh engine each); then
+   bf16 with ``--enforce-eager`` and both at one sequence, which shows what the decode CUDA graphs
+   save (column ``graphs``: yes = replayed, off = eager by request, no = could not capture).
 
     python benchmarks/kv_gpu_check.py --out /tmp/kv_check            # ~4 minutes on an H100
     python benchmarks/kv_gpu_check.py --quick --skip-e2e              # kernels only, smaller
@@ -206,13 +208,16 @@ def e2e_section(args, report: dict) -> None:
     gen = torch.Generator().manual_seed(0)
     vocab = loaded.config.vocab_size
     max_len = args.e2e_context + args.e2e_steps + 8
-    for dtype in DTYPES:
-        core = EngineCore(loaded.model, EngineConfig(kv_cache_dtype=dtype, max_num_seqs=args.seqs,
-                                                     max_num_batched_tokens=args.e2e_chunk,
+    # every KV dtype at --seqs (CUDA graphs where the layout allows them), then bf16 without graphs,
+    # and one sequence with and without: what the graphs save per decode step
+    runs = [(d, args.seqs, False) for d in DTYPES] + [("bf16", args.seqs, True), ("bf16", 1, False), ("bf16", 1, True)]
+    for dtype, seqs, eager in runs:
+        core = EngineCore(loaded.model, EngineConfig(kv_cache_dtype=dtype, max_num_seqs=seqs,
+                                                     max_num_batched_tokens=args.e2e_chunk, enforce_eager=eager,
                                                      kv_cache_memory_mb=args.e2e_kv_mb, enable_prefix_caching=False),
                           max_model_len=max_len)
         params = SamplingParams(temperature=0.0, max_tokens=args.e2e_steps + 2, ignore_eos=True)
-        for i in range(args.seqs):
+        for i in range(seqs):
             prompt = torch.randint(0, vocab, (args.e2e_context,), generator=gen).tolist()
             core.add_request(EngineRequest(f"r{i}", prompt, params))
         t1 = time.time()
@@ -227,17 +232,25 @@ def e2e_section(args, report: dict) -> None:
             core.step()
         sync()
         decode_s = time.time() - t2
-        rows.append({"dtype": core.spec.dtype, "decode_tok_s": args.seqs * args.e2e_steps / decode_s,
-                     "prefill_s": prefill_s, "kv_capacity_tokens": core.stats().kv_capacity_tokens})
+        stats = core.stats()
+        rows.append({"dtype": core.spec.dtype, "seqs": seqs, "enforce_eager": eager,
+                     "cuda_graphs": core.runner.graphs is not None,
+                     "graph_steps": stats.cuda_graph_steps, "decode_tok_s": seqs * args.e2e_steps / decode_s,
+                     "ms_per_step": 1000 * decode_s / args.e2e_steps, "prefill_s": prefill_s,
+                     "kv_capacity_tokens": stats.kv_capacity_tokens})
         del core
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"end to end, {folder.name} ({loaded.config.num_layers} layers, loaded in {load_s:.0f} s): "
-          f"{args.seqs} seqs x {args.e2e_context} prompt tokens, {args.e2e_steps} decode steps")
-    print(f"{'dtype':9s} {'tok/s':>9s} {'vs bf16':>8s} {'prefill s':>10s}")
+          f"seqs x {args.e2e_context} prompt tokens, {args.e2e_steps} decode steps")
+    print(f"{'dtype':9s} {'seqs':>5s} {'graphs':>6s} {'tok/s':>9s} {'ms/step':>8s} {'vs bf16':>8s} {'prefill s':>10s}")
     for r in rows:
-        r["ratio_vs_bf16"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
-        print(f"{r['dtype']:9s} {r['decode_tok_s']:9.1f} {r['ratio_vs_bf16']:8.2f} {r['prefill_s']:10.1f}")
+        # against bf16 at the same batch, default engine (CUDA graphs unless they could not be captured)
+        base = next(b for b in rows if b["dtype"] == rows[0]["dtype"] and b["seqs"] == r["seqs"]
+                    and not b["enforce_eager"])
+        r["ratio_vs_bf16"] = r["decode_tok_s"] / base["decode_tok_s"]
+        print(f"{r['dtype']:9s} {r['seqs']:5d} {'off' if r['enforce_eager'] else 'yes' if r['cuda_graphs'] else 'no':>6s} {r['decode_tok_s']:9.1f} "
+              f"{r['ms_per_step']:8.2f} {r['ratio_vs_bf16']:8.2f} {r['prefill_s']:10.1f}")
     report["e2e"] = rows
 
 

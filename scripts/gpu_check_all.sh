@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One short GPU session for everything that needs CUDA: weight-kernel and KV-kernel tests on the
 # GPU, the quick weight-kernel benchmark, the quick KV benchmark (kernels + engine decode tok/s per
-# KV dtype on a random 2B4T), and demo-model accuracy through LLM.chat on CUDA.
+# KV dtype on a random 2B4T, CUDA graphs vs eager), and demo-model accuracy through LLM.chat on CUDA
+# (CUDA graphs, then --enforce-eager).
 # Each step has its own time limit so one slow or broken step cannot eat the others' time.
-# About 6 minutes on one H100 (triton 3.6 + torch 2.11); prints a summary table last.
+# About 7 minutes on one H100 (triton 3.6 + torch 2.11); prints a summary table last.
 #
 #   OUT=/tmp/check scripts/gpu_check_all.sh [STEP ...]   # steps: wtests kvtests wbench kvbench demo
 #                                                         # (default), and profile (ncu on the decode GEMV)
@@ -54,11 +55,12 @@ step() {  # step NAME LIMIT_S COMMAND...
 
 for s in $STEPS; do
   case $s in
-    wtests) step wtests 80 "$PY" -m pytest -q -m gpu $XDIST tests/test_triton_kernels.py -p no:cacheprovider --timeout=60 ;;
+    wtests) step wtests 90 "$PY" -m pytest -q -m gpu $XDIST tests/test_triton_kernels.py tests/test_cuda_graphs.py -p no:cacheprovider --timeout=60 ;;
     kvtests) step kvtests 50 "$PY" -m pytest -q $XDIST tests/test_kv_kernels.py -p no:cacheprovider --timeout=40 ;;
     wbench) step wbench 180 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 150 --quick --sweep ;;
-    kvbench) step kvbench 60 "$PY" benchmarks/kv_gpu_check.py --out "$LOGS/kv" --quick ;;
-    demo) step demo 50 "$PY" benchmarks/demo_accuracy.py --n 200 --batch 200 --show-errors 3 ;;
+    kvbench) step kvbench 90 "$PY" benchmarks/kv_gpu_check.py --out "$LOGS/kv" --quick ;;
+    demo) step demo 50 "$PY" benchmarks/demo_accuracy.py --n 200 --batch 200 --show-errors 3
+          step demo_eager 50 "$PY" benchmarks/demo_accuracy.py --n 200 --batch 200 --show-errors 3 --enforce-eager ;;
     profile)  # not in the default set: ncu on the decode GEMV (qkv and gate_up shapes, M=1)
       for nk in "3840 2560" "13824 2560"; do
         set -- $nk

@@ -75,6 +75,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     steps: int = 0
+    cuda_graph_steps: int = 0  # of those, decode steps replayed from a CUDA graph
 
 
 def plan_num_blocks(spec: KVCacheSpec, cfg: EngineConfig, max_model_len: int, device: torch.device) -> int:
@@ -275,4 +276,5 @@ class EngineCore:
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
             steps=self._steps,
+            cuda_graph_steps=self.runner.graphs.num_replays if self.runner.graphs is not None else 0,
         )
