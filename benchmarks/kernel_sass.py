@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What each weight kernel compiles to on a real GPU, without one: a static survey of the SASS.
+"""What each weight kernel (and the element-wise kernels between them) compiles to on a real GPU, without one: a static survey of the SASS.
 
     python benchmarks/kernel_sass.py [--arch 90] [--quick] [--json FILE]
 
@@ -85,6 +85,22 @@ def _cases(quick: bool, arch: int):
                 yield "dual", name, n, k, 512, path, dual_call(n, k, 512, path)
     for m in (1, 128):
         yield "int8head", "lm_head", 128256, 2560, m, "auto", head_call(128256, 2560, m)
+    # the element-wise kernels between the linears (kernels/pointwise.py), 2B4T: 20 heads / 5 KV heads
+    # of 128, intermediate 6912
+    from bitserve.kernels import pointwise
+
+    def rope_call(m):
+        qkv = torch.randn(m, 3840).bfloat16()
+        cos = torch.randn(m, 128).bfloat16()
+        return lambda: pointwise.rope_qk(qkv[:, :2560].view(m, 20, 128), qkv[:, 2560:3200].view(m, 5, 128), cos, cos)
+
+    def act_call(m):
+        x = torch.randn(m, 13824).bfloat16()
+        return lambda: pointwise.act_and_mul(x, "relu2")
+
+    for m in (1, 64):
+        yield "pointwise", "rope_qk", 3200, 128, m, "auto", rope_call(m)
+        yield "pointwise", "act_and_mul", 6912, 13824, m, "auto", act_call(m)
     # the launch configs kernels/bench.py --sweep tries on a GPU, so that none of them fails there
     from bitserve.kernels.bench import DP4A_SWEEP, config_label
 

@@ -1,6 +1,7 @@
 """Choose the implementation of each op for the tensors at hand.
 
-Weight ops (what the plugins' QuantLinears call):
+Weight ops (what the plugins' QuantLinears call), and the model's element-wise RoPE and gated
+activation (``rope_qk``, ``act_and_mul``):
 
 - CUDA tensors -> the ``torch.ops.bitserve.*`` custom ops (:mod:`bitserve.kernels.ops`), which run
   the Triton kernels (GEMV for small M, tiled GEMM for prefill; see each kernel module) and are
@@ -104,6 +105,22 @@ def int8_linear(
     if _via_op(x):
         return ops.int8_linear(x, weight, scale, bias, out_dtype)
     return reference_lowbit.int8_linear(x, weight, scale, bias, out_dtype)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate-half RoPE of one layer's queries ``[T, H, D]`` and keys ``[T, KVH, D]`` (one kernel on
+    CUDA, contiguous outputs); see :func:`bitserve.kernels.reference.rope_qk`."""
+    if _via_op(q) and q.shape[-1] % 2 == 0 and q.stride(-1) == 1 and k.stride(-1) == 1:
+        return ops.rope_qk(q, k, cos.contiguous(), sin.contiguous())
+    return reference.rope_qk(q, k, cos, sin)
+
+
+def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
+    """``act(gate) * up`` of the fused gate/up output ``[T, 2I]`` (one kernel on CUDA); see
+    :func:`bitserve.kernels.reference.act_and_mul`."""
+    if _via_op(x) and x.dim() == 2 and x.stride(-1) == 1:
+        return ops.act_and_mul(x, act)
+    return reference.act_and_mul(x, act)
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:

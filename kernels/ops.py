@@ -14,7 +14,13 @@ Importing this module registers the ops and touches no GPU; Triton is imported o
 | ``bitserve::dual_binary`` | x, packed u8[N,K/4], alpha1/alpha2 [N,K/G], group_size, bias? | ``reference_lowbit.dual_binary_linear`` |
 | ``bitserve::int8_linear`` | x, weight i8[N,K], scale f32[1/N], bias?, out_dtype? | ``reference_lowbit.int8_linear`` |
 
-All map ``x [..., K]`` to ``[..., N]`` (x's dtype unless ``out_dtype``).
+All map ``x [..., K]`` to ``[..., N]`` (x's dtype unless ``out_dtype``). The decoder's element-wise
+steps between them (:mod:`bitserve.kernels.pointwise`) are ops too:
+
+| op | arguments | twin |
+|---|---|---|
+| ``bitserve::rope_qk`` | q [T,H,D], k [T,KVH,D], cos/sin [T,D] -> (q, k) | ``reference.rope_qk`` |
+| ``bitserve::act_and_mul`` | x [T,2I], act name -> [T,I] | ``reference.act_and_mul`` |
 """
 
 from __future__ import annotations
@@ -165,3 +171,32 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
 @int8_linear.register_fake
 def _(x, weight, scale, bias=None, out_dtype=None):
     return x.new_empty(_out_shape(x, weight.shape[0]), dtype=out_dtype or x.dtype)
+
+
+# -- element-wise steps of the decoder ---------------------------------------------------------------
+@torch.library.custom_op("bitserve::rope_qk", mutates_args=())
+def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    if use_triton_for(q):
+        from bitserve.kernels import pointwise
+
+        return pointwise.rope_qk(q, k, cos, sin)
+    return reference.rope_qk(q, k, cos, sin)
+
+
+@rope_qk.register_fake
+def _(q, k, cos, sin):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("bitserve::act_and_mul", mutates_args=())
+def act_and_mul(x: Tensor, act: str) -> Tensor:
+    if use_triton_for(x):
+        from bitserve.kernels import pointwise
+
+        return pointwise.act_and_mul(x, act)
+    return reference.act_and_mul(x, act)
+
+
+@act_and_mul.register_fake
+def _(x, act):
+    return x.new_empty([*x.shape[:-1], x.shape[-1] // 2])

@@ -41,6 +41,33 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half (NEOX-style) RoPE of ``x [T, heads, D]`` with ``cos/sin [T, D]`` (each half of a
+    row repeats the angles of the pairs ``j``, ``j + D/2``), in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """:func:`rotate_half_rope` of the queries ``[T, H, D]`` and keys ``[T, KVH, D]`` of one layer."""
+    return rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """ReLU squared (BitNet b1.58's FFN activation)."""
+    return torch.relu(x).square()
+
+
+ACTIVATIONS = {"silu": F.silu, "relu2": relu2}
+
+
+def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
+    """The gated FFN input: ``act(gate) * up`` of the fused ``x = [gate | up]`` (``[..., 2I] -> [..., I]``)."""
+    gate, up = x.chunk(2, dim=-1)
+    return ACTIVATIONS[act](gate) * up
+
+
 def ternary_linear_w2a8_rmsnorm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, packed: torch.Tensor,
                                 weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`ternary_linear_w2a8` of :func:`rmsnorm` ``(x)``: a BitNet linear with the RMSNorm

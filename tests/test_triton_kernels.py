@@ -668,6 +668,9 @@ def _op_args():
         (torch.ops.bitserve.binary_w1a16, (x, bits, torch.rand(64), torch.rand(12), torch.randn(64), None)),
         (torch.ops.bitserve.dual_binary, (x, dual, torch.rand(12, 2), -torch.rand(12, 2), 32, torch.randn(12))),
         (torch.ops.bitserve.int8_linear, (x, q, s, None, torch.float32)),
+        (torch.ops.bitserve.rope_qk, (torch.randn(3, 4, 16, generator=g), torch.randn(3, 2, 16, generator=g),
+                                      torch.rand(3, 16, generator=g), torch.rand(3, 16, generator=g))),
+        (torch.ops.bitserve.act_and_mul, (torch.randn(3, 40, generator=g), "relu2")),
     ]
 
 

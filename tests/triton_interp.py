@@ -21,7 +21,7 @@ import torch
 
 KERNEL_MODULES = ("bitserve.kernels.tl_common", "bitserve.kernels.ternary_decode", "bitserve.kernels.lowbit_decode",
                   "bitserve.kernels.ternary_prefill", "bitserve.kernels.ternary", "bitserve.kernels.binary_prefill",
-                  "bitserve.kernels.binary", "bitserve.kernels.int8_head")
+                  "bitserve.kernels.binary", "bitserve.kernels.int8_head", "bitserve.kernels.pointwise")
 
 
 def on_gpu() -> bool:

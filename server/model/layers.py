@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from bitserve.kernels import reference
+from bitserve.kernels import dispatch, reference
 
 
 class RMSNorm(nn.Module):
@@ -36,11 +36,7 @@ class OutputLayerNorm(nn.Module):
         return nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def relu2(x: torch.Tensor) -> torch.Tensor:
-    return torch.relu(x).square()
-
-
-ACTIVATIONS = {"silu": nn.functional.silu, "relu2": relu2}
+ACTIVATIONS = reference.ACTIVATIONS  # name -> function (silu, relu2)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -79,6 +75,9 @@ class RotaryEmbedding(nn.Module):
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: ``[T, heads, head_dim]``; cos/sin: ``[T, head_dim]``."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+        return reference.rotate_half_rope(x, cos, sin)
+
+    @staticmethod
+    def apply_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries and keys of one layer (one Triton kernel on CUDA)."""
+        return dispatch.rope_qk(q, k, cos, sin)

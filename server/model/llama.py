@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from bitserve.kernels import dispatch
 from bitserve.model.attention import AttentionBackend
 from bitserve.model.layers import ACTIVATIONS, OutputLayerNorm, RMSNorm, RotaryEmbedding
 from bitserve.model_config import ModelConfig
@@ -62,8 +63,8 @@ class Attention(nn.Module):
         if self.out_norm is not None:
             q, k, v = self.out_norm(q), self.out_norm(k), self.out_norm(v)
         t = x.shape[0]
-        q = self.rope.apply(q.reshape(t, cfg.num_heads, self.head_dim), cos, sin)
-        k = self.rope.apply(k.reshape(t, cfg.num_kv_heads, self.head_dim), cos, sin)
+        q, k = self.rope.apply_qk(q.reshape(t, cfg.num_heads, self.head_dim),
+                                  k.reshape(t, cfg.num_kv_heads, self.head_dim), cos, sin)
         out = attn(layer, q, k, v.reshape(t, cfg.num_kv_heads, self.head_dim))
         out = norm_linear(self.attn_sub_norm, self.o_proj, out)
         return out if self.out_norm is None else self.out_norm(out)
@@ -80,15 +81,18 @@ class MLP(nn.Module):
         self.ffn_sub_norm = RMSNorm(i, cfg.rms_norm_eps) if cfg.ffn_sub_norm else None
         self.down_proj = build_linear([LinearSpec(f"{prefix}.down_proj", h, i)])
         self.out_norm = output_norm(cfg)
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.act_name = cfg.hidden_act
         self.intermediate = i
 
     def forward(self, x: torch.Tensor, input_norm: RMSNorm | None = None) -> torch.Tensor:
         """The MLP of ``input_norm(x)``."""
-        gate, up = norm_linear(input_norm, self.gate_up_proj, x).split(self.intermediate, dim=-1)
-        if self.out_norm is not None:
-            gate, up = self.out_norm(gate), self.out_norm(up)
-        y = norm_linear(self.ffn_sub_norm, self.down_proj, self.act(gate) * up)
+        gate_up = norm_linear(input_norm, self.gate_up_proj, x)
+        if self.out_norm is None:
+            hidden = dispatch.act_and_mul(gate_up, self.act_name)  # one kernel on CUDA
+        else:  # OneBit: each projection's output is normalised first
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            hidden = ACTIVATIONS[self.act_name](self.out_norm(gate)) * self.out_norm(up)
+        y = norm_linear(self.ffn_sub_norm, self.down_proj, hidden)
         return y if self.out_norm is None else self.out_norm(y)
 
 
