@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib.util
 import json
 import statistics
@@ -239,6 +240,7 @@ def e2e_section(args, report: dict) -> None:
                      "ms_per_step": 1000 * decode_s / args.e2e_steps, "prefill_s": prefill_s,
                      "kv_capacity_tokens": stats.kv_capacity_tokens})
         del core
+        gc.collect()  # free this engine (KV cache, CUDA graphs) before the next one allocates its own
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"end to end, {folder.name} ({loaded.config.num_layers} layers, loaded in {load_s:.0f} s): "
