@@ -261,19 +261,28 @@ def with_sinks(x: torch.Tensor, sink: torch.Tensor | None, first_block: torch.Te
 
 
 def write_sinks(k: torch.Tensor, v: torch.Tensor, layer: KVLayer, slot_mapping: torch.Tensor,
-                positions: torch.Tensor) -> None:
+                positions: torch.Tensor, pad_block: int | None = None) -> None:
     """Copy the keys/values of positions ``< S`` (a sequence's first tokens, always in its first
-    block) into the block's sink rows. Keys as staged (pre-RoPE when keys are quantized so)."""
+    block) into the block's sink rows. Keys as staged (pre-RoPE when keys are quantized so).
+
+    ``pad_block`` (a step replayed from a CUDA graph, which cannot ask the host which rows are
+    sinks): every row writes, those past the sinks into sink row 0 of ``pad_block``.
+    """
     s = layer.sink_tokens
     if not s:
         return
     rows = positions < s
-    if not bool(rows.any()):
-        return
-    slots = slot_mapping[rows].long()
+    slots = slot_mapping.long()
     blocks, offs = slots // layer.block_size, slots % layer.block_size
-    layer.sink_k[blocks, offs] = k[rows].to(layer.sink_k.dtype)
-    layer.sink_v[blocks, offs] = v[rows].to(layer.sink_v.dtype)
+    if pad_block is None:
+        if not bool(rows.any()):
+            return
+        blocks, offs, k, v = blocks[rows], offs[rows], k[rows], v[rows]
+    else:
+        blocks = torch.where(rows, blocks, pad_block)
+        offs = torch.where(rows, offs, 0)
+    layer.sink_k[blocks, offs] = k.to(layer.sink_k.dtype)
+    layer.sink_v[blocks, offs] = v.to(layer.sink_v.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

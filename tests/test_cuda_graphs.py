@@ -75,11 +75,17 @@ def test_capture_sizes():
     assert capture_sizes(10_000)[-1] == MAX_CAPTURED_BATCH
 
 
-@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
-def test_graph_decode_matches_eager(tiny_model, kv_dtype):
+# every KV layout: float, int8, int4 (staging slots planned on the host), int2 with pre-RoPE keys
+# and attention sinks (written without asking the host which rows are sinks)
+KV_OPTIONS = {"auto": {}, "int8": {"kv_cache_dtype": "int8"}, "int4": {"kv_cache_dtype": "int4"},
+              "int2+prerope+sinks": {"kv_cache_dtype": "int2", "kv_pre_rope_keys": True, "kv_sink_tokens": 3}}
+
+
+@pytest.mark.parametrize("kv", list(KV_OPTIONS))
+def test_graph_decode_matches_eager(tiny_model, kv):
     prompts, params = prompts_and_params(11, seed=3)
-    eager = make_llm(tiny_model, kv_cache_dtype=kv_dtype, max_num_seqs=11)
-    graphs = make_llm(tiny_model, EagerCapture(), kv_cache_dtype=kv_dtype, max_num_seqs=11)
+    eager = make_llm(tiny_model, max_num_seqs=11, **KV_OPTIONS[kv])
+    graphs = make_llm(tiny_model, EagerCapture(), max_num_seqs=11, **KV_OPTIONS[kv])
     runner = graphs.core.runner
     assert runner.graphs is not None and sorted(runner.graphs.graphs) == [1, 2, 4, 8, 11]
     # the scratch block is the last one and the block manager does not know it
@@ -112,7 +118,8 @@ def staggered(llm, prompts, params, every=2):
     return [out[f"r{k}"] for k in range(len(prompts))]
 
 
-def test_padding_rows_never_write_reused_blocks(tiny_model):
+@pytest.mark.parametrize("kv", ["auto", "int4"])
+def test_padding_rows_never_write_reused_blocks(tiny_model, kv):
     """Requests arrive while others finish, through a small cache: blocks are freed and handed to
     new requests while the decode batch is below its captured size. A padding row that still held
     a finished request's slot would write into a block that now belongs to someone else."""
@@ -120,7 +127,7 @@ def test_padding_rows_never_write_reused_blocks(tiny_model):
     prompts = [torch.randint(6, 95, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
                for _ in range(16)]
     params = [SamplingParams(temperature=0.0, max_tokens=2 + (5 * i) % 7, ignore_eos=True) for i in range(16)]
-    opts = dict(max_num_seqs=6, num_kv_blocks=16, enable_prefix_caching=False)
+    opts = dict(max_num_seqs=6, num_kv_blocks=16, enable_prefix_caching=False, **KV_OPTIONS[kv])
     want = staggered(make_llm(tiny_model, **opts), prompts, params)
     llm = make_llm(tiny_model, EagerCapture(), num_kv_blocks=17, **{k: v for k, v in opts.items() if k != "num_kv_blocks"})
     graphs = llm.core.runner.graphs
@@ -141,15 +148,17 @@ def test_padding_rows_never_write_reused_blocks(tiny_model):
     assert graphs.num_replays > 10 and sum(padded) > 0
 
 
-def test_graph_decode_with_triton_attention(tiny_model, monkeypatch):
-    """The Triton attention's fixed decode launch (``decode_seqs``/``max_seq_len``), interpreted:
-    a context split into more programs than it has blocks, padding rows in the batch."""
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_graph_decode_with_triton_kv_kernels(tiny_model, monkeypatch, kv_dtype):
+    """The Triton KV kernels under a fixed launch, interpreted: the attention's decode split
+    (``decode_seqs``/``max_seq_len``: more programs than the context has blocks), padding rows,
+    and for int4 the key-finalizing kernel over padded entries."""
     pytest.importorskip("triton")
     monkeypatch.setenv("BITSERVE_KV_TRITON", "1")
     prompts, params = prompts_and_params(3, seed=4)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (2, 4, 5)]
-    want = [o.token_ids for o in make_llm(tiny_model, kv_cache_dtype="int8").generate(prompts, params)]
-    llm = make_llm(tiny_model, EagerCapture(), kv_cache_dtype="int8", max_num_seqs=4)
+    want = [o.token_ids for o in make_llm(tiny_model, kv_cache_dtype=kv_dtype).generate(prompts, params)]
+    llm = make_llm(tiny_model, EagerCapture(), kv_cache_dtype=kv_dtype, max_num_seqs=4)
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
     assert llm.core.runner.graphs.num_replays > 0
 
@@ -166,11 +175,7 @@ def test_mixed_and_prefill_steps_run_eagerly(tiny_model):
     assert 0 < graphs.num_replays < llm.core.stats().steps
 
 
-def test_intn_cache_and_enforce_eager_capture_nothing(tiny_model, caplog):
-    with caplog.at_level(logging.INFO, logger="bitserve.engine.core"):
-        llm = make_llm(tiny_model, EagerCapture(), kv_cache_dtype="int4")
-    assert llm.core.runner.graphs is None
-    assert "int4 KV cache plans each step on the host" in caplog.text
+def test_enforce_eager_captures_nothing(tiny_model):
     llm = make_llm(tiny_model, EagerCapture(), enforce_eager=True)
     assert llm.core.runner.graphs is None
     assert llm.core.blocks.num_blocks == llm.core.kv_cache.num_blocks  # no scratch block taken
@@ -194,7 +199,7 @@ def test_failed_capture_falls_back_to_eager(tiny_model, caplog):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int4"])
 def test_cuda_graph_decode_matches_eager_on_gpu(tmp_path, kv_dtype):
     """Real CUDA graphs (the default on CUDA) against --enforce-eager, float32 so that both agree
     to rounding; block size and head_dim 16+ so the Triton attention runs."""

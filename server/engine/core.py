@@ -118,10 +118,13 @@ class EngineCore:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.default_seed = default_seed
         kv_dtype = canonical_kv_dtype(config.kv_cache_dtype, model.dtype)
+        want_graphs = not config.enforce_eager and (graph_capture is not None or device.type == "cuda")
         block_size = config.block_size or default_block_size(kv_dtype)
         self.spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, kv_dtype,
                                 stage_dtype=str(model.dtype).replace("torch.", ""),
-                                num_stage_slots=config.max_num_seqs if kv_dtype in ("int4", "int2") else 0,
+                                # one more for the decode graphs' padding rows
+                                num_stage_slots=(config.max_num_seqs + int(want_graphs) if kv_dtype in ("int4", "int2")
+                                                 else 0),
                                 pre_rope_keys=config.kv_pre_rope_keys, sink_tokens=config.kv_sink_tokens)
         num_blocks = plan_num_blocks(self.spec, config, max_model_len, device)
         rope = None
@@ -129,7 +132,7 @@ class EngineCore:
             rope = model.model.rope.cos_sin(torch.arange(max_model_len, device=device), torch.float32)
         self.kv_cache = PagedKVCache(self.spec, num_blocks, device, rope)
         self.runner = ModelRunner(model, self.kv_cache)
-        if not config.enforce_eager and (graph_capture is not None or device.type == "cuda"):
+        if want_graphs:
             # the last block is the graphs' scratch block: the block manager never sees it
             num_blocks -= self._capture_graphs(model, graph_capture, num_blocks, max_model_len)
         self.blocks = BlockManager(num_blocks, block_size, config.enable_prefix_caching,
@@ -153,9 +156,7 @@ class EngineCore:
         """Capture the decode graphs (:mod:`bitserve.engine.cuda_graphs`); returns the KV blocks
         they keep (1: the scratch block), 0 when the step cannot be captured (logged)."""
         why = None
-        if not self.kv_cache.graph_safe:
-            why = f"the {self.spec.dtype} KV cache plans each step on the host"
-        elif num_blocks < 2:
+        if num_blocks < 2:
             why = "the KV cache has a single block (the graphs need one of their own)"
         elif capture is None:
             probe = torch.empty(1, model.config.num_heads, model.config.head_dim, dtype=model.dtype,

@@ -15,7 +15,9 @@ padding rows decode token 0 at position 0 into a scratch KV block that the block
 hands out, so they cannot touch a request's cache.
 
 Steps in which every sequence decodes one token and samples it take the graphs; prefill and
-mixed steps run eagerly. ``--enforce-eager`` turns the graphs off.
+mixed steps run eagerly. ``--enforce-eager`` turns the graphs off. The int4/int2 cache still plans
+each step on the host (staging slots, blocks that fill), into fixed-size tensors the graph reads
+(:meth:`bitserve.engine.kv_cache.PagedKVCache.prepare_graph_step`).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class DecodeGraphs:
         self._pad_rows(0, s)
         with torch.inference_mode():
             self._buf.copy_(self._host)
+        kv_cache.enable_graphs(s, scratch_block)
         self.graphs: dict[int, tuple[Callable[[], None], torch.Tensor]] = {}
         self.num_replays = 0
 
@@ -169,6 +172,7 @@ class DecodeGraphs:
         b = self.size_for(n)
         ids, pos, slots, lens, tables = self._views(self._host_np)
         bs = self.block_size
+        starts = []
         for i, chunk in enumerate(chunks):
             req = chunk.request
             p = req.num_tokens - 1  # the one new token is the request's last
@@ -178,7 +182,9 @@ class DecodeGraphs:
             slots[i] = blocks[p // bs] * bs + p % bs
             lens[i] = p + 1
             tables[i, :len(blocks)] = blocks
+            starts.append(p)
         self._pad_rows(n, b)  # rows a bigger earlier step left behind must not write their slots again
+        self.kv_cache.prepare_graph_step(starts, [c.request.block_ids for c in chunks], b)
         s = self.max_batch
         self._buf[:4 * s].copy_(self._host[:4 * s], non_blocking=True)
         self._buf[4 * s:4 * s + b * self.width].copy_(self._host[4 * s:4 * s + b * self.width], non_blocking=True)

@@ -148,11 +148,6 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.layout.nbytes
 
-    @property
-    def graph_safe(self) -> bool:
-        """Whether a decode step over this layout can be replayed from a CUDA graph."""
-        return self.layout.graph_safe
-
     def begin_step(self, batch):
         return self.layout.begin_step(batch)
 
@@ -165,3 +160,13 @@ class PagedKVCache:
 
     def free_block(self, block_id: int) -> None:
         self.layout.free_block(block_id)
+
+    def enable_graphs(self, max_batch: int, scratch_block: int) -> None:
+        """Get ready for decode steps replayed from CUDA graphs of up to ``max_batch`` rows, whose
+        padding writes into ``scratch_block`` (:mod:`bitserve.engine.cuda_graphs`)."""
+        self.layout.enable_graphs(max_batch, scratch_block)
+
+    def prepare_graph_step(self, starts: list[int], block_ids: list[list[int]], size: int) -> None:
+        """Host planning of a graph-replayed decode step: sequence ``i`` adds the token at position
+        ``starts[i]`` in ``block_ids[i]``; rows ``len(starts)..size`` are padding."""
+        self.layout.prepare_graph_step(starts, block_ids, size)

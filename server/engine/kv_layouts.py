@@ -59,6 +59,7 @@ class StepState:
     fin: tuple[torch.Tensor, ...] = ()  # int-n: block, slot, old rows, first new row
     stage_dst: torch.Tensor | None = None
     stage_src: torch.Tensor | None = None
+    pad_block: int | None = None  # int-n, graph-replayed step: where rows outside the sinks write theirs
 
 
 def _attn_meta(batch: StepBatch) -> AttnMeta:
@@ -69,10 +70,6 @@ def _attn_meta(batch: StepBatch) -> AttnMeta:
 
 class FloatKV:
     """bf16 / fp16 / fp32 blocks ``[L, NB, B, KVH, D]`` (the unquantized reference layout)."""
-
-    # a decode step's work on the device depends only on the batch's tensors (no per-step host
-    # bookkeeping), so it can be captured in a CUDA graph and replayed
-    graph_safe = True
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device):
         shape = (spec.num_layers, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
@@ -105,6 +102,13 @@ class FloatKV:
     def free_block(self, block_id: int) -> None:
         pass
 
+    # -- CUDA-graph decode steps (server/engine/cuda_graphs.py) -----------------------------
+    def enable_graphs(self, max_batch: int, scratch_block: int) -> None:
+        """Prepare for decode steps replayed from graphs (nothing per step to plan here)."""
+
+    def prepare_graph_step(self, starts: list[int], block_ids: list[list[int]], size: int) -> None:
+        """Host planning of a graph-replayed decode step (rows ``len(starts)..size`` are padding)."""
+
 
 class Int8KV(FloatKV):
     """int8 codes ``[L, NB, B, KVH, D]`` + fp16 scales ``[L, NB, B, KVH]``, symmetric per token and head."""
@@ -121,9 +125,13 @@ class Int8KV(FloatKV):
 
 
 class IntNKV(FloatKV):
-    """int4/int2: planar codes; keys per channel per block, values per token; staging pool for partial blocks."""
+    """int4/int2: planar codes; keys per channel per block, values per token; staging pool for partial blocks.
 
-    graph_safe = False  # begin_step assigns staging slots and sizes the key-finalizing work on the host
+    Graph-replayed decode steps: the host still assigns staging slots and decides which blocks
+    fill (:meth:`prepare_graph_step`), into fixed-size tensors -- one key-finalizing entry and one
+    staging copy per row, the unused ones pointed at a scratch block and a scratch staging slot
+    that no sequence owns -- so the captured kernels launch the same way every step.
+    """
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device,
                  rope: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -150,6 +158,8 @@ class IntNKV(FloatKV):
         self.device = device
         self._free_slots = list(range(spec.num_stage_slots - 1, -1, -1))
         self._slot_of: dict[int, int] = {}  # partially filled block -> staging slot
+        self._graph: tuple[torch.Tensor, torch.Tensor] | None = None  # (device, pinned host) [7, S] plans
+        self._scratch = (0, 0)  # graph mode: (block, staging slot) of the padding entries
 
     def layer(self, i: int) -> KVLayer:
         sinks = (None, None) if self.sink_k is None else (self.sink_k[i], self.sink_v[i])
@@ -175,12 +185,13 @@ class IntNKV(FloatKV):
             self._free_slots.append(slot)
 
     # -- one step -------------------------------------------------------------------------
-    def begin_step(self, batch: StepBatch) -> StepState:
+    def _plan(self, starts, seq_lens, block_ids, query_starts):
+        """Host bookkeeping of a step: ``(first_stage, fin columns, stage dst, stage src)`` as lists."""
         bs = self.block_size
         fin: list[list[int]] = [[], [], [], []]
         first_stage, tails = [], []
-        for s, (start, n, blocks) in enumerate(zip(batch.starts, batch.seq_lens_host, batch.block_ids)):
-            q0 = batch.query_start_host[s]
+        for s, (start, n, blocks) in enumerate(zip(starts, seq_lens, block_ids)):
+            q0 = query_starts[s]
             fb, lb = start // bs, (n - 1) // bs
             slot = -1
             if start % bs:
@@ -205,13 +216,56 @@ class IntNKV(FloatKV):
                 slot = self._take_slot(block)
             dst.extend(slot * bs + p % bs for p in range(p0, p1))
             src.extend(range(r0, r0 + p1 - p0))
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
+        return first_stage, fin, dst, src
+
+    def begin_step(self, batch: StepBatch) -> StepState:
         meta = _attn_meta(batch)
-        meta.first_stage = torch.tensor(first_stage, dtype=torch.int32, device=self.device)
         if self.rope is not None:
             meta.rope_cos, meta.rope_sin = self.rope
+        if batch.decode_seqs is not None:  # graph-replayed: the plan is in the static tensors
+            if self._graph is None:
+                raise RuntimeError("a graph-replayed step on an int4/int2 cache needs enable_graphs()")
+            plan = self._graph[0][:, : len(batch.seq_lens_host)]
+            meta.first_stage = plan[0]
+            return StepState(meta, batch.slot_mapping, batch.positions, tuple(plan[1:5]), plan[5], plan[6],
+                             pad_block=self._scratch[0])
+        first_stage, fin, dst, src = self._plan(batch.starts, batch.seq_lens_host, batch.block_ids,
+                                                batch.query_start_host)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
+        meta.first_stage = torch.tensor(first_stage, dtype=torch.int32, device=self.device)
         return StepState(meta, batch.slot_mapping, batch.positions, tuple(as_tensor(c) for c in fin),
                          as_tensor(dst), as_tensor(src))
+
+    def enable_graphs(self, max_batch: int, scratch_block: int) -> None:
+        """Keep a staging slot and the plan tensors for graph-replayed decode steps (the scratch block
+        is the graphs' own; padding entries finalize it from the scratch slot and stage into it)."""
+        if self._graph is None:
+            if not self._free_slots:
+                raise RuntimeError("graph-replayed int4/int2 decode needs one more staging slot than max_num_seqs")
+            self._scratch = (scratch_block, self._free_slots.pop())
+            dev = torch.zeros((7, max_batch), dtype=torch.int64, device=self.device)
+            self._graph = (dev, torch.zeros_like(dev, device="cpu", pin_memory=self.device.type == "cuda"))
+        self.prepare_graph_step([], [], max_batch)
+
+    def prepare_graph_step(self, starts: list[int], block_ids: list[list[int]], size: int) -> None:
+        """Plan a decode step of ``len(starts)`` sequences (the new token of sequence ``i`` is at
+        position ``starts[i]``) for a graph of ``size`` rows: the same bookkeeping as
+        :meth:`begin_step`, padded to ``size`` entries per column, copied to the device."""
+        n = len(starts)
+        first_stage, fin, dst, src = self._plan(starts, [p + 1 for p in starts], block_ids, range(n + 1))
+        dev, host = self._graph
+        block, slot = self._scratch
+        h = host.numpy()
+        h[:, :size] = 0
+        h[0, :size] = -1
+        h[0, :n] = first_stage
+        h[1, :size], h[2, :size], h[3, :size] = block, slot, self.block_size  # finalize the scratch block
+        for row, col in zip(h[1:5], fin):
+            row[:len(col)] = col
+        h[5, :size] = slot * self.block_size  # stage into the scratch slot
+        h[5, :len(dst)] = dst
+        h[6, :len(src)] = src
+        dev[:, :size].copy_(host[:, :size], non_blocking=True)
 
     def _write(self, layer: KVLayer, k, v, state: StepState) -> torch.Tensor:
         k_new = k
@@ -222,7 +276,7 @@ class IntNKV(FloatKV):
             raise ValueError(f"keys are {k_new.dtype} but the staging pool is {layer.k_stage.dtype}")
         kv_dispatch.finalize_k_intn(k_new, layer, *state.fin)
         kv_dispatch.write_v_intn(v, layer, state.slot_mapping)
-        write_sinks(k_new, v, layer, state.slot_mapping, state.positions)
+        write_sinks(k_new, v, layer, state.slot_mapping, state.positions, state.pad_block)
         return k_new
 
     def forward(self, i: int, q, k, v, state: StepState) -> torch.Tensor:
