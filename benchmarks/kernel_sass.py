@@ -98,9 +98,19 @@ def _cases(quick: bool, arch: int):
         x = torch.randn(m, 13824).bfloat16()
         return lambda: pointwise.act_and_mul(x, "relu2")
 
+    def norm_call(m):
+        x = torch.randn(m, 2560).bfloat16()
+        return lambda: pointwise.rmsnorm(x, torch.ones(2560, dtype=torch.bfloat16), 1e-5)
+
+    def parts_call(m):
+        x = torch.randn(m, 3840).bfloat16()
+        return lambda: pointwise.layer_norm_parts(x, [2560, 640, 640], 1e-5)
+
     for m in (1, 64):
         yield "pointwise", "rope_qk", 3200, 128, m, "auto", rope_call(m)
         yield "pointwise", "act_and_mul", 6912, 13824, m, "auto", act_call(m)
+        yield "pointwise", "rmsnorm", 2560, 2560, m, "auto", norm_call(m)
+        yield "pointwise", "layernorm|qkv", 3840, 3840, m, "auto", parts_call(m)
     # the launch configs kernels/bench.py --sweep tries on a GPU, so that none of them fails there
     from bitserve.kernels.bench import DP4A_SWEEP, config_label
 

@@ -1,7 +1,8 @@
 """Choose the implementation of each op for the tensors at hand.
 
-Weight ops (what the plugins' QuantLinears call), and the model's element-wise RoPE and gated
-activation (``rope_qk``, ``act_and_mul``):
+Weight ops (what the plugins' QuantLinears call), and the model's element-wise steps (RoPE,
+gated activation, RMSNorm, OneBit's output LayerNorm: ``rope_qk``, ``act_and_mul``, ``rmsnorm``,
+``layer_norm_parts``):
 
 - CUDA tensors -> the ``torch.ops.bitserve.*`` custom ops (:mod:`bitserve.kernels.ops`), which run
   the Triton kernels (GEMV for small M, tiled GEMM for prefill; see each kernel module) and are
@@ -121,6 +122,21 @@ def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
     if _via_op(x) and x.dim() == 2 and x.stride(-1) == 1:
         return ops.act_and_mul(x, act)
     return reference.act_and_mul(x, act)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (one kernel on CUDA); see :func:`bitserve.kernels.reference.rmsnorm`."""
+    if _via_op(x) and x.dim() == 2 and x.stride(-1) == 1:
+        return ops.rmsnorm(x, weight, float(eps))
+    return reference.rmsnorm(x, weight, eps)
+
+
+def layer_norm_parts(x: torch.Tensor, sizes: list[int], eps: float) -> torch.Tensor:
+    """OneBit's non-affine LayerNorm of each part of a fused output (one kernel on CUDA); see
+    :func:`bitserve.kernels.reference.layer_norm_parts`."""
+    if _via_op(x) and x.dim() == 2 and x.stride(-1) == 1:
+        return ops.layer_norm_parts(x, [int(n) for n in sizes], float(eps))
+    return reference.layer_norm_parts(x, sizes, eps)
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:

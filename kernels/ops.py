@@ -21,6 +21,8 @@ steps between them (:mod:`bitserve.kernels.pointwise`) are ops too:
 |---|---|---|
 | ``bitserve::rope_qk`` | q [T,H,D], k [T,KVH,D], cos/sin [T,D] -> (q, k) | ``reference.rope_qk`` |
 | ``bitserve::act_and_mul`` | x [T,2I], act name -> [T,I] | ``reference.act_and_mul`` |
+| ``bitserve::rmsnorm`` | x [T,K], weight [K], eps | ``reference.rmsnorm`` |
+| ``bitserve::layer_norm_parts`` | x [T,N], part sizes, eps | ``reference.layer_norm_parts`` |
 """
 
 from __future__ import annotations
@@ -200,3 +202,31 @@ def act_and_mul(x: Tensor, act: str) -> Tensor:
 @act_and_mul.register_fake
 def _(x, act):
     return x.new_empty([*x.shape[:-1], x.shape[-1] // 2])
+
+
+@torch.library.custom_op("bitserve::rmsnorm", mutates_args=())
+def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if use_triton_for(x):
+        from bitserve.kernels import pointwise
+
+        return pointwise.rmsnorm(x, weight, eps)
+    return reference.rmsnorm(x, weight, eps)
+
+
+@rmsnorm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
+
+
+@torch.library.custom_op("bitserve::layer_norm_parts", mutates_args=())
+def layer_norm_parts(x: Tensor, sizes: list[int], eps: float) -> Tensor:
+    if use_triton_for(x):
+        from bitserve.kernels import pointwise
+
+        return pointwise.layer_norm_parts(x, sizes, eps)
+    return reference.layer_norm_parts(x, sizes, eps)
+
+
+@layer_norm_parts.register_fake
+def _(x, sizes, eps):
+    return x.new_empty(x.shape)

@@ -12,6 +12,10 @@ inside a CUDA graph, where each kernel still drains and fills the GPU). Here:
   contiguous ``[T, H, D]`` / ``[T, KVH, D]``; float32 math, one rounding.
 * :func:`act_and_mul` computes ``act(gate) * up`` from the fused gate/up output ``[T, 2I]`` in
   one kernel (``act``: ``silu`` or ``relu2``), float32 math, one rounding.
+* :func:`rmsnorm` is the model's RMSNorm (torch: ~7 kernels) with the twin's roundings, for the
+  norms no linear fuses (every format but BitNet W2A8, and the final norm).
+* :func:`layer_norm_parts` is OneBit's non-affine LayerNorm after each projection, applied to
+  every part of a fused output (q | k | v, gate | up) in one kernel.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from bitserve.kernels.tl_common import _ROUNDING, _rmsnorm_row
 
 ACT_CODES = {"silu": 0, "relu2": 1}
 ACT_BLOCK = 1024  # elements of I per program
@@ -107,4 +113,89 @@ def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
     block = min(ACT_BLOCK, triton.next_power_of_2(i))
     _act_and_mul_kernel[(t, triton.cdiv(i, block))](x, out, i, x.stride(0), out.stride(0), ACT=ACT_CODES[act],
                                                      BLOCK=block, num_warps=4)
+    return out
+
+
+NORM_BLOCK = 2048  # row elements per loop step of the norm kernels
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, K, stride_xm, stride_om, eps,
+                    X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``o = round_Y(w * round_X(x * r))``, ``r = 1 / sqrt(sum(x^2) / K + eps)`` (correctly
+    rounded): :func:`bitserve.kernels.reference.rmsnorm` row by row. Grid ``(M,)``."""
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + m * stride_xm
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        ss += v * v
+    ms = tl.sum(ss, axis=0) / K
+    r = tl.math.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), tl.math.sqrt_rn(tl.zeros([BLOCK_K], tl.float32) + ms + eps))
+    for k0 in range(0, K, BLOCK_K):
+        y, mask = _rmsnorm_row(x_row, w_ptr, k0, offs, K, r, X_ROUND, Y_ROUND)
+        tl.store(o_ptr + m * stride_om + k0 + offs, y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton twin of :func:`bitserve.kernels.reference.rmsnorm` for ``x [M, K]`` (unit column
+    stride); output in the promoted dtype of ``weight`` and ``x``."""
+    m, k = x.shape
+    if weight.shape != (k,) or x.stride(1) != 1:
+        raise ValueError(f"rmsnorm needs x [M, {k}] with unit column stride and a weight of [{k}]")
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    if x.dtype not in _ROUNDING or out_dtype not in _ROUNDING:
+        raise ValueError(f"rmsnorm takes float16/bfloat16/float32, got {x.dtype} and {weight.dtype}")
+    out = torch.empty((m, k), dtype=out_dtype, device=x.device)
+    if m:
+        _rmsnorm_kernel[(m,)](x, weight, out, k, x.stride(0), out.stride(0), float(eps), X_ROUND=_ROUNDING[x.dtype],
+                              Y_ROUND=_ROUNDING[out_dtype], BLOCK_K=min(NORM_BLOCK, triton.next_power_of_2(k)),
+                              num_warps=4)
+    return out
+
+
+@triton.jit
+def _layer_norm_parts_kernel(x_ptr, o_ptr, S0, S1, S2, stride_xm, stride_om, eps, BLOCK: tl.constexpr):
+    """Non-affine LayerNorm of part ``p`` (columns of sizes ``S0 | S1 | S2``) of row ``m``:
+    ``(x - mean) / sqrt(var + eps)`` (biased variance, float32, two passes). Grid ``(M, parts)``."""
+    m = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    lo = tl.where(p == 0, 0, tl.where(p == 1, S0, S0 + S1))
+    hi = lo + tl.where(p == 0, S0, tl.where(p == 1, S1, S2))
+    n = (hi - lo).to(tl.float32)
+    offs = tl.arange(0, BLOCK)
+    x_row = x_ptr + m * stride_xm
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(lo, hi, BLOCK):
+        acc += tl.load(x_row + c0 + offs, mask=c0 + offs < hi, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / n
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(lo, hi, BLOCK):
+        d = tl.load(x_row + c0 + offs, mask=c0 + offs < hi, other=0.0).to(tl.float32) - mean
+        acc += tl.where(c0 + offs < hi, d * d, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n + eps)
+    for c0 in range(lo, hi, BLOCK):
+        mask = c0 + offs < hi
+        v = tl.load(x_row + c0 + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptr + m * stride_om + c0 + offs, ((v - mean) * rstd).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def layer_norm_parts(x: torch.Tensor, sizes: list[int], eps: float) -> torch.Tensor:
+    """Triton twin of :func:`bitserve.kernels.reference.layer_norm_parts`: ``x [M, sum(sizes)]``
+    (unit column stride) with each consecutive part of ``sizes`` columns normalised on its own
+    (one launch per three parts)."""
+    m, n = x.shape
+    if sum(sizes) != n or x.stride(1) != 1 or not sizes or min(sizes) < 1:
+        raise ValueError(f"layer_norm_parts needs x [M, {sum(sizes)}] with unit column stride, got {tuple(x.shape)}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m:
+        col = 0
+        for i in range(0, len(sizes), 3):
+            group = list(sizes[i:i + 3])
+            _layer_norm_parts_kernel[(m, len(group))](x[:, col:], out[:, col:], *(group + [0, 0])[:3], x.stride(0),
+                                                      out.stride(0), float(eps),
+                                                      BLOCK=min(NORM_BLOCK, triton.next_power_of_2(max(group))),
+                                                      num_warps=4)
+            col += sum(group)
     return out

@@ -41,6 +41,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def layer_norm_parts(x: torch.Tensor, sizes: list[int], eps: float) -> torch.Tensor:
+    """Non-affine LayerNorm (biased variance, float32) of each consecutive part of ``sizes``
+    columns of ``x [..., sum(sizes)]`` on its own, in x's dtype (OneBit normalises each
+    projection's output; a fused q|k|v output is three parts)."""
+    parts = x.split(list(sizes), dim=-1)
+    return torch.cat([F.layer_norm(p.float(), (p.shape[-1],), eps=eps).to(x.dtype) for p in parts], dim=-1)
+
+
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half (NEOX-style) RoPE of ``x [T, heads, D]`` with ``cos/sin [T, D]`` (each half of a
     row repeats the angles of the pairs ``j``, ``j + D/2``), in x's dtype."""

@@ -17,7 +17,7 @@ from typing import ClassVar, Collection, Sequence
 import torch
 from torch import nn
 
-from bitserve.kernels import reference
+from bitserve.kernels import dispatch
 from bitserve.plugins.checkpoint import CheckpointReader
 
 
@@ -63,7 +63,7 @@ class QuantLinear(nn.Module, ABC):
         """``self(rmsnorm(x))`` -- the model calls this for every linear right after an RMSNorm.
         Override to fuse the norm into the layer's own activation handling; the result must equal
         the unfused one (up to the kernels' rounding)."""
-        return self(reference.rmsnorm(x, norm_weight, eps))
+        return self(dispatch.rmsnorm(x, norm_weight, eps))
 
     @property
     def bias_vector(self) -> torch.Tensor | None:

@@ -84,6 +84,77 @@ def test_act_and_mul_matches_float64(device, dtype, act, t, i):
     assert ((twin - want).abs() <= 4 * UNIT[dtype] * want.abs() + 1e-6 * a.abs().amax()).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.bfloat16, torch.float32), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("m,k", [(1, 64), (7, 2560), (33, 6912)])
+def test_rmsnorm_matches_twin_and_float64(device, x_dtype, w_dtype, m, k):
+    g = torch.Generator().manual_seed(m * 31 + k)
+    rows = torch.randn(m, k + 24, generator=g) * 4
+    rows[:, ::11] *= 8  # a few outliers per row
+    x = rows.to(x_dtype).to(device)[:, 5:5 + k]  # strided rows, as a slice of a wider output
+    w = (torch.rand(k, generator=g) + 0.5).to(w_dtype).to(device)
+    with dispatch.use_triton(True):
+        got = dispatch.rmsnorm(x, w, 1e-5)
+    out_dtype = torch.promote_types(x_dtype, w_dtype)
+    assert got.dtype == out_dtype and got.shape == (m, k)
+    xd = x.cpu().double()
+    want = w.cpu().double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    # the twin's two roundings (to x's dtype, then the product), plus the float32 sum of squares
+    # (fp16 also has subnormals below 2**-14: an absolute step of 2**-24 there)
+    bound = (UNIT[x_dtype] + UNIT[out_dtype] + k * 2.0 ** -24) * want.abs() + 2.0 ** -22
+    err = (got.cpu().double() - want).abs()
+    assert (err <= bound).all(), f"max error {err.max().item():.3g}"
+    twin = reference.rmsnorm(x.cpu(), w.cpu(), 1e-5)
+    diff = (got.cpu().double() - twin.double()).abs()
+    assert (diff <= (2 * UNIT[out_dtype] + k * 2.0 ** -24) * twin.double().abs() + 2.0 ** -22).all()
+    if out_dtype != torch.float32:  # the same roundings: nearly always the same value
+        assert (diff == 0).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", [[64], [48, 16, 16], [100, 100, 7, 50], [2560, 640, 640], [6912, 6912]])
+def test_layer_norm_parts_matches_float64(device, dtype, sizes):
+    g = torch.Generator().manual_seed(sum(sizes))
+    m = 5
+    x = ((torch.randn(m, sum(sizes), generator=g) + 0.3) * 3).to(dtype).to(device)
+    with dispatch.use_triton(True):
+        got = dispatch.layer_norm_parts(x, sizes, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    want = []
+    for part in x.cpu().double().split(sizes, dim=-1):
+        mean = part.mean(-1, keepdim=True)
+        var = ((part - mean) ** 2).mean(-1, keepdim=True)
+        want.append((part - mean) / torch.sqrt(var + 1e-5))
+    want = torch.cat(want, dim=-1)
+    err = (got.cpu().double() - want).abs()
+    assert (err <= 2 * UNIT[dtype] * want.abs() + 1e-5).all(), f"max error {err.max().item():.3g}"
+    twin = reference.layer_norm_parts(x.cpu(), sizes, 1e-5).double()
+    assert ((twin - want).abs() <= 2 * UNIT[dtype] * want.abs() + 1e-5).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check (CPU-only hosts)")
+def test_onebit_model_runs_the_kernels(tmp_path):
+    """A OneBit model -- RMSNorm, per-part output LayerNorm, RoPE, SiLU gating, binary linears --
+    on the Triton kernels (interpreted) gives the twins' logits."""
+    from binary_checkpoints import save_checkpoint
+    from test_onebit import onebit_config, random_onebit
+
+    from bitserve.loader import load_model
+    from bitserve.model.prefill import prefill_logits
+
+    config = onebit_config()
+    stored, _ = random_onebit(config, seed=9)
+    loaded = load_model(save_checkpoint(tmp_path / "onebit", config, stored), device="cpu", dtype="float32",
+                        progress=False)
+    ids = [5, 17, 3, 42, 8, 23, 11]
+    want = prefill_logits(loaded.model, ids)
+    with dispatch.use_triton(True):
+        got = prefill_logits(loaded.model, ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_bad_inputs_are_named():
     x = torch.randn(2, 10)
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):

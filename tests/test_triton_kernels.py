@@ -671,6 +671,8 @@ def _op_args():
         (torch.ops.bitserve.rope_qk, (torch.randn(3, 4, 16, generator=g), torch.randn(3, 2, 16, generator=g),
                                       torch.rand(3, 16, generator=g), torch.rand(3, 16, generator=g))),
         (torch.ops.bitserve.act_and_mul, (torch.randn(3, 40, generator=g), "relu2")),
+        (torch.ops.bitserve.rmsnorm, (x.bfloat16(), torch.rand(64, generator=g) + 0.5, 1e-5)),
+        (torch.ops.bitserve.layer_norm_parts, (x, [32, 16, 16], 1e-5)),
     ]
 
 

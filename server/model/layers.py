@@ -19,7 +19,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.rmsnorm(x, self.weight, self.eps)
+        return dispatch.rmsnorm(x, self.weight, self.eps)
 
 
 class OutputLayerNorm(nn.Module):
@@ -32,11 +32,12 @@ class OutputLayerNorm(nn.Module):
         super().__init__()
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+        """Normalise ``x``, or each consecutive part of ``sizes`` columns of it on its own (the
+        projections of a fused output; one kernel on CUDA)."""
+        return dispatch.layer_norm_parts(x, sizes or [x.shape[-1]], self.eps)
 
 
-ACTIVATIONS = reference.ACTIVATIONS  # name -> function (silu, relu2)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from bitserve.kernels import dispatch
 from bitserve.model.attention import AttentionBackend
-from bitserve.model.layers import ACTIVATIONS, OutputLayerNorm, RMSNorm, RotaryEmbedding
+from bitserve.model.layers import OutputLayerNorm, RMSNorm, RotaryEmbedding
 from bitserve.model_config import ModelConfig
 from bitserve.plugins.base import LinearSpec
 
@@ -59,9 +59,10 @@ class Attention(nn.Module):
         """Self-attention of ``input_norm(x)`` (the norm is applied here so that it can fuse into q/k/v)."""
         cfg = self.cfg
         qkv = norm_linear(input_norm, self.qkv_proj, x)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
         if self.out_norm is not None:
-            q, k, v = self.out_norm(q), self.out_norm(k), self.out_norm(v)
+            qkv = self.out_norm(qkv, sizes)
+        q, k, v = qkv.split(sizes, dim=-1)
         t = x.shape[0]
         q, k = self.rope.apply_qk(q.reshape(t, cfg.num_heads, self.head_dim),
                                   k.reshape(t, cfg.num_kv_heads, self.head_dim), cos, sin)
@@ -87,11 +88,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, input_norm: RMSNorm | None = None) -> torch.Tensor:
         """The MLP of ``input_norm(x)``."""
         gate_up = norm_linear(input_norm, self.gate_up_proj, x)
-        if self.out_norm is None:
-            hidden = dispatch.act_and_mul(gate_up, self.act_name)  # one kernel on CUDA
-        else:  # OneBit: each projection's output is normalised first
-            gate, up = gate_up.split(self.intermediate, dim=-1)
-            hidden = ACTIVATIONS[self.act_name](self.out_norm(gate)) * self.out_norm(up)
+        if self.out_norm is not None:  # OneBit: each projection's output is normalised first
+            gate_up = self.out_norm(gate_up, [self.intermediate, self.intermediate])
+        hidden = dispatch.act_and_mul(gate_up, self.act_name)  # one kernel on CUDA
         y = norm_linear(self.ffn_sub_norm, self.down_proj, hidden)
         return y if self.out_norm is None else self.out_norm(y)
 
