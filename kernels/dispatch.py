@@ -55,6 +55,22 @@ def ternary_linear_w2a8_rmsnorm(
     return reference.ternary_linear_w2a8_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias)
 
 
+def ternary_linear_w2a8_add_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W2A8 linear of rmsnorm(x + residual), x + residual)``; see
+    :func:`bitserve.kernels.reference.ternary_linear_w2a8_add_rmsnorm`."""
+    if _via_op(x):
+        return ops.ternary_w2a8_add_rmsnorm(x, residual, norm_weight, float(eps), packed, weight_scale.float(), bias)
+    return reference.ternary_linear_w2a8_add_rmsnorm(x, residual, norm_weight, eps, packed, weight_scale, bias)
+
+
 def ternary_linear_w2a16(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -129,6 +145,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _via_op(x) and x.dim() == 2 and x.stride(-1) == 1:
         return ops.rmsnorm(x, weight, float(eps))
     return reference.rmsnorm(x, weight, eps)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``(rmsnorm(x + residual), x + residual)``: the residual add and the norm in one kernel on
+    CUDA; see :func:`bitserve.kernels.reference.add_rmsnorm`."""
+    if _via_op(x) and x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1:
+        return ops.add_rmsnorm(x, residual, weight, float(eps))
+    return reference.add_rmsnorm(x, residual, weight, eps)
 
 
 def layer_norm_parts(x: torch.Tensor, sizes: list[int], eps: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ Importing this module registers the ops and touches no GPU; Triton is imported o
 | ``bitserve::ternary_w2a8`` | x, packed u8[N,K/4], weight_scale f32[1/N], bias? | ``reference.ternary_linear_w2a8`` |
 | ``bitserve::ternary_w2a16`` | same | ``reference_lowbit.ternary_linear_w2a16`` |
 | ``bitserve::ternary_w2a8_rmsnorm`` | x, norm_weight, eps, packed, weight_scale, bias? | ``reference.ternary_linear_w2a8_rmsnorm`` |
+| ``bitserve::ternary_w2a8_add_rmsnorm`` | x, residual, norm_weight, eps, packed, weight_scale, bias? -> (y, x + residual) | ``reference.ternary_linear_w2a8_add_rmsnorm`` |
 | ``bitserve::binary_w1a16`` | x, packed u8[N,K/8], in_scale?[K], out_scale?[N], in_bias?[K], bias? | ``reference_lowbit.binary_linear_w1a16`` |
 | ``bitserve::dual_binary`` | x, packed u8[N,K/4], alpha1/alpha2 [N,K/G], group_size, bias? | ``reference_lowbit.dual_binary_linear`` |
 | ``bitserve::int8_linear`` | x, weight i8[N,K], scale f32[1/N], bias?, out_dtype? | ``reference_lowbit.int8_linear`` |
@@ -22,6 +23,7 @@ steps between them (:mod:`bitserve.kernels.pointwise`) are ops too:
 | ``bitserve::rope_qk`` | q [T,H,D], k [T,KVH,D], cos/sin [T,D] -> (q, k) | ``reference.rope_qk`` |
 | ``bitserve::act_and_mul`` | x [T,2I], act name -> [T,I] | ``reference.act_and_mul`` |
 | ``bitserve::rmsnorm`` | x [T,K], weight [K], eps | ``reference.rmsnorm`` |
+| ``bitserve::add_rmsnorm`` | x [T,K], residual [T,K], weight [K], eps -> (norm, x + residual) | ``reference.add_rmsnorm`` |
 | ``bitserve::layer_norm_parts`` | x [T,N], part sizes, eps | ``reference.layer_norm_parts`` |
 """
 
@@ -125,6 +127,24 @@ def _(x, norm_weight, eps, packed, weight_scale, bias=None):
     return x.new_empty(_out_shape(x, packed.shape[0]), dtype=torch.promote_types(norm_weight.dtype, x.dtype))
 
 
+@torch.library.custom_op("bitserve::ternary_w2a8_add_rmsnorm", mutates_args=())
+def ternary_w2a8_add_rmsnorm(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, packed: Tensor,
+                             weight_scale: Tensor, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    if use_triton_for(x):
+        from bitserve.kernels import ternary
+
+        y, h = ternary.ternary_linear_rmsnorm(_flat(x), norm_weight, eps, packed, weight_scale, bias,
+                                              residual=_flat(residual))
+        return y.reshape(_out_shape(x, packed.shape[0])), h.reshape(x.shape)
+    return reference.ternary_linear_w2a8_add_rmsnorm(x, residual, norm_weight, eps, packed, weight_scale, bias)
+
+
+@ternary_w2a8_add_rmsnorm.register_fake
+def _(x, residual, norm_weight, eps, packed, weight_scale, bias=None):
+    y = x.new_empty(_out_shape(x, packed.shape[0]), dtype=torch.promote_types(norm_weight.dtype, x.dtype))
+    return y, x.new_empty(x.shape)
+
+
 # -- binary / dual-binary ----------------------------------------------------------------------------
 @torch.library.custom_op("bitserve::binary_w1a16", mutates_args=())
 def binary_w1a16(x: Tensor, packed: Tensor, in_scale: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
@@ -216,6 +236,20 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 @rmsnorm.register_fake
 def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
+
+
+@torch.library.custom_op("bitserve::add_rmsnorm", mutates_args=())
+def add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    if use_triton_for(x):
+        from bitserve.kernels import pointwise
+
+        return pointwise.rmsnorm(x, weight, eps, residual)
+    return reference.add_rmsnorm(x, residual, weight, eps)
+
+
+@add_rmsnorm.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype)), x.new_empty(x.shape)
 
 
 @torch.library.custom_op("bitserve::layer_norm_parts", mutates_args=())

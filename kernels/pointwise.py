@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitserve.kernels.tl_common import _ROUNDING, _rmsnorm_row
+from bitserve.kernels.tl_common import _ROUNDING, _rmsnorm_row, _sum_of_squares_rsqrt, check_residual
 
 ACT_CODES = {"silu": 0, "relu2": 1}
 ACT_BLOCK = 1024  # elements of I per program
@@ -120,39 +120,41 @@ NORM_BLOCK = 2048  # row elements per loop step of the norm kernels
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, K, stride_xm, stride_om, eps,
-                    X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, res_ptr, h_ptr, w_ptr, o_ptr, K, stride_xm, stride_rm, stride_hm, stride_om, eps,
+                    HAS_RES: tl.constexpr, X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr, BLOCK_K: tl.constexpr):
     """``o = round_Y(w * round_X(x * r))``, ``r = 1 / sqrt(sum(x^2) / K + eps)`` (correctly
-    rounded): :func:`bitserve.kernels.reference.rmsnorm` row by row. Grid ``(M,)``."""
+    rounded): :func:`bitserve.kernels.reference.rmsnorm` row by row. HAS_RES: of ``h = x + res``
+    (in x's dtype), also stored to ``h``. Grid ``(M,)``."""
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + m * stride_xm
-    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    res_row = res_ptr + m * stride_rm
+    r = _sum_of_squares_rsqrt(x_row, res_row, h_ptr + m * stride_hm, K, eps, BLOCK_K, HAS_RES, X_ROUND)
     for k0 in range(0, K, BLOCK_K):
-        v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        ss += v * v
-    ms = tl.sum(ss, axis=0) / K
-    r = tl.math.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), tl.math.sqrt_rn(tl.zeros([BLOCK_K], tl.float32) + ms + eps))
-    for k0 in range(0, K, BLOCK_K):
-        y, mask = _rmsnorm_row(x_row, w_ptr, k0, offs, K, r, X_ROUND, Y_ROUND)
+        y, mask = _rmsnorm_row(x_row, res_row, w_ptr, k0, offs, K, r, HAS_RES, X_ROUND, Y_ROUND)
         tl.store(o_ptr + m * stride_om + k0 + offs, y.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """Triton twin of :func:`bitserve.kernels.reference.rmsnorm` for ``x [M, K]`` (unit column
-    stride); output in the promoted dtype of ``weight`` and ``x``."""
+    stride); output in the promoted dtype of ``weight`` and ``x``. With ``residual`` (x's shape and
+    dtype): the norm of ``h = x + residual`` and ``h``, as :func:`bitserve.kernels.reference.add_rmsnorm`."""
     m, k = x.shape
     if weight.shape != (k,) or x.stride(1) != 1:
         raise ValueError(f"rmsnorm needs x [M, {k}] with unit column stride and a weight of [{k}]")
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     if x.dtype not in _ROUNDING or out_dtype not in _ROUNDING:
         raise ValueError(f"rmsnorm takes float16/bfloat16/float32, got {x.dtype} and {weight.dtype}")
+    check_residual(x, residual)
     out = torch.empty((m, k), dtype=out_dtype, device=x.device)
+    h = torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else None
     if m:
-        _rmsnorm_kernel[(m,)](x, weight, out, k, x.stride(0), out.stride(0), float(eps), X_ROUND=_ROUNDING[x.dtype],
+        res, hh = (residual, h) if residual is not None else (x, x)
+        _rmsnorm_kernel[(m,)](x, res, hh, weight, out, k, x.stride(0), res.stride(0), hh.stride(0), out.stride(0),
+                              float(eps), HAS_RES=residual is not None, X_ROUND=_ROUNDING[x.dtype],
                               Y_ROUND=_ROUNDING[out_dtype], BLOCK_K=min(NORM_BLOCK, triton.next_power_of_2(k)),
                               num_warps=4)
-    return out
+    return out if residual is None else (out, h)
 
 
 @triton.jit

@@ -84,6 +84,22 @@ def ternary_linear_w2a8_rmsnorm(x: torch.Tensor, norm_weight: torch.Tensor, eps:
     return ternary_linear_w2a8(rmsnorm(x, norm_weight, eps), packed, weight_scale, bias)
 
 
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``(rmsnorm(h), h)`` with ``h = x + residual`` in x's dtype: a decoder layer's residual add and
+    the norm after it (one kernel on GPUs)."""
+    h = x + residual
+    return rmsnorm(h, weight, eps), h
+
+
+def ternary_linear_w2a8_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                    packed: torch.Tensor, weight_scale: torch.Tensor,
+                                    bias: torch.Tensor | None = None):
+    """``(ternary_linear_w2a8_rmsnorm(h, ...), h)`` with ``h = x + residual``: the residual add, the
+    RMSNorm and the int8 quantization in one kernel on GPUs, then the linear."""
+    h = x + residual
+    return ternary_linear_w2a8_rmsnorm(h, norm_weight, eps, packed, weight_scale, bias), h
+
+
 def _ternary_lut(device: torch.device) -> torch.Tensor:
     """``[256, 4]`` float32: the four ternary values (slabs 0..3) held by each byte."""
     codes = torch.arange(256, device=device, dtype=torch.int32)

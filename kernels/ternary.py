@@ -432,25 +432,31 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
 
 
 def ternary_linear_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias=None, out=None, *, path=None,
-                           split_k=None, config=None):
+                           split_k=None, config=None, residual=None):
     """W2A8 linear of ``rmsnorm(x)`` (:func:`bitserve.kernels.reference.ternary_linear_w2a8_rmsnorm`):
     the norm and the int8 quantization in one kernel (:func:`bitserve.kernels.tl_common.rmsnorm_quantize_int8`),
     then the dp4a GEMV (``M <= ternary_decode.MAX_M``, ``K % 16 == 0``) or a tiled GEMM on the
-    quantized rows (``"wide"``, default, or ``"gemm"``). Output in the norm's output dtype."""
+    quantized rows (``"wide"``, default, or ``"gemm"``). Output in the norm's output dtype.
+    With ``residual``: of ``h = x + residual``, added in the norm's kernel; returns ``(out, h)``."""
     m, n, q = _check(x, packed, weight_scale.reshape(-1).float(), bias)
     if out is None:
         out = torch.empty((m, n), dtype=torch.promote_types(norm_weight.dtype, x.dtype), device=x.device)
-    if m == 0:
-        return out
-    weight_scale = weight_scale.reshape(-1).float()
     x = x if x.stride(1) == 1 else x.contiguous()
-    xq, sx, xsum = tl_common.rmsnorm_quantize_int8(x, norm_weight, eps)
+    if residual is not None:
+        residual = residual if residual.stride(1) == 1 else residual.contiguous()
+    if m == 0:
+        return out if residual is None else (out, x + residual)
+    weight_scale = weight_scale.reshape(-1).float()
+    quantized = tl_common.rmsnorm_quantize_int8(x, norm_weight, eps, residual)
+    xq, sx, xsum = quantized[:3]
     if path is None:
         path = "dp4a" if m <= ternary_decode.MAX_M and ternary_decode.supports(x, packed) else "wide"
     if path == "dp4a":
-        return ternary_decode.ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out,
-                                                            split_k=split_k, config=config)
-    if path not in ("wide", "gemm"):
+        y = ternary_decode.ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out,
+                                                         split_k=split_k, config=config)
+    elif path in ("wide", "gemm"):
+        y = ternary_gemm(xq, packed, weight_scale, bias, out, act_int8=True, split_k=split_k, config=config,
+                         quantized=(xq, sx), wide=path == "wide")
+    else:
         raise ValueError(f"ternary_linear_rmsnorm: path must be 'dp4a', 'wide', 'gemm' or None, got {path!r}")
-    return ternary_gemm(xq, packed, weight_scale, bias, out, act_int8=True, split_k=split_k, config=config,
-                        quantized=(xq, sx), wide=path == "wide")
+    return y if residual is None else (y, quantized[3])

@@ -246,41 +246,67 @@ def _round_to(v, KIND: tl.constexpr):
 
 
 @triton.jit
-def _rmsnorm_row(x_row, w_ptr, k0, offs, K, r, X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr):
+def _residual_row(x_row, res_row, k0, offs, K, HAS_RES: tl.constexpr, X_ROUND: tl.constexpr):
+    """float32 ``x`` (``HAS_RES``: ``round_X(x + res)``, torch's ``x + res`` in x's dtype) at ``k0 + offs``."""
     mask = k0 + offs < K
     v = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        v = _round_to(v + tl.load(res_row + k0 + offs, mask=mask, other=0.0).to(tl.float32), X_ROUND)
+    return v
+
+
+@triton.jit
+def _sum_of_squares_rsqrt(x_row, res_row, h_row, K, eps, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr,
+                          X_ROUND: tl.constexpr):
+    """``1 / sqrt(sum(h^2) / K + eps)`` (correctly rounded, like torch on the CPU) of the row ``h``
+    (``x``, or ``x + res``, which is then also stored to ``h_row``), broadcast to ``[BLOCK_K]``."""
+    offs = tl.arange(0, BLOCK_K)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = _residual_row(x_row, res_row, k0, offs, K, HAS_RES, X_ROUND)
+        if HAS_RES:
+            tl.store(h_row + k0 + offs, v.to(h_row.dtype.element_ty), mask=k0 + offs < K)
+        ss += v * v
+    ms = tl.sum(ss, axis=0) / K
+    return tl.math.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), tl.math.sqrt_rn(tl.zeros([BLOCK_K], tl.float32) + ms + eps))
+
+
+@triton.jit
+def _rmsnorm_row(x_row, res_row, w_ptr, k0, offs, K, r, HAS_RES: tl.constexpr, X_ROUND: tl.constexpr,
+                 Y_ROUND: tl.constexpr):
+    mask = k0 + offs < K
+    v = _residual_row(x_row, res_row, k0, offs, K, HAS_RES, X_ROUND)
     w = tl.load(w_ptr + k0 + offs, mask=mask, other=0.0).to(tl.float32)
     return _round_to(w * _round_to(v * r, X_ROUND), Y_ROUND), mask
 
 
 @triton.jit
-def _rmsnorm_quantize_int8_kernel(x_ptr, w_ptr, xq_ptr, sx_ptr, xsum_ptr, K, stride_xm, stride_qm, eps,
-                                  X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rmsnorm_quantize_int8_kernel(x_ptr, res_ptr, h_ptr, w_ptr, xq_ptr, sx_ptr, xsum_ptr, K, stride_xm, stride_rm,
+                                  stride_hm, stride_qm, eps, HAS_RES: tl.constexpr, X_ROUND: tl.constexpr,
+                                  Y_ROUND: tl.constexpr, BLOCK_K: tl.constexpr):
     """RMSNorm then per-token int8, one row per program: the quantization of
     :func:`bitserve.kernels.reference.rmsnorm` ``(x)`` without writing the normalised row.
 
     ``r = 1 / sqrt(sum(x^2) / K + eps)`` (correctly rounded, like torch on the CPU), ``y =
     round_Y(w * round_X(x * r))`` with X/Y the rounding of x's dtype and of the product's
     dtype; then ``xq``, ``sx``, ``xsum`` as :func:`_quantize_int8_kernel`. Three passes over the
-    row (sum of squares, absmax, codes); the row is re-read from cache. Grid: ``(M,)``.
+    row (sum of squares, absmax, codes); the row is re-read from cache. HAS_RES: the row is
+    ``x + res`` (rounded to x's dtype, every pass recomputes it), also stored to ``h``: the
+    residual add before the norm in the same kernel. Grid: ``(M,)``.
     """
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + m * stride_xm
-    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        ss += v * v
-    ms = tl.sum(ss, axis=0) / K
-    r = tl.math.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), tl.math.sqrt_rn(tl.zeros([BLOCK_K], tl.float32) + ms + eps))
+    res_row = res_ptr + m * stride_rm
+    r = _sum_of_squares_rsqrt(x_row, res_row, h_ptr + m * stride_hm, K, eps, BLOCK_K, HAS_RES, X_ROUND)
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        y, mask = _rmsnorm_row(x_row, w_ptr, k0, offs, K, r, X_ROUND, Y_ROUND)
+        y, mask = _rmsnorm_row(x_row, res_row, w_ptr, k0, offs, K, r, HAS_RES, X_ROUND, Y_ROUND)
         amax = tl.maximum(amax, tl.abs(y))
     s = inv_times_127(tl.maximum(tl.max(amax, axis=0), 1e-5), BLOCK_K)
     total = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        y, mask = _rmsnorm_row(x_row, w_ptr, k0, offs, K, r, X_ROUND, Y_ROUND)
+        y, mask = _rmsnorm_row(x_row, res_row, w_ptr, k0, offs, K, r, HAS_RES, X_ROUND, Y_ROUND)
         q = tl.minimum(tl.maximum(rne(y * s), -128.0), 127.0)
         tl.store(xq_ptr + m * stride_qm + k0 + offs, q.to(tl.int8), mask=mask)
         total += q.to(tl.int32)
@@ -288,24 +314,35 @@ def _rmsnorm_quantize_int8_kernel(x_ptr, w_ptr, xq_ptr, sx_ptr, xsum_ptr, K, str
     tl.store(xsum_ptr + m + offs, tl.zeros([BLOCK_K], tl.int32) + tl.sum(total, axis=0), mask=offs < 1)
 
 
-def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float):
+def check_residual(x: torch.Tensor, residual: torch.Tensor | None) -> None:
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
+        raise ValueError(f"the residual must match x ({tuple(x.shape)}, {x.dtype}, unit column stride), got "
+                         f"{tuple(residual.shape)}, {residual.dtype}")
+
+
+def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """Triton twin of ``quantize_activations_int8(rmsnorm(x, weight, eps))`` for ``[M, K]``
-    (:mod:`bitserve.kernels.reference`): ``(x_q int8 [M, K], s_x float32 [M], xsum int32 [M])``."""
+    (:mod:`bitserve.kernels.reference`): ``(x_q int8 [M, K], s_x float32 [M], xsum int32 [M])``;
+    with ``residual``, of ``h = x + residual`` (in x's dtype), and ``h`` is returned fourth."""
     m, k = x.shape
     if weight.shape != (k,):
         raise ValueError(f"norm weight must be [{k}], got {tuple(weight.shape)}")
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     if x.dtype not in _ROUNDING or out_dtype not in _ROUNDING:
         raise ValueError(f"rmsnorm_quantize_int8 takes float16/bfloat16/float32, got {x.dtype} and {weight.dtype}")
+    check_residual(x, residual)
     xq = workspace((m, k), torch.int8, x.device)
     sx = workspace((m,), torch.float32, x.device)
     xsum = workspace((m,), torch.int32, x.device)
+    h = torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else None
     if m:
         block = min(QUANT_BLOCK_K, triton.next_power_of_2(k))
-        _rmsnorm_quantize_int8_kernel[(m,)](x, weight, xq, sx, xsum, k, x.stride(0), xq.stride(0), float(eps),
+        res, hh = (residual, h) if residual is not None else (x, x)
+        _rmsnorm_quantize_int8_kernel[(m,)](x, res, hh, weight, xq, sx, xsum, k, x.stride(0), res.stride(0),
+                                            hh.stride(0), xq.stride(0), float(eps), HAS_RES=residual is not None,
                                             X_ROUND=_ROUNDING[x.dtype], Y_ROUND=_ROUNDING[out_dtype],
                                             BLOCK_K=block, num_warps=4)
-    return xq, sx, xsum
+    return (xq, sx, xsum) if residual is None else (xq, sx, xsum, h)
 
 
 # -- split-K epilogue ----------------------------------------------------------------------------------

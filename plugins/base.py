@@ -65,6 +65,18 @@ class QuantLinear(nn.Module, ABC):
         the unfused one (up to the kernels' rounding)."""
         return self(dispatch.rmsnorm(x, norm_weight, eps))
 
+    def forward_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self.forward_rmsnorm(h, ...), h)`` with ``h = x + residual`` -- the model calls this
+        for the linears after a decoder layer's residual add (q/k/v, gate/up) and carries ``h`` on
+        as the residual stream. Layers that keep the default ``forward_rmsnorm`` get the add and
+        the norm in one kernel on GPUs; override to fuse the add into your own norm."""
+        if type(self).forward_rmsnorm is QuantLinear.forward_rmsnorm:
+            y, h = dispatch.add_rmsnorm(x, residual, norm_weight, eps)
+            return self(y), h
+        h = x + residual
+        return self.forward_rmsnorm(h, norm_weight, eps), h
+
     @property
     def bias_vector(self) -> torch.Tensor | None:
         return getattr(self, "bias", None)

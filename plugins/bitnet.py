@@ -64,6 +64,14 @@ class TernaryLinear(QuantLinear):
             return super().forward_rmsnorm(x, norm_weight, eps)
         return dispatch.ternary_linear_w2a8_rmsnorm(x, norm_weight, eps, self.packed, self.scale, self.bias)
 
+    def forward_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add, the model's RMSNorm and the int8 quantization in one kernel on GPUs."""
+        if self.input_norm is not None:
+            return super().forward_add_rmsnorm(x, residual, norm_weight, eps)
+        return dispatch.ternary_linear_w2a8_add_rmsnorm(x, residual, norm_weight, eps, self.packed, self.scale,
+                                                        self.bias)
+
     def dequantize(self) -> torch.Tensor:
         return unpack_ternary(self.packed, torch.float32) * self.scale.unsqueeze(1)
 

@@ -114,6 +114,24 @@ def test_rmsnorm_matches_twin_and_float64(device, x_dtype, w_dtype, m, k):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 64), (9, 6912)])
+def test_add_rmsnorm_is_the_norm_of_the_sum(device, dtype, m, k):
+    """The residual add in the norm's kernel: ``h`` is exactly torch's ``x + residual`` and the
+    norm is the kernel's own norm of ``h``."""
+    g = torch.Generator().manual_seed(m + k)
+    x, res = ((torch.randn(m, k, generator=g) * 3).to(dtype).to(device) for _ in range(2))
+    w = (torch.rand(k, generator=g) + 0.5).to(dtype).to(device)
+    with dispatch.use_triton(True):
+        y, h = dispatch.add_rmsnorm(x, res, w, 1e-6)
+        want = dispatch.rmsnorm(x + res, w, 1e-6)
+    assert torch.equal(h, x + res) and torch.equal(y, want)
+    twin_y, twin_h = reference.add_rmsnorm(x.cpu(), res.cpu(), w.cpu(), 1e-6)
+    assert torch.equal(twin_h, h.cpu())
+    torch.testing.assert_close(twin_y, y.cpu(), rtol=2 * UNIT[dtype] + k * 2.0 ** -24, atol=2.0 ** -22)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sizes", [[64], [48, 16, 16], [100, 100, 7, 50], [2560, 640, 640], [6912, 6912]])
 def test_layer_norm_parts_matches_float64(device, dtype, sizes):
     g = torch.Generator().manual_seed(sum(sizes))

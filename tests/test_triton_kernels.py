@@ -590,6 +590,24 @@ def test_rmsnorm_quantize_int8_kernel(device, x_dtype, w_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rmsnorm_quantize_int8_with_residual(device, dtype):
+    """The residual add in the norm's kernel: ``h = x + residual`` stored exactly as torch adds
+    them (in x's dtype), and the codes those of ``rmsnorm(h)``."""
+    g = gen("rmsq-res", str(dtype))
+    x, res = rand_x(7, 1100, dtype, g), rand_x(7, 1100, dtype, g)
+    wide = torch.zeros(7, 1200, dtype=dtype)
+    wide[:, 50:1150] = res  # the residual may be a strided view
+    w = (torch.rand(1100, generator=g) + 0.5).to(dtype)
+    xq, sx, xsum, h = tl_common.rmsnorm_quantize_int8(x.to(device), w.to(device), 1e-5, wide.to(device)[:, 50:1150])
+    assert torch.equal(h.cpu(), x + res)
+    want_q, want_s, want_sum = tl_common.rmsnorm_quantize_int8((x + res).to(device), w.to(device), 1e-5)
+    assert torch.equal(xq, want_q) and torch.equal(sx, want_s) and torch.equal(xsum, want_sum)
+    with pytest.raises(ValueError, match="residual must match"):
+        tl_common.rmsnorm_quantize_int8(x.to(device), w.to(device), 1e-5, res[:3].to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,path", [(1, None), (3, "dp4a"), (8, None), (9, None), (33, "gemm"), (2, "gemm"),
                                     (5, "wide")])
 def test_ternary_w2a8_rmsnorm(device, m, path):
@@ -607,6 +625,14 @@ def test_ternary_w2a8_rmsnorm(device, m, path):
         ref, mag, amax = w2a8_oracle(normed, t, ws, bias)
         tol = 2 * UNIT[torch.bfloat16] * ref.abs() + 2.0 ** -21 * mag + 4 * amax / 127 * ws.double().abs()
         assert_bound(y, ref, tol, f"rmsnorm W2A8 M={m}")
+    # with a residual added in the norm's kernel: the same as the op on x + residual
+    res = rand_x(m, k, torch.bfloat16, gen("rmsres", m))
+    y2, h = dispatch.ternary_linear_w2a8_add_rmsnorm(xd, res.to(device), w.to(device), 1e-5, pd, wsd, bd) \
+        if path is None else ternary.ternary_linear_rmsnorm(xd, w.to(device), 1e-5, pd, wsd, bd, path=path,
+                                                           residual=res.to(device))
+    assert torch.equal(h.cpu(), x + res)
+    assert torch.equal(y2, ternary.ternary_linear_rmsnorm((x + res).to(device), w.to(device), 1e-5, pd, wsd, bd,
+                                                          path=path))
 
 
 def test_model_runs_bitnet_linears_through_the_fused_norm(tmp_path, monkeypatch):
@@ -620,13 +646,15 @@ def test_model_runs_bitnet_linears_through_the_fused_norm(tmp_path, monkeypatch)
 
     model = write_tiny_bitnet_model(tmp_path / "m", seed=3)
     calls = []
-    fused = TernaryLinear.forward_rmsnorm
-    monkeypatch.setattr(TernaryLinear, "forward_rmsnorm", lambda self, *a: calls.append(1) or fused(self, *a))
+    for hook in ("forward_rmsnorm", "forward_add_rmsnorm"):
+        fused = getattr(TernaryLinear, hook)
+        monkeypatch.setattr(TernaryLinear, hook, lambda self, *a, f=fused, h=hook: calls.append(h) or f(self, *a))
     llm = LLM(str(model), dtype="bfloat16", block_size=4, max_num_batched_tokens=16)
     prompts = ["abcab", "hello wor", "zz"]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     want = [o.token_ids for o in llm.generate(prompts, params)]
-    assert calls and len(calls) % (4 * 2) == 0  # 4 fused linears x 2 layers per forward
+    # per forward, 2 layers x 4 linears; all but the first q/k/v add the residual in the norm
+    assert calls and len(calls) % 8 == 0 and calls.count("forward_add_rmsnorm") == 3 * len(calls) // 8
     with dispatch.use_triton(True):
         got = [o.token_ids for o in llm.generate(prompts, params)]
     assert got == want
@@ -672,6 +700,9 @@ def _op_args():
                                       torch.rand(3, 16, generator=g), torch.rand(3, 16, generator=g))),
         (torch.ops.bitserve.act_and_mul, (torch.randn(3, 40, generator=g), "relu2")),
         (torch.ops.bitserve.rmsnorm, (x.bfloat16(), torch.rand(64, generator=g) + 0.5, 1e-5)),
+        (torch.ops.bitserve.add_rmsnorm, (x, torch.randn(3, 64, generator=g), torch.rand(64, generator=g) + 0.5, 1e-5)),
+        (torch.ops.bitserve.ternary_w2a8_add_rmsnorm, (x, torch.randn(3, 64, generator=g), torch.rand(64) + 0.5, 1e-5,
+                                                       tern, torch.rand(12) + 0.5, None)),
         (torch.ops.bitserve.layer_norm_parts, (x, [32, 16, 16], 1e-5)),
     ]
 

@@ -18,8 +18,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim, device=device), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.rmsnorm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm of ``x`` (of ``x + residual`` when given: one kernel on CUDA)."""
+        if residual is None:
+            return dispatch.rmsnorm(x, self.weight, self.eps)
+        return dispatch.add_rmsnorm(x, residual, self.weight, self.eps)[0]
 
 
 class OutputLayerNorm(nn.Module):

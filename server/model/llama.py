@@ -33,6 +33,20 @@ def norm_linear(norm: RMSNorm | None, linear: nn.Module, x: torch.Tensor) -> tor
     return fused(x, norm.weight, norm.eps) if fused is not None else linear(norm(x))
 
 
+def add_norm_linear(norm: RMSNorm, linear: nn.Module, x: torch.Tensor,
+                    residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(norm(h)), h)`` with ``h = x + residual`` (``x`` when there is no residual yet):
+    the residual add of a decoder layer, fused with the norm (and its quantization) through the
+    layer's ``forward_add_rmsnorm`` when it has one."""
+    if residual is None:
+        return norm_linear(norm, linear, x), x
+    fused = getattr(linear, "forward_add_rmsnorm", None)
+    if fused is not None:
+        return fused(x, residual, norm.weight, norm.eps)
+    h = x + residual
+    return norm_linear(norm, linear, h), h
+
+
 def output_norm(cfg: ModelConfig) -> OutputLayerNorm | None:
     """The norm applied to each projection's output, or None (every format but OneBit)."""
     return OutputLayerNorm(cfg.proj_out_layernorm_eps) if cfg.proj_out_layernorm else None
@@ -54,11 +68,12 @@ class Attention(nn.Module):
         self.rope = rope
         self.head_dim = d
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, attn: AttentionBackend,
-                input_norm: RMSNorm | None = None):
-        """Self-attention of ``input_norm(x)`` (the norm is applied here so that it can fuse into q/k/v)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                layer: int, attn: AttentionBackend, input_norm: RMSNorm):
+        """Self-attention of ``input_norm(x + residual)``; returns ``(output, x + residual)`` (the add
+        and the norm are applied here so that they can fuse into q/k/v)."""
         cfg = self.cfg
-        qkv = norm_linear(input_norm, self.qkv_proj, x)
+        qkv, residual = add_norm_linear(input_norm, self.qkv_proj, x, residual)
         sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
         if self.out_norm is not None:
             qkv = self.out_norm(qkv, sizes)
@@ -68,7 +83,7 @@ class Attention(nn.Module):
                                   k.reshape(t, cfg.num_kv_heads, self.head_dim), cos, sin)
         out = attn(layer, q, k, v.reshape(t, cfg.num_kv_heads, self.head_dim))
         out = norm_linear(self.attn_sub_norm, self.o_proj, out)
-        return out if self.out_norm is None else self.out_norm(out)
+        return (out if self.out_norm is None else self.out_norm(out)), residual
 
 
 class MLP(nn.Module):
@@ -85,14 +100,14 @@ class MLP(nn.Module):
         self.act_name = cfg.hidden_act
         self.intermediate = i
 
-    def forward(self, x: torch.Tensor, input_norm: RMSNorm | None = None) -> torch.Tensor:
-        """The MLP of ``input_norm(x)``."""
-        gate_up = norm_linear(input_norm, self.gate_up_proj, x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, input_norm: RMSNorm):
+        """The MLP of ``input_norm(x + residual)``; returns ``(output, x + residual)``."""
+        gate_up, residual = add_norm_linear(input_norm, self.gate_up_proj, x, residual)
         if self.out_norm is not None:  # OneBit: each projection's output is normalised first
             gate_up = self.out_norm(gate_up, [self.intermediate, self.intermediate])
         hidden = dispatch.act_and_mul(gate_up, self.act_name)  # one kernel on CUDA
         y = norm_linear(self.ffn_sub_norm, self.down_proj, hidden)
-        return y if self.out_norm is None else self.out_norm(y)
+        return (y if self.out_norm is None else self.out_norm(y)), residual
 
 
 class DecoderLayer(nn.Module):
@@ -105,9 +120,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, f"{prefix}.mlp", build_linear)
 
-    def forward(self, x, cos, sin, attn):
-        x = x + self.self_attn(x, cos, sin, self.index, attn, self.input_layernorm)
-        return x + self.mlp(x, self.post_attention_layernorm)
+    def forward(self, x, residual, cos, sin, attn):
+        """One layer on the residual stream kept as ``(x, residual)``, whose sum is the hidden state
+        (``residual`` None in the first layer): each sub-block adds its input pair in its norm's
+        kernel and returns its output with the new stream."""
+        x, residual = self.self_attn(x, residual, cos, sin, self.index, attn, self.input_layernorm)
+        return self.mlp(x, residual, self.post_attention_layernorm)
 
 
 class Backbone(nn.Module):
@@ -144,9 +162,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: ``[T]`` (a flat batch); returns hidden states ``[T, hidden]``."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rope.cos_sin(positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn)
+        return self.model.norm(x, residual)
 
     def lm_head_weight(self) -> torch.Tensor:
         """The float head weight ``[vocab, hidden]`` (the int8 head's dequantized one once quantized)."""
