@@ -31,7 +31,11 @@ def _quant():
 def write_kv(k: torch.Tensor, v: torch.Tensor, layer: KVLayer, slot_mapping: torch.Tensor) -> None:
     """Store new ``k, v [T, KVH, D]`` at their slots (float and int8 layouts)."""
     if layer.kind == "float":
-        reference.write_kv_cache(k, v, layer.k, layer.v, slot_mapping)
+        d = k.shape[-1]
+        if use_triton(k) and d & (d - 1) == 0:
+            _quant().write_kv_float(k, v, layer, slot_mapping)
+        else:
+            reference.write_kv_cache(k, v, layer.k, layer.v, slot_mapping)
     elif use_triton(k):
         _quant().write_kv_int8(k, v, layer, slot_mapping)
     else:

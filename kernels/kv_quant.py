@@ -17,17 +17,9 @@ BLOCK_T = 16  # tokens per program of the per-token writers
 
 
 @triton.jit
-def _write_int8_kernel(
-    x_ptr, slot_ptr, codes_ptr, scale_ptr, T, stride_xt, stride_xh,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-    SCALE_MIN: tl.constexpr, FP16_MAX: tl.constexpr,
-):
-    """Symmetric int8 per token and head.
-
-    x: ``[T, KVH, D]`` float; slot: int ``[T]`` flat slots; codes: int8 ``[NB*B, KVH, D]``;
-    scale: fp16 ``[NB*B, KVH]``. Grid ``(cdiv(T, BLOCK_T), KVH)``.
-    """
-    pid, h = tl.program_id(0), tl.program_id(1)
+def _write_int8_rows(x_ptr, slot_ptr, codes_ptr, scale_ptr, T, stride_xt, stride_xh, pid, h,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                     SCALE_MIN: tl.constexpr, FP16_MAX: tl.constexpr):
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, HEAD_DIM)
     tmask = t < T
@@ -40,6 +32,53 @@ def _write_int8_kernel(
     tl.store(codes_ptr + (slot[:, None] * NUM_KV_HEADS + h) * HEAD_DIM + d[None, :], code.to(tl.int8),
              mask=tmask[:, None])
     tl.store(scale_ptr + slot * NUM_KV_HEADS + h, scale, mask=tmask)
+
+
+@triton.jit
+def _write_int8_kernel(
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, T, stride_kt, stride_kh, stride_vt, stride_vh,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    SCALE_MIN: tl.constexpr, FP16_MAX: tl.constexpr,
+):
+    """Symmetric int8 per token and head, keys and values in one launch.
+
+    k, v: ``[T, KVH, D]`` float; slot: int ``[T]`` flat slots; codes: int8 ``[NB*B, KVH, D]``;
+    scales: fp16 ``[NB*B, KVH]``. Grid ``(cdiv(T, BLOCK_T), KVH, 2)``: axis 2 picks keys or values.
+    """
+    pid, h = tl.program_id(0), tl.program_id(1)
+    if tl.program_id(2) == 0:
+        _write_int8_rows(k_ptr, slot_ptr, kc_ptr, ks_ptr, T, stride_kt, stride_kh, pid, h, NUM_KV_HEADS, HEAD_DIM,
+                         BLOCK_T, SCALE_MIN, FP16_MAX)
+    else:
+        _write_int8_rows(v_ptr, slot_ptr, vc_ptr, vs_ptr, T, stride_vt, stride_vh, pid, h, NUM_KV_HEADS, HEAD_DIM,
+                         BLOCK_T, SCALE_MIN, FP16_MAX)
+
+
+@triton.jit
+def _copy_rows(x_ptr, slot_ptr, cache_ptr, T, stride_xt, stride_xh, pid, h,
+               NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, HEAD_DIM)
+    tmask = t < T
+    dmask = d < HEAD_DIM
+    x = tl.load(x_ptr + t[:, None] * stride_xt + h * stride_xh + d[None, :], mask=tmask[:, None] & dmask[None, :])
+    slot = tl.load(slot_ptr + t, mask=tmask, other=0).to(tl.int64)
+    tl.store(cache_ptr + (slot[:, None] * NUM_KV_HEADS + h) * HEAD_DIM + d[None, :],
+             x.to(cache_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _write_float_kernel(
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, T, stride_kt, stride_kh, stride_vt, stride_vh,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Keys and values ``[T, KVH, D]`` to their slots of float blocks ``[NB*B, KVH, D]`` (cast to the
+    cache's dtype), in one launch. Grid ``(cdiv(T, BLOCK_T), KVH, 2)``."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    if tl.program_id(2) == 0:
+        _copy_rows(k_ptr, slot_ptr, kc_ptr, T, stride_kt, stride_kh, pid, h, NUM_KV_HEADS, HEAD_DIM, BLOCK_T)
+    else:
+        _copy_rows(v_ptr, slot_ptr, vc_ptr, T, stride_vt, stride_vh, pid, h, NUM_KV_HEADS, HEAD_DIM, BLOCK_T)
 
 
 @triton.jit
@@ -134,16 +173,29 @@ def _check_rows(x: torch.Tensor) -> None:
 
 
 def write_kv_int8(k: torch.Tensor, v: torch.Tensor, layer: KVLayer, slot_mapping: torch.Tensor) -> None:
-    """Triton twin of :func:`bitserve.kernels.kv_reference.write_kv_int8`."""
+    """Triton twin of :func:`bitserve.kernels.kv_reference.write_kv_int8` (keys and values in one launch)."""
     t, kvh, d = k.shape
     if t == 0:
         return
-    grid = (triton.cdiv(t, BLOCK_T), kvh)
-    for x, codes, scale in ((k, layer.k, layer.k_scale), (v, layer.v, layer.v_scale)):
-        _check_rows(x)
-        _write_int8_kernel[grid](x, slot_mapping, codes, scale, t, x.stride(0), x.stride(1),
-                                 NUM_KV_HEADS=kvh, HEAD_DIM=d, BLOCK_T=BLOCK_T, SCALE_MIN=SCALE_MIN,
-                                 FP16_MAX=FP16_MAX)
+    _check_rows(k)
+    _check_rows(v)
+    _write_int8_kernel[(triton.cdiv(t, BLOCK_T), kvh, 2)](
+        k, v, slot_mapping, layer.k, layer.v, layer.k_scale, layer.v_scale, t, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), NUM_KV_HEADS=kvh, HEAD_DIM=d, BLOCK_T=BLOCK_T, SCALE_MIN=SCALE_MIN, FP16_MAX=FP16_MAX)
+
+
+def write_kv_float(k: torch.Tensor, v: torch.Tensor, layer: KVLayer, slot_mapping: torch.Tensor) -> None:
+    """Triton twin of :func:`bitserve.kernels.reference.write_kv_cache` for float blocks (one launch)."""
+    t, kvh, d = k.shape
+    if t == 0:
+        return
+    _check_rows(k)
+    _check_rows(v)
+    if d & (d - 1):
+        raise ValueError(f"the Triton KV write needs a power-of-two head_dim, got {d}")
+    _write_float_kernel[(triton.cdiv(t, BLOCK_T), kvh, 2)](
+        k, v, slot_mapping, layer.k, layer.v, t, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        NUM_KV_HEADS=kvh, HEAD_DIM=d, BLOCK_T=BLOCK_T)
 
 
 def write_v_intn(v: torch.Tensor, layer: KVLayer, slot_mapping: torch.Tensor) -> None:

@@ -4,17 +4,18 @@ context lengths and block boundaries. On a CPU the kernels run under TRITON_INTE
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+import triton_interp  # noqa: E402
 
+# on a CPU: TRITON_INTERPRET=1 before the kernel modules are imported, and the interpreter's bf16
+# casts fixed to round like a GPU's
+triton_interp.enable()
 pytest.importorskip("triton")
 
-from bitserve.kernels import kv_attention, kv_quant  # noqa: E402
+from bitserve.kernels import kv_attention, kv_quant, reference  # noqa: E402
 from bitserve.kernels import kv_reference as ref  # noqa: E402
 from bitserve.kernels.kv_reference import AttnMeta, KVLayer  # noqa: E402
 
@@ -124,6 +125,25 @@ def test_write_int8_matches_twin():
     assert_same_storage(twin, tri)
     got = twin.k.view(-1, KVH, D)[slots].float() * twin.k_scale.view(-1, KVH)[slots].float().unsqueeze(-1)
     assert (got - k).abs().max() <= k.abs().amax() / 127 * 0.51 + 1e-3  # half a step (fp16 scale rounding)
+
+
+@pytest.mark.parametrize("src_dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                   (torch.bfloat16, torch.bfloat16)])
+def test_write_float_matches_twin(src_dtype, cache_dtype):
+    """Keys and values of a float cache written in one launch, cast like the twin's index copy."""
+    gen = torch.Generator().manual_seed(2)
+    t = 37
+    k, v = strided_rows(t, gen, src_dtype) * 3, strided_rows(t, gen, src_dtype)
+    slots = random_slots(t, gen)
+    shape = (NB, B, KVH, D)
+    twin = KVLayer("float", torch.full(shape, float("nan"), dtype=cache_dtype, device=DEVICE),
+                   torch.full(shape, float("nan"), dtype=cache_dtype, device=DEVICE))
+    tri = clone(twin)
+    reference.write_kv_cache(k, v, twin.k, twin.v, slots)
+    kv_quant.write_kv_float(k, v, tri, slots)
+    assert torch.equal(twin.k.view(torch.uint8), tri.k.view(torch.uint8))  # NaN poison left where unwritten
+    assert torch.equal(twin.v.view(torch.uint8), tri.v.view(torch.uint8))
+    assert torch.equal(tri.k.view(-1, KVH, D)[slots], k.to(cache_dtype))
 
 
 @pytest.mark.parametrize("bits", [4, 2])
