@@ -4,11 +4,10 @@ context lengths and block boundaries. On a CPU the kernels run under TRITON_INTE
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-import triton_interp  # noqa: E402
+import triton_interp
 
 # on a CPU: TRITON_INTERPRET=1 before the kernel modules are imported, and the interpreter's bf16
 # casts fixed to round like a GPU's
