@@ -1,6 +1,6 @@
 """GPU benchmark of the weight kernels against torch bf16 matmul and a device-to-device copy.
 
-    python -m bitserve.kernels.bench --out-dir DIR [--quick] [--ops w2a8,w2a16,binary,dual,int8head]
+    python -m bitserve.kernels.bench --out-dir DIR [--quick] [--ops w2a8,w2a16,binary,dual,int8head,pointwise]
 
 For BitNet b1.58 2B4T's linears (fused q/k/v, q/o, k/v, fused gate-up 13824x2560, down 2560x6912),
 a 7B and a 70B-like shape, and M in {1, 8, 32, 128, 512}: median time per call in microseconds
@@ -11,6 +11,8 @@ measured in the same run (bytes read + written), and the speedup over ``torch.nn
 on the dense bf16 equivalent. Each op's output is checked against its plain-torch twin
 (relative error column). Writes ``bench.json``, ``bench.png`` (when matplotlib is there) and
 prints a table; the TARGETS lines compare with the issue's targets (reported, never asserted).
+``pointwise``: the element-wise kernels of a decoder layer (RoPE, gated activation, residual add +
+RMSNorm, OneBit's LayerNorm) against the eager torch ops they replace, both timed in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -311,9 +313,10 @@ def run(args) -> dict:
             plan += [(op, label, n, k, m, p, None, None) for label, n, k in side for m in (128, 512)
                      for p in ("wide", "gemm")]  # the one-dot prefill GEMMs vs the tiled ones
 
+    t_start = time.time()
+    pointwise = run_pointwise(gen) if "pointwise" in ops_wanted else []  # a few seconds: first
     dense_cache: dict = {}
     records = []
-    t_start = time.time()
     for op, label, n, k, m, path, split, config in plan:
         if time.time() - t_start > args.budget_s:
             print(f"time budget of {args.budget_s}s reached: skipping the rest", flush=True)
@@ -351,7 +354,49 @@ def run(args) -> dict:
         torch.cuda.empty_cache()
     return dict(device=dev, torch=torch.__version__, triton=__import__("triton").__version__, copy_GBps=round(copy_gbps, 1),
                 launch_floor_us=round(floor_us, 3), launch_floor_timing=floor_how,
-                l2_bytes=_l2_bytes(), records=records, best_configs=best_configs())
+                l2_bytes=_l2_bytes(), records=records, pointwise=pointwise, best_configs=best_configs())
+
+
+def pointwise_cases(m: int, gen, device: str = "cuda") -> list:
+    """(name, Triton call, torch-twin call) for the element-wise kernels of a 2B4T layer at M
+    tokens (``kernels/pointwise.py`` against the eager torch ops they replace)."""
+    from bitserve.kernels import pointwise, reference
+
+    bf = torch.bfloat16
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(bf)
+
+    qkv = rand(m, 3840)
+    angles = torch.rand(m, 64, generator=gen, device=device) * 1000
+    cos, sin = (torch.cat((f(angles), f(angles)), dim=-1).to(bf) for f in (torch.cos, torch.sin))
+    q, k = qkv[:, :2560].view(m, 20, 128), qkv[:, 2560:3200].view(m, 5, 128)
+    gate_up, x, res, w = rand(m, 13824), rand(m, 2560), rand(m, 2560), rand(2560)
+    return [
+        ("rope_qk", lambda: pointwise.rope_qk(q, k, cos, sin), lambda: reference.rope_qk(q, k, cos, sin)),
+        ("act_and_mul", lambda: pointwise.act_and_mul(gate_up, "relu2"), lambda: reference.act_and_mul(gate_up, "relu2")),
+        ("add_rmsnorm", lambda: pointwise.rmsnorm(x, w, 1e-5, res), lambda: reference.add_rmsnorm(x, res, w, 1e-5)),
+        ("layernorm|qkv", lambda: pointwise.layer_norm_parts(qkv, [2560, 640, 640], 1e-5),
+         lambda: reference.layer_norm_parts(qkv, [2560, 640, 640], 1e-5)),
+    ]
+
+
+def run_pointwise(gen) -> list[dict]:
+    """Per-call time of each element-wise kernel and of the eager torch ops it replaces, both in
+    CUDA graphs (so this is the kernels' own cost, as in the engine's graph-replayed decode)."""
+    rows = []
+    for m in (1, 32):
+        for name, tri, twin in pointwise_cases(m, gen):
+            a, b = tri(), twin()
+            a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
+            err = max(rel_err(x.float(), y.float()) for x, y in zip(a, b))
+            t_us, _ = time_calls([tri])
+            e_us, _ = time_calls([twin])
+            rows.append(dict(op=name, M=m, triton_us=round(t_us, 3), torch_us=round(e_us, 3),
+                             speedup=round(e_us / t_us, 2), rel_err=float(f"{err:.3g}")))
+            print(f"pointwise {name:14s} M={m:3d}  {t_us:7.2f} us  torch ops {e_us:7.2f} us  x{e_us / t_us:5.2f}  "
+                  f"err {err:.1e}", flush=True)
+    return rows
 
 
 def targets(result: dict) -> list[str]:
@@ -414,7 +459,7 @@ def write_png(result: dict, path: str) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."), help="where bench.json / bench.png go")
-    p.add_argument("--ops", default="w2a8,w2a16,binary,dual,int8head")
+    p.add_argument("--ops", default="w2a8,w2a16,binary,dual,int8head,pointwise")
     p.add_argument("--quick", action="store_true", help="2B4T shapes, M in {1, 32, 512}, no forced paths")
     p.add_argument("--sweep", action="store_true", help="with --quick: add the GEMV config / GEMV-vs-GEMM sweep")
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new measurements after this")
@@ -438,7 +483,11 @@ def main(argv=None) -> int:
     for line in targets(result):
         print("  " + line)
     print(f"wrote {os.path.join(args.out_dir, 'bench.json')}" + (" and bench.png" if png else " (no matplotlib: no PNG)"))
-    bad = [r for r in result["records"] if not (r["rel_err"] < 2e-2)]
+    if result.get("pointwise"):
+        print("element-wise kernels vs the eager torch ops they replace (both in CUDA graphs):")
+        for r in result["pointwise"]:
+            print(f"  {r['op']:14s} M={r['M']:3d}  {r['triton_us']:7.2f} us vs {r['torch_us']:7.2f} us  x{r['speedup']:.2f}")
+    bad = [r for r in result["records"] + result.get("pointwise", []) if not (r["rel_err"] < 2e-2)]
     if bad:
         print(f"{len(bad)} measurements disagree with their twin (rel_err >= 2e-2)", file=sys.stderr)
         return 1

@@ -55,7 +55,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 
 for s in $STEPS; do
   case $s in
-    wtests) step wtests 90 "$PY" -m pytest -q -m gpu $XDIST tests/test_triton_kernels.py tests/test_cuda_graphs.py -p no:cacheprovider --timeout=60 ;;
+    wtests) step wtests 90 "$PY" -m pytest -q -m gpu $XDIST tests/test_triton_kernels.py tests/test_pointwise_kernels.py tests/test_cuda_graphs.py -p no:cacheprovider --timeout=60 ;;
     kvtests) step kvtests 50 "$PY" -m pytest -q $XDIST tests/test_kv_kernels.py -p no:cacheprovider --timeout=40 ;;
     wbench) step wbench 180 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 150 --quick --sweep ;;
     kvbench) step kvbench 90 "$PY" benchmarks/kv_gpu_check.py --out "$LOGS/kv" --quick ;;

@@ -173,6 +173,17 @@ def test_onebit_model_runs_the_kernels(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check (CPU-only hosts)")
+def test_bench_cases_agree_with_their_torch_ops():
+    """kernels/bench.py's pointwise section (GPU only) times these pairs: they compute the same."""
+    from bitserve.kernels import bench
+
+    for name, tri, twin in bench.pointwise_cases(1, torch.Generator().manual_seed(0), device="cpu"):
+        a, b = tri(), twin()
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert bench.rel_err(x.float(), y.float()) < 2e-2, name
+
+
 def test_bad_inputs_are_named():
     x = torch.randn(2, 10)
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):

@@ -27,6 +27,7 @@ import time
 from typing import Callable, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from bitserve.engine.kv_cache import PagedKVCache
 from bitserve.engine.kv_layouts import StepBatch
@@ -149,9 +150,8 @@ class DecodeGraphs:
     def capture_all(self) -> None:
         """Capture every size, largest first (the smaller ones then reuse its memory)."""
         t0 = time.monotonic()
-        for i, b in enumerate(reversed(self.sizes)):
+        for b in tqdm(list(reversed(self.sizes)), desc="capturing decode CUDA graphs", unit="graph", leave=False):
             self.graphs[b] = self.capture.capture(lambda b=b: self._forward(b))
-            log.debug("captured the decode step for %d sequences (%d/%d)", b, i + 1, len(self.sizes))
         log.info("decode steps of up to %d sequences run as CUDA graphs (%d sizes captured in %.1f s)",
                  self.max_batch, len(self.sizes), time.monotonic() - t0)
 
