@@ -167,7 +167,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
-        """Replay the graph for this decode step; float32 logits ``[len(chunks), vocab]`` on the CPU."""
+        """Replay the graph for this decode step; float32 logits ``[len(chunks), vocab]``: a view of
+        the graph's output, valid until the next replay."""
         n = len(chunks)
         b = self.size_for(n)
         ids, pos, slots, lens, tables = self._views(self._host_np)
@@ -191,4 +192,4 @@ class DecodeGraphs:
         replay, logits = self.graphs[b]
         replay()
         self.num_replays += 1
-        return logits[:n].cpu()
+        return logits[:n]

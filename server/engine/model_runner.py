@@ -61,13 +61,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run the step; return float32 logits ``[num_sampling_chunks, vocab]`` in chunk order."""
+        """Run the step; return float32 logits ``[num_sampling_chunks, vocab]`` in chunk order, on the
+        model's device (the sampler runs there: only the sampled ids come back to the host, not
+        batch x vocab floats), valid until the next step."""
         if self.graphs is not None and self.graphs.handles(chunks):
             return self.graphs.run(chunks)
         ids, positions, batch, sample_rows = self._batch(chunks)
         attn = PagedAttention(self.kv_cache, batch)
         hidden = self.model(ids, positions, attn)
         if not sample_rows:
-            return torch.empty((0, self.model.config.vocab_size), dtype=torch.float32)
+            return torch.empty((0, self.model.config.vocab_size), dtype=torch.float32, device=self.device)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)
-        return self.model.compute_logits(hidden.index_select(0, rows)).cpu()
+        return self.model.compute_logits(hidden.index_select(0, rows))
