@@ -237,7 +237,8 @@ def sweep_plan() -> list:
     """Tuning data for the fixed GPU configs (2B4T shapes), most telling first (``--budget-s`` cuts
     the tail): at M=1 the first GEMV, the dp4a GEMV alone on pre-quantized activations (what fusing
     the quantization upstream gives), the fused RMSNorm path and PDL; at M = 32, 128, 512 the
-    four-dot GEMM, the one-dot GEMM and the ``dequant`` path; dp4a vs GEMM at M = 2..16; then dp4a
+    four-dot GEMM, the one-dot GEMM and the ``dequant`` path (and at 32 the dp4a GEMV, four token
+    groups over L2-resident weights instead of the GEMM's split-K partials); dp4a vs GEMM at M = 2..16; then dp4a
     launch configs and forced split-K."""
     def w2a8(label, n, k, m, path, split=None, config=None):
         return ("w2a8", label, n, k, m, path, split, config)
@@ -247,7 +248,8 @@ def sweep_plan() -> list:
         plan += [w2a8(label, n, k, 1, "gemv"), w2a8(label, n, k, 1, "dp4a-preq"), w2a8(label, n, k, 1, "rmsnorm"),
                  w2a8(label, n, k, 1, "dp4a", config={"PDL": True})]
     for label, n, k in SHAPES_2B4T:
-        plan += [w2a8(label, n, k, m, p) for m in (32, 128, 512) for p in ("gemm", "wide", "dequant")]
+        plan += [w2a8(label, n, k, m, p) for m in (32, 128, 512)
+                 for p in ("gemm", "wide", "dequant") + (("dp4a",) if m == 32 else ())]
     for label, n, k in SHAPES_2B4T:
         plan += [w2a8(label, n, k, m, p) for m in (2, 4, 8, 16) for p in ("dp4a", "gemm")]
     for label, n, k in SHAPES_2B4T:
