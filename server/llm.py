@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from bitserve.config import EngineConfig, ModelLoadConfig
 from bitserve.demo import DEMO_MODEL_PATH
 from bitserve.app import build_core, load_serving_model
+from bitserve.engine.core import on_device
 from bitserve.engine.llm_engine import LLMEngine
 from bitserve.engine.output_processor import CompletionDelta
 from bitserve.engine.request import FinishReason
@@ -136,4 +137,5 @@ class LLM:
             raise ValueError("token_ids is empty")
         if len(ids) > self.max_model_len:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.max_model_len}")
-        return prefill_logits(self.model, ids).cpu()
+        with on_device(self.core.runner.device):
+            return prefill_logits(self.model, ids).cpu()

@@ -7,6 +7,7 @@ detokenizing, stop strings, ``n`` fan-out) belongs to the front end
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,12 @@ class EngineStats:
     cuda_graph_steps: int = 0  # of those, decode steps replayed from a CUDA graph
 
 
+def on_device(device: torch.device):
+    """Make ``device`` the current CUDA device for the block (Triton launches and CUDA graphs go to
+    the current device, and the engine may run on another thread or on ``cuda:N``); a no-op on CPUs."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def plan_num_blocks(spec: KVCacheSpec, cfg: EngineConfig, max_model_len: int, device: torch.device) -> int:
     """How many KV blocks fit the budget for the chosen KV dtype (``bytes_per_block`` with
     scales; the int4/int2 staging pool is taken off the budget first)."""
@@ -134,7 +141,8 @@ class EngineCore:
         self.runner = ModelRunner(model, self.kv_cache)
         if want_graphs:
             # the last block is the graphs' scratch block: the block manager never sees it
-            num_blocks -= self._capture_graphs(model, graph_capture, num_blocks, max_model_len)
+            with on_device(device):
+                num_blocks -= self._capture_graphs(model, graph_capture, num_blocks, max_model_len)
         self.blocks = BlockManager(num_blocks, block_size, config.enable_prefix_caching,
                                    on_free=self.kv_cache.free_block)
         self.scheduler = Scheduler(
@@ -226,10 +234,11 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
-        logits = self.runner.execute(out.chunks)
+        with on_device(self.runner.device):
+            logits = self.runner.execute(out.chunks)
+            sampling = [c for c in out.chunks if c.samples]
+            results = self.sampler(logits, [self._states[c.request.request_id] for c in sampling]) if sampling else []
         self._steps += 1
-        sampling = [c for c in out.chunks if c.samples]
-        results = self.sampler(logits, [self._states[c.request.request_id] for c in sampling]) if sampling else []
         by_request = {id(c.request): r for c, r in zip(sampling, results)}
         now = time.monotonic()
         deltas = []
