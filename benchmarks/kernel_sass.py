@@ -40,11 +40,13 @@ def _cases(quick: bool, arch: int):
         return lambda: ternary.ternary_linear(x, packed, torch.ones(n), None, out, act_int8=act_int8, path=path,
                                               config=config)
 
-    def normed_call(n, k, m):
+    def normed_call(n, k, m, residual=False):
         x = torch.randn(m, k).bfloat16()
+        res = torch.randn(m, k).bfloat16() if residual else None
         packed = torch.zeros(n, k // 4, dtype=torch.uint8)
         return lambda: ternary.ternary_linear_rmsnorm(x, torch.ones(k, dtype=torch.bfloat16), 1e-5, packed,
-                                                      torch.ones(n), None, torch.empty(m, n, dtype=torch.bfloat16))
+                                                      torch.ones(n), None, torch.empty(m, n, dtype=torch.bfloat16),
+                                                      residual=res)
 
     def binary_call(n, k, m, path=None):
         x = torch.randn(m, k).bfloat16()
@@ -68,6 +70,7 @@ def _cases(quick: bool, arch: int):
             yield "w2a8", name, n, k, 1, path, ternary_call(n, k, 1, path, True)
         yield "w2a8", name, n, k, 8, "dp4a", ternary_call(n, k, 8, "dp4a", True)
         yield "w2a8+norm", name, n, k, 1, "auto", normed_call(n, k, 1)
+        yield "w2a8+norm", name, n, k, 1, "residual", normed_call(n, k, 1, residual=True)
         for path in ("decode", "gemv"):
             yield "w2a16", name, n, k, 1, path, ternary_call(n, k, 1, path, False)
         if name == "gate_up":
@@ -98,9 +101,10 @@ def _cases(quick: bool, arch: int):
         x = torch.randn(m, 13824).bfloat16()
         return lambda: pointwise.act_and_mul(x, "relu2")
 
-    def norm_call(m):
+    def norm_call(m, residual=False):
         x = torch.randn(m, 2560).bfloat16()
-        return lambda: pointwise.rmsnorm(x, torch.ones(2560, dtype=torch.bfloat16), 1e-5)
+        res = torch.randn(m, 2560).bfloat16() if residual else None
+        return lambda: pointwise.rmsnorm(x, torch.ones(2560, dtype=torch.bfloat16), 1e-5, res)
 
     def parts_call(m):
         x = torch.randn(m, 3840).bfloat16()
@@ -110,6 +114,7 @@ def _cases(quick: bool, arch: int):
         yield "pointwise", "rope_qk", 3200, 128, m, "auto", rope_call(m)
         yield "pointwise", "act_and_mul", 6912, 13824, m, "auto", act_call(m)
         yield "pointwise", "rmsnorm", 2560, 2560, m, "auto", norm_call(m)
+        yield "pointwise", "add_rmsnorm", 2560, 2560, m, "residual", norm_call(m, residual=True)
         yield "pointwise", "layernorm|qkv", 3840, 3840, m, "auto", parts_call(m)
     # the launch configs kernels/bench.py --sweep tries on a GPU, so that none of them fails there
     from bitserve.kernels.bench import DP4A_SWEEP, config_label
