@@ -23,12 +23,7 @@ from bitserve.engine.llm_engine import LLMEngine  # noqa: E402
 from tiny_checkpoints import write_tiny_bitnet_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

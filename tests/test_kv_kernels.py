@@ -22,12 +22,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 B, KVH, D, NB, SLOTS = 16, 2, 32, 48, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: threads only add latency
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_layer(kind: str, bits: int, gen: torch.Generator, dtype=torch.float32, poison: bool = False,

@@ -14,13 +14,7 @@ from bitserve.sampling_params import SamplingParams
 sampler = Sampler()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only add contention on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def state(params=None, prompt=(), output=(), seed=0, index=0, eos=()):
