@@ -142,13 +142,17 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(scores, v, m_i, l_i, acc, IEEE: tl.constexpr):
-    """One online-softmax update with scores already in log2 units (masked = -inf); v in the dot dtype."""
+def _softmax_step(scores, v, m_i, l_i, acc, IEEE: tl.constexpr, v_scale):
+    """One online-softmax update with scores already in log2 units (masked = -inf); v in the dot
+    dtype; ``v_scale`` (None, or float32 per row of v): the values are ``v * v_scale[:, None]``."""
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    if v_scale is None:
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    else:
+        acc = acc * alpha[:, None] + _dot((p * v_scale[None, :]).to(v.dtype), v, IEEE)
     return m_new, l_i, acc
 
 
@@ -168,14 +172,27 @@ def _attend_pages(q, m_i, l_i, acc, page_lo, page_hi, tables_ptr, s, stride_bt, 
         pos = page * BLOCK_SIZE + offs % BLOCK_SIZE
         nmask = (page < page_hi) & (pos < n)
         blk = tl.load(tables_ptr + s * stride_bt + page, mask=page < page_hi, other=0).to(tl.int64)
-        k = _keys(k_ptr, ks_ptr, kz_ptr, k_ptr, k_ptr, cos_ptr, sin_ptr, sink_k_ptr, 0, 0, 0, n, pos, blk, kvh,
-                  nmask, 0, 0, False, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, LAYOUT, BITS, ROPE, SINK)
-        scores = _dot(q, tl.trans(k.to(q.dtype)), IEEE)
-        scores = tl.where(nmask[None, :], scores, float("-inf"))
-        v = _load_tile(v_ptr, vs_ptr, vz_ptr, blk, kvh, pos % BLOCK_SIZE, d, nmask, NUM_KV_HEADS, HEAD_DIM,
-                       BLOCK_SIZE, LAYOUT, BITS, False)
-        v = _sink_rows(v, sink_v_ptr, blk, pos, d, nmask, kvh, SINK, NUM_KV_HEADS, HEAD_DIM)
-        m_i, l_i, acc = _softmax_step(scores, v.to(q.dtype), m_i, l_i, acc, IEEE)
+        if LAYOUT == 1:
+            # int8: a key's scale multiplies its score and a value's scale its probability -- [rows,
+            # TILE] products -- instead of every element of the [TILE, HEAD_DIM] tiles; the codes
+            # themselves are exact in the dot's dtype
+            row = (blk * BLOCK_SIZE + pos % BLOCK_SIZE) * NUM_KV_HEADS + kvh
+            kc = tl.load(k_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=nmask[:, None], other=0)
+            ks = tl.load(ks_ptr + row, mask=nmask, other=0.0).to(tl.float32)
+            scores = _dot(q, tl.trans(kc.to(q.dtype)), IEEE) * ks[None, :]
+            scores = tl.where(nmask[None, :], scores, float("-inf"))
+            vc = tl.load(v_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=nmask[:, None], other=0)
+            vs = tl.load(vs_ptr + row, mask=nmask, other=0.0).to(tl.float32)
+            m_i, l_i, acc = _softmax_step(scores, vc.to(q.dtype), m_i, l_i, acc, IEEE, vs)
+        else:
+            k = _keys(k_ptr, ks_ptr, kz_ptr, k_ptr, k_ptr, cos_ptr, sin_ptr, sink_k_ptr, 0, 0, 0, n, pos, blk, kvh,
+                      nmask, 0, 0, False, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, LAYOUT, BITS, ROPE, SINK)
+            scores = _dot(q, tl.trans(k.to(q.dtype)), IEEE)
+            scores = tl.where(nmask[None, :], scores, float("-inf"))
+            v = _load_tile(v_ptr, vs_ptr, vz_ptr, blk, kvh, pos % BLOCK_SIZE, d, nmask, NUM_KV_HEADS, HEAD_DIM,
+                           BLOCK_SIZE, LAYOUT, BITS, False)
+            v = _sink_rows(v, sink_v_ptr, blk, pos, d, nmask, kvh, SINK, NUM_KV_HEADS, HEAD_DIM)
+            m_i, l_i, acc = _softmax_step(scores, v.to(q.dtype), m_i, l_i, acc, IEEE, None)
     return m_i, l_i, acc
 
 
@@ -240,7 +257,7 @@ def _decode_kernel(
             v = _load_tile(v_ptr, vs_ptr, vz_ptr, blk, kvh, offs_n, d, nmask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
                            LAYOUT, BITS, False)
             v = _sink_rows(v, sink_v_ptr, blk, pos, d, nmask, kvh, SINK, NUM_KV_HEADS, HEAD_DIM)
-            m_i, l_i, acc = _softmax_step(scores, v.to(q.dtype), m_i, l_i, acc, IEEE)
+            m_i, l_i, acc = _softmax_step(scores, v.to(q.dtype), m_i, l_i, acc, IEEE, None)
 
     if NUM_SPLITS == 1:
         o = acc / l_i[:, None]
@@ -361,7 +378,7 @@ def _prefill_kernel(
         v = _load_tile(v_ptr, vs_ptr, vz_ptr, blk, kvh, offs_n, d, nmask, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
                        LAYOUT, BITS, False)
         v = _sink_rows(v, sink_v_ptr, blk, k_pos, d, nmask, kvh, SINK, NUM_KV_HEADS, HEAD_DIM)
-        m_i, l_i, acc = _softmax_step(scores, v.to(q.dtype), m_i, l_i, acc, IEEE)
+        m_i, l_i, acc = _softmax_step(scores, v.to(q.dtype), m_i, l_i, acc, IEEE, None)
 
     o = acc / l_i[:, None]
     tl.store(out_ptr + ((qs + t[:, None]) * (NUM_KV_HEADS * GROUP) + head[:, None]) * HEAD_DIM + d[None, :],
