@@ -133,10 +133,19 @@ class Sampler:
 
         These are what greedy rows take the argmax of.
         """
+        if not any(self._processes(s) for s in states):
+            return logits.float()  # nothing to change: no copy of batch x vocab floats
         x = logits.float().clone()
         self._apply_bias_and_min_tokens(x, states)
         self._apply_penalties(x, states)
         return x
+
+    @staticmethod
+    def _processes(s: SamplingState) -> bool:
+        """Whether steps 1-2 change this row's logits."""
+        p = s.params
+        return bool(p.logit_bias or (len(s.output_token_ids) < p.min_tokens and (p.stop_token_ids or not p.ignore_eos))
+                    or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
 
     @staticmethod
     def _apply_bias_and_min_tokens(x: torch.Tensor, states: list[SamplingState]) -> None:
