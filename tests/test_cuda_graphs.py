@@ -7,8 +7,11 @@ steps, the fixed attention launch. Oracle: the same engine without graphs. The `
 records real CUDA graphs.
 """
 
+import contextlib
 import logging
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +24,8 @@ from bitserve.engine.core import EngineCore  # noqa: E402
 from bitserve.engine.cuda_graphs import MAX_CAPTURED_BATCH, EagerCapture, capture_sizes  # noqa: E402
 from bitserve.engine.llm_engine import LLMEngine  # noqa: E402
 from tiny_checkpoints import write_tiny_bitnet_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -211,3 +216,53 @@ def test_cuda_graph_decode_matches_eager_on_gpu(tmp_path, kv_dtype):
     assert got_ids == want_ids
     for a, b in zip(got_lp, want_lp):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Record every read of tensor values back to the host (``item``, ``tolist``, ``bool(t)``, ...)
+    and every tensor built from Python data (``torch.tensor``: a host-to-device copy on a GPU) made
+    directly by bitserve's code: a CUDA graph cannot capture either."""
+    roots = tuple(str(REPO / d) + os.sep for d in ("server", "kernels", "plugins"))
+    found: list[str] = []
+
+    def watch(owner, name):
+        orig = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(roots):
+                found.append(f"{name} in {caller.co_name} ({os.path.relpath(caller.co_filename, REPO)})")
+            return orig(*args, **kwargs)
+
+        setattr(owner, name, wrapper)
+        return owner, name, orig
+
+    patched = [watch(torch.Tensor, n) for n in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__",
+                                                 "numpy", "cpu")]
+    patched += [watch(torch, n) for n in ("tensor", "as_tensor")]
+    try:
+        yield found
+    finally:
+        for owner, name, orig in patched:
+            setattr(owner, name, orig)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check (CPU-only hosts)")
+@pytest.mark.parametrize("kv", list(KV_OPTIONS))
+def test_captured_decode_forward_never_reads_the_device(tiny_model, monkeypatch, kv):
+    """What a CUDA graph replays -- the decode forward over the static buffer, on the Triton path
+    a GPU takes (kernels interpreted here) -- reads no tensor value back to the host and builds no
+    tensor from Python data, for every KV layout: either would fail the capture on a GPU (which
+    the engine would survive, but then decode eagerly)."""
+    pytest.importorskip("triton")
+    from bitserve.kernels import dispatch
+
+    monkeypatch.setenv("BITSERVE_KV_TRITON", "1")
+    llm = make_llm(tiny_model, EagerCapture(), max_num_seqs=4, **KV_OPTIONS[kv])
+    graphs = llm.core.runner.graphs
+    with torch.inference_mode(), dispatch.use_triton(True):
+        graphs._forward(4)  # compile/warm outside the check
+        with host_reads() as found:
+            graphs._forward(4)
+    assert not found, found

@@ -150,7 +150,8 @@ class DecodeGraphs:
     def capture_all(self) -> None:
         """Capture every size, largest first (the smaller ones then reuse its memory)."""
         t0 = time.monotonic()
-        for b in tqdm(list(reversed(self.sizes)), desc="capturing decode CUDA graphs", unit="graph", leave=False):
+        for b in tqdm(list(reversed(self.sizes)), desc="capturing decode CUDA graphs", unit="graph", leave=False,
+                      disable=None):  # None: only on a terminal
             self.graphs[b] = self.capture.capture(lambda b=b: self._forward(b))
         log.info("decode steps of up to %d sequences run as CUDA graphs (%d sizes captured in %.1f s)",
                  self.max_batch, len(self.sizes), time.monotonic() - t0)
