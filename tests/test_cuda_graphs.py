@@ -249,8 +249,8 @@ def host_reads():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check (CPU-only hosts)")
-@pytest.mark.parametrize("kv", list(KV_OPTIONS))
-def test_captured_decode_forward_never_reads_the_device(tiny_model, monkeypatch, kv):
+@pytest.mark.parametrize("kv,size", [(kv, 4) for kv in KV_OPTIONS] + [("auto", 16)])
+def test_captured_decode_forward_never_reads_the_device(tiny_model, monkeypatch, kv, size):
     """What a CUDA graph replays -- the decode forward over the static buffer, on the Triton path
     a GPU takes (kernels interpreted here) -- reads no tensor value back to the host and builds no
     tensor from Python data, for every KV layout: either would fail the capture on a GPU (which
@@ -259,10 +259,10 @@ def test_captured_decode_forward_never_reads_the_device(tiny_model, monkeypatch,
     from bitserve.kernels import dispatch
 
     monkeypatch.setenv("BITSERVE_KV_TRITON", "1")
-    llm = make_llm(tiny_model, EagerCapture(), max_num_seqs=4, **KV_OPTIONS[kv])
+    llm = make_llm(tiny_model, EagerCapture(), max_num_seqs=size, **KV_OPTIONS[kv])
     graphs = llm.core.runner.graphs
-    with torch.inference_mode(), dispatch.use_triton(True):
-        graphs._forward(4)  # compile/warm outside the check
+    with torch.inference_mode(), dispatch.use_triton(True):  # 4 rows: dp4a GEMVs; 16: tensor-core GEMMs
+        graphs._forward(size)  # compile/warm outside the check
         with host_reads() as found:
-            graphs._forward(4)
+            graphs._forward(size)
     assert not found, found
