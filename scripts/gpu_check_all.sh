@@ -4,9 +4,10 @@
 # KV dtype on a random 2B4T, CUDA graphs vs eager), and demo-model accuracy through LLM.chat on CUDA
 # (CUDA graphs, then --enforce-eager).
 # Each step has its own time limit so one slow or broken step cannot eat the others' time.
-# About 7 minutes on one H100 (triton 3.6 + torch 2.11); prints a summary table last.
+# About 7 minutes on one H100 (triton 3.6 + torch 2.11; at most 10 by the step limits); prints a summary
+# table last. gtests: the engine's decode CUDA graphs against --enforce-eager on the GPU.
 #
-#   OUT=/tmp/check scripts/gpu_check_all.sh [STEP ...]   # steps: wtests kvtests wbench kvbench demo
+#   OUT=/tmp/check scripts/gpu_check_all.sh [STEP ...]   # steps: wtests gtests kvtests wbench kvbench demo
 #                                                         # (default), and profile (ncu on the decode GEMV)
 #
 # $OUT gets summary.txt, bench.json, bench.png, kv_check.json and logs.tgz (every log).
@@ -18,7 +19,7 @@ LOGS="${LOGS:-/tmp/bitserve_gpu_logs}"
 mkdir -p "$OUT" "$LOGS"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-STEPS="${*:-wtests kvtests wbench kvbench demo}"
+STEPS="${*:-wtests gtests kvtests wbench kvbench demo}"
 
 if ! "$PY" -c "import bitserve.kernels.ops" >/dev/null 2>&1; then
   if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/pip.log" 2>&1; then
@@ -55,7 +56,8 @@ step() {  # step NAME LIMIT_S COMMAND...
 
 for s in $STEPS; do
   case $s in
-    wtests) step wtests 90 "$PY" -m pytest -q -m gpu $XDIST tests/test_triton_kernels.py tests/test_pointwise_kernels.py tests/test_cuda_graphs.py -p no:cacheprovider --timeout=60 ;;
+    wtests) step wtests 90 "$PY" -m pytest -q -m gpu $XDIST tests/test_triton_kernels.py tests/test_pointwise_kernels.py -p no:cacheprovider --timeout=60 ;;
+    gtests) step gtests 90 "$PY" -m pytest -q -m gpu tests/test_cuda_graphs.py -p no:cacheprovider --timeout=80 ;;
     kvtests) step kvtests 50 "$PY" -m pytest -q $XDIST tests/test_kv_kernels.py -p no:cacheprovider --timeout=40 ;;
     wbench) step wbench 180 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 150 --quick --sweep ;;
     kvbench) step kvbench 90 "$PY" benchmarks/kv_gpu_check.py --out "$LOGS/kv" --quick ;;
