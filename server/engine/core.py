@@ -176,9 +176,9 @@ class EngineCore:
         if why is not None:
             log.info("decode steps run eagerly: %s", why)
             return 0
-        graphs = DecodeGraphs(model, self.kv_cache, scratch_block=num_blocks - 1, max_batch=self.config.max_num_seqs,
-                              max_model_len=max_model_len, capture=capture)
         try:
+            graphs = DecodeGraphs(model, self.kv_cache, scratch_block=num_blocks - 1,
+                                  max_batch=self.config.max_num_seqs, max_model_len=max_model_len, capture=capture)
             graphs.capture_all()
         except Exception as exc:  # noqa: BLE001 -- e.g. a third-party plugin that syncs with the host
             log.warning("decode steps run eagerly: capturing them as CUDA graphs failed: %s: %s",
