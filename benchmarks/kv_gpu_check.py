@@ -256,6 +256,31 @@ def e2e_section(args, report: dict) -> None:
     report["e2e"] = rows
 
 
+def plot_e2e(report: dict, path: Path) -> None:
+    """Bar chart of the end-to-end decode tok/s rows (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: no kv_check.png", file=sys.stderr)
+        return
+    rows = report["e2e"]
+    how = ["eager" if r["enforce_eager"] else "graphs" if r.get("cuda_graphs", True) else "no graphs" for r in rows]
+    labels = [f"{r['dtype']}\n{r['seqs']} seqs\n{h}" for r, h in zip(rows, how)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    ax.bar(range(len(rows)), [r["decode_tok_s"] for r in rows],
+           color=["tab:gray" if r["enforce_eager"] else "tab:blue" for r in rows])
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"engine decode on {report['device']}: KV dtypes, CUDA graphs vs eager")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/bitserve_kv_check")
@@ -296,6 +321,8 @@ def main(argv=None) -> int:
         e2e_section(args, report)
     report["ok"] = ok
     (out / "kv_check.json").write_text(json.dumps(report, indent=2))
+    if report.get("e2e"):
+        plot_e2e(report, out / "kv_check.png")
     print(f"kv check: {'OK' if ok else 'MISMATCH'}; results in {out / 'kv_check.json'}")
     return 0 if ok else 1
 

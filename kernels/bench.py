@@ -438,7 +438,8 @@ def write_png(result: dict, path: str) -> bool:
     auto = [r for r in result["records"] if r["op"] == "w2a8" and r["path"] == "auto"]
     shapes = list(dict.fromkeys(r["shape"] for r in auto))
     ms = sorted({r["M"] for r in auto})
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    pointwise = result.get("pointwise") or []
+    fig, axes = plt.subplots(1, 3 if pointwise else 2, figsize=(21 if pointwise else 14, 5))
     width = 0.8 / max(1, len(ms))
     for i, m in enumerate(ms):
         vals = {r["shape"]: r for r in auto if r["M"] == m}
@@ -451,6 +452,19 @@ def write_png(result: dict, path: str) -> bool:
         ax.set_xticklabels(shapes, rotation=30, ha="right")
         ax.axhline(line, color="k", lw=0.8, ls="--")
         ax.set_title(title)
+        ax.legend(fontsize=8)
+    if pointwise:  # the element-wise kernels against the eager torch ops they replace
+        ax = axes[2]
+        names = list(dict.fromkeys(r["op"] for r in pointwise))
+        pms = sorted({r["M"] for r in pointwise})
+        w = 0.8 / len(pms)
+        for i, m in enumerate(pms):
+            vals = {r["op"]: r["speedup"] for r in pointwise if r["M"] == m}
+            ax.bar([j + i * w for j in range(len(names))], [vals.get(nm, 0) for nm in names], w, label=f"M={m}")
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(names))])
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_title("element-wise kernels: speedup over the eager torch ops")
         ax.legend(fontsize=8)
     fig.suptitle(f"bitserve ternary kernels on {result['device']} (copy {result['copy_GBps']:.0f} GB/s)")
     fig.tight_layout()

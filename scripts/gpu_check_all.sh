@@ -10,7 +10,7 @@
 #   OUT=/tmp/check scripts/gpu_check_all.sh [STEP ...]   # steps: wtests gtests kvtests wbench kvbench demo
 #                                                         # (default), and profile (ncu on the decode GEMV)
 #
-# $OUT gets summary.txt, bench.json, bench.png, kv_check.json and logs.tgz (every log).
+# $OUT gets summary.txt, bench.json, bench.png, kv_check.json, kv_check.png and logs.tgz (every log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -72,7 +72,7 @@ for s in $STEPS; do
       done ;;
   esac
 done
-cp "$LOGS/kv/kv_check.json" "$OUT/" 2>/dev/null
+cp "$LOGS/kv/kv_check.json" "$LOGS/kv/kv_check.png" "$OUT/" 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
 echo "=== summary ==="
 cat "$LOGS/gpu.txt" "$SUMMARY"
