@@ -60,7 +60,13 @@ class CudaGraphCapture:
         self.pool = torch.cuda.graph_pool_handle()
 
     def capture(self, fn):
-        fn()  # warm-up: compiles (and, with autotuning on, tunes) this size's Triton kernels
+        # warm-up on a side stream, as torch.cuda.graph asks (lazily created handles and workspaces
+        # must not be created during the capture); it also compiles this size's Triton kernels
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
