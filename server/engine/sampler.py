@@ -110,13 +110,16 @@ class Sampler:
         raw = logits.float()
         x = self.apply_processors(raw, states)
 
-        tokens = torch.empty(B, dtype=torch.long, device=device)
         greedy_rows = [i for i, s in enumerate(states) if s.params.greedy]
         random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
-        if greedy_rows:
+        if not random_rows:  # the common cases take the whole batch without copying rows out
+            tokens = torch.argmax(x, dim=-1)
+        elif not greedy_rows:
+            tokens = self._sample(x, states)
+        else:
+            tokens = torch.empty(B, dtype=torch.long, device=device)
             g = torch.tensor(greedy_rows, device=device)
             tokens[g] = torch.argmax(x[g], dim=-1)
-        if random_rows:
             r = torch.tensor(random_rows, device=device)
             tokens[r] = self._sample(x[r], [states[i] for i in random_rows])
 
