@@ -224,7 +224,8 @@ def test_cuda_graph_decode_matches_eager_on_gpu(tmp_path, kv_dtype):
     path = write_tiny_bitnet_model(tmp_path / "tiny", seed=11, hidden_size=128, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=256)
     prompts, params = prompts_and_params(11, seed=3)
-    opts = dict(dtype="float32", block_size=16, kv_cache_dtype=kv_dtype, max_num_seqs=11, device="cuda")
+    opts = dict(dtype="float32", block_size=16, kv_cache_dtype=kv_dtype, max_num_seqs=11, device="cuda",
+                kv_cache_memory_mb=256)  # not 90% of the GPU per engine: two engines per test
     eager = LLM(str(path), enforce_eager=True, **opts)
     graphs = LLM(str(path), **opts)
     assert graphs.core.runner.graphs is not None and eager.core.runner.graphs is None
