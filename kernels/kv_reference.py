@@ -286,10 +286,9 @@ def write_sinks(k: torch.Tensor, v: torch.Tensor, layer: KVLayer, slot_mapping: 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of ``x [N, KVH, D]`` with rows ``cos/sin [N, D]`` (float32)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    """Rotate-half RoPE of ``x [N, KVH, D]`` with rows ``cos/sin [N, D]`` (float32): the model's
+    :func:`bitserve.kernels.reference.rotate_half_rope`."""
+    return reference.rotate_half_rope(x, cos, sin)
 
 
 def unrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from bitserve.kernels import dispatch, reference
+from bitserve.kernels import dispatch
 
 
 class RMSNorm(nn.Module):
@@ -39,7 +39,6 @@ class OutputLayerNorm(nn.Module):
         """Normalise ``x``, or each consecutive part of ``sizes`` columns of it on its own (the
         projections of a fused output; one kernel on CUDA)."""
         return dispatch.layer_norm_parts(x, sizes or [x.shape[-1]], self.eps)
-
 
 
 
@@ -75,11 +74,6 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.to(positions.device).unsqueeze(0)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: ``[T, heads, head_dim]``; cos/sin: ``[T, head_dim]``."""
-        return reference.rotate_half_rope(x, cos, sin)
 
     @staticmethod
     def apply_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
