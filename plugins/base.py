@@ -36,6 +36,9 @@ class QuantLinear(nn.Module, ABC):
     Contract for implementations:
     - ``forward(x)`` maps ``[..., in_features]`` to ``[..., out_features]`` in x's dtype,
       calling :mod:`bitserve.kernels` ops; no dense copy of the weight is kept.
+    - Rows are independent: output row ``i`` depends on input row ``i`` only (per-token
+      activation scales, never per-batch ones). The engine pads batches with rows of garbage
+      (CUDA graphs) and relies on them not reaching the real rows.
     - ``act_quant`` names the activation quantization the layer applies before
       its matmul (``"int8_per_token"`` or ``None``); the contract test uses it to
       build the float64 reference.

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # One short GPU session for everything that needs CUDA: weight-kernel and KV-kernel tests on the
 # GPU, the quick weight-kernel benchmark, the quick KV benchmark (kernels + engine decode tok/s per
-# KV dtype on a random 2B4T, CUDA graphs vs eager), and demo-model accuracy through LLM.chat on CUDA
-# (CUDA graphs, then --enforce-eager).
-# Each step has its own time limit so one slow or broken step cannot eat the others' time.
-# About 7 minutes on one H100 (triton 3.6 + torch 2.11; at most 10 by the step limits); prints a summary
-# table last. gtests: the engine's decode CUDA graphs against --enforce-eager on the GPU.
+# KV dtype on a random 2B4T, CUDA graphs vs eager), the engine under steady arrivals (eager vs decode
+# graphs vs piecewise graphs for mixed steps, on the same random 2B4T), and demo-model accuracy
+# through LLM.chat on CUDA (CUDA graphs, then --enforce-eager).
+# Each step has its own time limit so one slow or broken step cannot eat the others' time, and the
+# whole run stops starting steps at TOTAL_LIMIT seconds (default 570: under a 600 s call); a step
+# that would run past it gets only what is left. Steps run in order of importance.
+# About 8 minutes on one H100 (triton 3.6 + torch 2.11); prints a summary table last.
+# gtests: the engine's decode and piecewise CUDA graphs against --enforce-eager on the GPU.
 #
-#   OUT=/tmp/check scripts/gpu_check_all.sh [STEP ...]   # steps: wtests gtests kvtests wbench kvbench demo
-#                                                         # (default), and profile (ncu on the decode GEMV)
+#   OUT=/tmp/check scripts/gpu_check_all.sh [STEP ...]   # steps: wtests gtests kvtests wbench kvbench
+#                                                         # mixed demo (default), and profile (ncu on
+#                                                         # the decode GEMV)
 #
-# $OUT gets summary.txt, bench.json, bench.png, kv_check.json, kv_check.png and logs.tgz (every log).
+# $OUT gets summary.txt, bench.json, bench.png, kv_check.json, kv_check.png, mixed_steps.json,
+# mixed_steps.png and logs.tgz (every log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -19,7 +24,9 @@ LOGS="${LOGS:-/tmp/bitserve_gpu_logs}"
 mkdir -p "$OUT" "$LOGS"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-STEPS="${*:-wtests gtests kvtests wbench kvbench demo}"
+STEPS="${*:-wtests gtests kvtests wbench kvbench mixed demo}"
+TOTAL_LIMIT="${TOTAL_LIMIT:-570}"
+T_START=$(date +%s)
 
 if ! "$PY" -c "import bitserve.kernels.ops" >/dev/null 2>&1; then
   if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/pip.log" 2>&1; then
@@ -46,6 +53,12 @@ XDIST=""
 step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
+  local left=$(( TOTAL_LIMIT - (t0 - T_START) ))
+  if (( left < 15 )); then
+    printf '%-8s skipped: the run is at its TOTAL_LIMIT of %ss\n' "$name" "$TOTAL_LIMIT" | tee -a "$SUMMARY"
+    return
+  fi
+  (( limit > left )) && limit=$left
   echo "=== $name (limit ${limit}s) ==="
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
@@ -57,10 +70,12 @@ step() {  # step NAME LIMIT_S COMMAND...
 for s in $STEPS; do
   case $s in
     wtests) step wtests 90 "$PY" -m pytest -q -m gpu $XDIST tests/test_triton_kernels.py tests/test_pointwise_kernels.py -p no:cacheprovider --timeout=60 ;;
-    gtests) step gtests 90 "$PY" -m pytest -q -m gpu tests/test_cuda_graphs.py -p no:cacheprovider --timeout=80 ;;
+    gtests) step gtests 120 "$PY" -m pytest -q -m gpu tests/test_cuda_graphs.py tests/test_piecewise_graphs.py -p no:cacheprovider --timeout=80 ;;
     kvtests) step kvtests 50 "$PY" -m pytest -q $XDIST tests/test_kv_kernels.py -p no:cacheprovider --timeout=40 ;;
-    wbench) step wbench 180 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 150 --quick --sweep ;;
+    wbench) step wbench 160 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 130 --quick --sweep ;;
     kvbench) step kvbench 90 "$PY" benchmarks/kv_gpu_check.py --out "$LOGS/kv" --quick ;;
+    # the 4-layer random 2B4T kvbench --quick wrote (a 30-layer one would take a minute to generate)
+    mixed) step mixed 90 "$PY" benchmarks/mixed_steps.py --out "$OUT" --layers 4 --steps 150 ;;
     demo) step demo 50 "$PY" benchmarks/demo_accuracy.py --n 200 --batch 200 --show-errors 3
           step demo_eager 50 "$PY" benchmarks/demo_accuracy.py --n 200 --batch 200 --show-errors 3 --enforce-eager ;;
     profile)  # not in the default set: ncu on the decode GEMV (qkv and gate_up shapes, M=1)

@@ -53,6 +53,10 @@ class EngineConfig:
     enforce_eager: bool = field(default=False, metadata={
         "help": "never replay CUDA graphs: run every step's kernels one by one (by default decode steps of up to "
                 "max_num_seqs (at most 256) sequences replay graphs captured at start-up on CUDA)"})
+    piecewise_graph_tokens: int = field(default=0, metadata={
+        "help": "on CUDA, replay mixed and prefill steps of up to this many tokens from piecewise CUDA graphs "
+                "(the forward captured per padded token count, split at the attention calls, which run eagerly); "
+                "0: off (the default until it has been timed on a GPU); e.g. 512"})
 
     def __post_init__(self):
         if self.block_size is not None and self.block_size < 1:
@@ -71,6 +75,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        if self.piecewise_graph_tokens < 0:
+            raise ValueError(f"piecewise_graph_tokens must be >= 0, got {self.piecewise_graph_tokens}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_mb is not None and self.kv_cache_memory_mb < 1:

@@ -20,7 +20,8 @@ bitserve_num_preemptions_total              counter  preemptions
 bitserve_prefix_cache_queries_total         counter  prefix-cache queries (as the engine counts)
 bitserve_prefix_cache_hits_total            counter  prefix-cache hits
 bitserve_engine_steps_total                 counter  engine steps
-bitserve_cuda_graph_steps_total             counter  of those, decode steps replayed from a CUDA graph
+bitserve_cuda_graph_steps_total             counter  of those, steps replayed from CUDA graphs
+bitserve_piecewise_graph_steps_total        counter  of those, mixed/prefill steps (piecewise graphs)
 ==========================================  =======  ==========================================
 
 With ``replica_label_fn`` (a callable returning ``{replica_name: EngineStats}``) the series
@@ -409,6 +410,8 @@ class _ScrapeCollector:
             (CounterMetricFamily, "bitserve_engine_steps", "Engine steps run.", lambda s: s.steps),
             (CounterMetricFamily, "bitserve_cuda_graph_steps", "Engine steps replayed from a captured CUDA graph.",
              lambda s: s.cuda_graph_steps),
+            (CounterMetricFamily, "bitserve_piecewise_graph_steps",
+             "Mixed and prefill engine steps replayed from piecewise CUDA graphs.", lambda s: s.piecewise_graph_steps),
         )
         for cls, metric, doc, get in specs:
             fam = cls(metric, doc, labels=labels)

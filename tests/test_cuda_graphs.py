@@ -7,11 +7,8 @@ steps, the fixed attention launch. Oracle: the same engine without graphs. The `
 records real CUDA graphs.
 """
 
-import contextlib
 import logging
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
 
 from bitserve import LLM, SamplingParams  # noqa: E402
-from bitserve.engine.core import EngineCore  # noqa: E402
 from bitserve.engine.cuda_graphs import MAX_CAPTURED_BATCH, EagerCapture, capture_sizes  # noqa: E402
-from bitserve.engine.llm_engine import LLMEngine  # noqa: E402
+from graph_helpers import KV_OPTIONS, generate, host_reads, make_llm, staggered  # noqa: E402
 from tiny_checkpoints import write_tiny_bitnet_model  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,19 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return write_tiny_bitnet_model(tmp_path_factory.mktemp("graphs") / "tiny", seed=11)
-
-
-def make_llm(path, capture=None, **options):
-    """An LLM whose engine captures its decode steps with ``capture`` (None: the default engine)."""
-    options = {"dtype": "float32", "block_size": 4, **options}
-    llm = LLM(str(path), **options)
-    if capture is not None:
-        old = llm.core
-        llm.core = EngineCore(old.runner.model, llm.engine_config, max_model_len=old.max_model_len,
-                              eos_token_ids=tuple(old.eos_token_ids), default_seed=old.default_seed,
-                              graph_capture=capture)
-        llm.engine = LLMEngine(llm.core, llm.tokenizer)
-    return llm
 
 
 def prompts_and_params(n, seed):
@@ -59,26 +40,12 @@ def prompts_and_params(n, seed):
     return prompts, params
 
 
-def generate(llm, prompts, params):
-    ids, logprobs = [], []
-    for out in llm.generate(prompts, params):
-        ids.append(out.token_ids)
-        logprobs.append(torch.tensor([[lp for _, lp in sorted(step.items())] for step in out.outputs[0].logprobs]))
-    return ids, logprobs
-
-
 def test_capture_sizes():
     assert capture_sizes(1) == [1]
     assert capture_sizes(3) == [1, 2, 3]
     assert capture_sizes(10) == [1, 2, 4, 8, 10]
     assert capture_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert capture_sizes(10_000)[-1] == MAX_CAPTURED_BATCH
-
-
-# every KV layout: float, int8, int4 (staging slots planned on the host), int2 with pre-RoPE keys
-# and attention sinks (written without asking the host which rows are sinks)
-KV_OPTIONS = {"auto": {}, "int8": {"kv_cache_dtype": "int8"}, "int4": {"kv_cache_dtype": "int4"},
-              "int2+prerope+sinks": {"kv_cache_dtype": "int2", "kv_pre_rope_keys": True, "kv_sink_tokens": 3}}
 
 
 @pytest.mark.parametrize("kv", list(KV_OPTIONS))
@@ -121,19 +88,6 @@ def test_shared_prefixes_and_seeded_sampling(tiny_model):
     got = [[o.token_ids for o in r.outputs] for r in graphs.generate(prompts, params)]
     assert got == want
     assert graphs.core.stats().prefix_cache_hits > 0 and graphs.core.runner.graphs.num_replays > 0
-
-
-def staggered(llm, prompts, params, every=2):
-    """Run the requests arriving one every ``every`` steps; token ids per request."""
-    engine, out, i, step = llm.engine, {}, 0, 0
-    while i < len(prompts) or engine.has_unfinished():
-        if i < len(prompts) and step % every == 0:
-            engine.add_request(f"r{i}", prompts[i], params[i])
-            i += 1
-        for delta in engine.step():
-            out.setdefault(delta.request_id, []).extend(delta.token_ids)
-        step += 1
-    return [out[f"r{k}"] for k in range(len(prompts))]
 
 
 @pytest.mark.parametrize("kv", ["auto", "int4"])
@@ -235,36 +189,6 @@ def test_cuda_graph_decode_matches_eager_on_gpu(tmp_path, kv_dtype):
     assert got_ids == want_ids
     for a, b in zip(got_lp, want_lp):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
-
-
-@contextlib.contextmanager
-def host_reads():
-    """Record every read of tensor values back to the host (``item``, ``tolist``, ``bool(t)``, ...)
-    and every tensor built from Python data (``torch.tensor``: a host-to-device copy on a GPU) made
-    directly by bitserve's code: a CUDA graph cannot capture either."""
-    roots = tuple(str(REPO / d) + os.sep for d in ("server", "kernels", "plugins"))
-    found: list[str] = []
-
-    def watch(owner, name):
-        orig = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            caller = sys._getframe(1).f_code
-            if caller.co_filename.startswith(roots):
-                found.append(f"{name} in {caller.co_name} ({os.path.relpath(caller.co_filename, REPO)})")
-            return orig(*args, **kwargs)
-
-        setattr(owner, name, wrapper)
-        return owner, name, orig
-
-    patched = [watch(torch.Tensor, n) for n in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__",
-                                                 "numpy", "cpu")]
-    patched += [watch(torch, n) for n in ("tensor", "as_tensor")]
-    try:
-        yield found
-    finally:
-        for owner, name, orig in patched:
-            setattr(owner, name, orig)
 
 
 @pytest.mark.parametrize("kv,size", [(kv, 4) for kv in KV_OPTIONS] + [("auto", 16)])

@@ -64,7 +64,8 @@ def delta(reason, n_prompt, n_out, timings, n_cached=0) -> CompletionDelta:
 def stats() -> EngineStats:
     return EngineStats(num_running=3, num_waiting=2, kv_cache_usage=0.375, num_kv_blocks=256, num_free_kv_blocks=160,
                        kv_bytes_per_token=96, kv_capacity_tokens=4096, prefix_cache_queries=40, prefix_cache_hits=16,
-                       num_preemptions=1, prompt_tokens=70, generation_tokens=21, steps=12, cuda_graph_steps=9)
+                       num_preemptions=1, prompt_tokens=70, generation_tokens=21, steps=12, cuda_graph_steps=9,
+                       piecewise_graph_steps=4)
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def test_engine_series_are_exact_and_read_at_scrape_time(metrics, stats):
         assert val(samples, name) == value, name
     counters = {"bitserve_prompt_tokens": 70, "bitserve_generation_tokens": 21, "bitserve_num_preemptions": 1,
                 "bitserve_prefix_cache_queries": 40, "bitserve_prefix_cache_hits": 16, "bitserve_engine_steps": 12,
-                "bitserve_cuda_graph_steps": 9}
+                "bitserve_cuda_graph_steps": 9, "bitserve_piecewise_graph_steps": 4}
     for name, value in counters.items():
         assert types[name] == "counter"
         assert val(samples, name + "_total") == value, name

@@ -20,6 +20,7 @@ from bitserve.engine.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCap
 from bitserve.engine.limits import EngineLimits
 from bitserve.engine.kv_cache import KVCacheSpec, PagedKVCache, canonical_kv_dtype, default_block_size
 from bitserve.engine.model_runner import ModelRunner
+from bitserve.engine.piecewise_graphs import CudaPiecewiseCapture, PiecewiseCapture, PiecewiseGraphs
 from bitserve.engine.request import FinishReason, Request, RequestStatus, Timings
 from bitserve.engine.sampler import Sampler, SampleResult, SamplingState, make_generator
 from bitserve.engine.scheduler import Scheduler
@@ -76,7 +77,8 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     steps: int = 0
-    cuda_graph_steps: int = 0  # of those, decode steps replayed from a CUDA graph
+    cuda_graph_steps: int = 0  # of those, steps replayed from CUDA graphs (decode or piecewise)
+    piecewise_graph_steps: int = 0  # of those, mixed/prefill steps replayed from piecewise CUDA graphs
 
 
 def on_device(device: torch.device):
@@ -114,9 +116,12 @@ class EngineCore:
         eos_token_ids: tuple[int, ...] = (),
         default_seed: int = 0,
         graph_capture: GraphCapture | None = None,
+        piecewise_capture: PiecewiseCapture | None = None,
     ):
         """``graph_capture``: how decode steps are captured and replayed (default: CUDA graphs on a
-        CUDA device, none elsewhere; ``config.enforce_eager`` turns them off)."""
+        CUDA device, none elsewhere; ``config.enforce_eager`` turns them off). ``piecewise_capture``:
+        the same for mixed and prefill steps of up to ``config.piecewise_graph_tokens`` tokens
+        (default: CUDA graphs split at the attention calls, on a CUDA device)."""
         cfg = model.config
         device = model.model.norm.weight.device
         self.config = config
@@ -143,6 +148,10 @@ class EngineCore:
             # the last block is the graphs' scratch block: the block manager never sees it
             with on_device(device):
                 num_blocks -= self._capture_graphs(model, graph_capture, num_blocks, max_model_len)
+        if (config.piecewise_graph_tokens and not config.enforce_eager
+                and (piecewise_capture is not None or device.type == "cuda")):
+            with on_device(device):
+                self._capture_piecewise(model, piecewise_capture)
         self.blocks = BlockManager(num_blocks, block_size, config.enable_prefix_caching,
                                    on_free=self.kv_cache.free_block)
         self.scheduler = Scheduler(
@@ -188,6 +197,25 @@ class EngineCore:
             return 0
         self.runner.graphs = graphs
         return 1
+
+    def _capture_piecewise(self, model: LlamaForCausalLM, capture: PiecewiseCapture | None) -> None:
+        """Capture the piecewise graphs of mixed and prefill steps
+        (:mod:`bitserve.engine.piecewise_graphs`); log and run those steps eagerly if that fails."""
+        if capture is None:
+            decode = self.runner.graphs
+            pool = getattr(decode.capture, "pool", None) if decode is not None else None
+            capture = CudaPiecewiseCapture(model.model.norm.weight.device, pool)  # one pool for all graphs
+        max_tokens = min(self.config.piecewise_graph_tokens, self.config.max_num_batched_tokens)
+        try:
+            graphs = PiecewiseGraphs(model, max_tokens=max_tokens, capture=capture)
+            graphs.capture_all()
+        except Exception as exc:  # noqa: BLE001 -- e.g. a third-party plugin that syncs with the host
+            log.warning("mixed and prefill steps run eagerly: capturing them as piecewise CUDA graphs failed: "
+                        "%s: %s", type(exc).__name__, exc)
+            if model.model.norm.weight.is_cuda:
+                torch.cuda.synchronize()
+            return
+        self.runner.piecewise = graphs
 
     # -- requests ---------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:
@@ -286,5 +314,6 @@ class EngineCore:
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
             steps=self._steps,
-            cuda_graph_steps=self.runner.graphs.num_replays if self.runner.graphs is not None else 0,
+            cuda_graph_steps=sum(g.num_replays for g in (self.runner.graphs, self.runner.piecewise) if g is not None),
+            piecewise_graph_steps=self.runner.piecewise.num_replays if self.runner.piecewise is not None else 0,
         )

@@ -23,7 +23,9 @@ class PagedAttention:
 
 class ModelRunner:
     """Runs each step eagerly, or -- pure decode steps, once ``graphs`` is set -- by replaying a
-    captured CUDA graph (:class:`bitserve.engine.cuda_graphs.DecodeGraphs`)."""
+    captured CUDA graph (:class:`bitserve.engine.cuda_graphs.DecodeGraphs`), or -- other steps of
+    few enough tokens, once ``piecewise`` is set -- by replaying piecewise graphs around an eager
+    attention (:class:`bitserve.engine.piecewise_graphs.PiecewiseGraphs`)."""
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: PagedKVCache):
         self.model = model
@@ -31,6 +33,7 @@ class ModelRunner:
         self.block_size = kv_cache.spec.block_size
         self.device = model.model.norm.weight.device
         self.graphs = None  # a DecodeGraphs
+        self.piecewise = None  # a PiecewiseGraphs
 
     def _batch(self, chunks: list[ScheduledChunk]):
         ids, positions, slots, qsl, seq_lens, tables, starts = [], [], [], [0], [], [], []
@@ -68,7 +71,10 @@ class ModelRunner:
             return self.graphs.run(chunks)
         ids, positions, batch, sample_rows = self._batch(chunks)
         attn = PagedAttention(self.kv_cache, batch)
-        hidden = self.model(ids, positions, attn)
+        if self.piecewise is not None and self.piecewise.handles(ids.shape[0]):
+            hidden = self.piecewise.run(ids, positions, attn)
+        else:
+            hidden = self.model(ids, positions, attn)
         if not sample_rows:
             return torch.empty((0, self.model.config.vocab_size), dtype=torch.float32, device=self.device)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)
