@@ -140,10 +140,6 @@ def run_mode(loaded, args, mode: str) -> dict:
         "decode_graph_replays": decode_replays, "piecewise_replays": piecewise_replays, "engine_start_s": start_s,
         "graphs_captured": core.runner.graphs is not None, "piecewise_captured": core.runner.piecewise is not None,
     }
-    del core
-    gc.collect()  # free this engine (KV cache, graphs) before the next one allocates its own
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return row
 
 
@@ -205,6 +201,9 @@ def main(argv=None) -> int:
     for mode in modes:
         print(f"running {mode} ...", file=sys.stderr, flush=True)
         rows.append(run_mode(loaded, args, mode))
+        gc.collect()  # free that engine (KV cache, graphs) before the next one allocates its own
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     base = next((r for r in rows if r["mode"] == "eager"), rows[0])
     print(f"{folder.name} on {device_name}: {args.seqs} seqs, prompt {args.prompt}, output <= {args.output}, "
           f"chunk {args.chunk}, {args.steps} steps")
