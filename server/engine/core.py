@@ -44,7 +44,7 @@ class EngineRequest:
     sample_index: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenDelta:
     """New tokens of one request from one step; the last one carries the finish reason."""
 
@@ -267,29 +267,28 @@ class EngineCore:
             sampling = [c for c in out.chunks if c.samples]
             results = self.sampler(logits, [self._states[c.request.request_id] for c in sampling]) if sampling else []
         self._steps += 1
-        by_request = {id(c.request): r for c, r in zip(sampling, results)}
+        scheduler = self.scheduler
+        for chunk in out.chunks:  # before the sampled tokens are appended (prefix-cache hashes)
+            scheduler.advance(chunk)
         now = time.monotonic()
+        self._generation_tokens += len(results)
         deltas = []
-        for chunk in out.chunks:
+        for chunk, result in zip(sampling, results):
             req = chunk.request
-            self.scheduler.advance(chunk)
-            result = by_request.get(id(req))
-            if result is None:
-                continue
-            req.output_token_ids.append(result.token_id)
-            self._generation_tokens += 1
-            if req.timings.first_token is None:
-                req.timings.first_token = now
-            req.timings.last_token = now
-            stop = self.scheduler.check_stop(req, result.token_id)
+            token = result.token_id
+            req.output_token_ids.append(token)
+            timings = req.timings
+            if timings.first_token is None:
+                timings.first_token = now
+            timings.last_token = now
+            stop = scheduler.check_stop(req, token)
             if stop is None:
-                deltas.append(TokenDelta(req.request_id, [result.token_id], [result],
-                                         num_prompt_tokens=req.num_prompt_tokens,
-                                         num_cached_tokens=req.num_cached_tokens))
+                deltas.append(TokenDelta(req.request_id, [token], [result], None, None, len(req.prompt_token_ids),
+                                         req.num_cached_tokens))
             else:
-                self.scheduler.finish(req, *stop)
+                scheduler.finish(req, *stop)
                 self._states.pop(req.request_id, None)
-                deltas.append(self._final_delta(req, [result.token_id], [result]))
+                deltas.append(self._final_delta(req, [token], [result]))
         return deltas
 
     @staticmethod

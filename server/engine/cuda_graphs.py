@@ -121,6 +121,9 @@ class DecodeGraphs:
             self.query_start_loc = torch.arange(s + 1, dtype=torch.long, device=device)
             self.decode_seqs = torch.arange(s, dtype=torch.int32, device=device)
         self._host_np = self._host.numpy()
+        # the block ids each host table row holds (None: a padding row), so that only rows whose
+        # blocks changed since the last step are written again
+        self._table_rows: list[list[int] | None] = [None] * s
         self._pad_rows(0, s)
         with torch.inference_mode():
             self._buf.copy_(self._host)
@@ -141,6 +144,8 @@ class DecodeGraphs:
         slots[lo:hi] = self.scratch_block * self.block_size
         lens[lo:hi] = 1
         tables[lo:hi, 0] = self.scratch_block
+        for i in range(lo, hi):
+            self._table_rows[i] = None  # the row's table no longer holds any request's blocks
 
     def _forward(self, b: int) -> torch.Tensor:
         """The decode forward of the first ``b`` rows of the static buffer: float32 logits ``[b, vocab]``."""
@@ -181,19 +186,21 @@ class DecodeGraphs:
         b = self.size_for(n)
         ids, pos, slots, lens, tables = self._views(self._host_np)
         bs = self.block_size
-        starts = []
-        for i, chunk in enumerate(chunks):
-            req = chunk.request
-            p = req.num_tokens - 1  # the one new token is the request's last
-            blocks = req.block_ids
-            ids[i] = req.output_token_ids[-1] if req.output_token_ids else req.prompt_token_ids[-1]
-            pos[i] = p
-            slots[i] = blocks[p // bs] * bs + p % bs
-            lens[i] = p + 1
-            tables[i, :len(blocks)] = blocks
-            starts.append(p)
+        reqs = [c.request for c in chunks]
+        starts = [r.num_tokens - 1 for r in reqs]  # the one new token is each request's last
+        block_ids = [r.block_ids for r in reqs]
+        # whole-column writes from Python lists: one conversion each instead of one per element
+        ids[:n] = [r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1] for r in reqs]
+        pos[:n] = starts
+        lens[:n] = [p + 1 for p in starts]
+        slots[:n] = [blocks[p // bs] * bs + p % bs for blocks, p in zip(block_ids, starts)]
+        written = self._table_rows
+        for i, blocks in enumerate(block_ids):
+            if written[i] != blocks:  # a row changes when its request gets a block or the row a request
+                tables[i, :len(blocks)] = blocks
+                written[i] = list(blocks)
         self._pad_rows(n, b)  # rows a bigger earlier step left behind must not write their slots again
-        self.kv_cache.prepare_graph_step(starts, [c.request.block_ids for c in chunks], b)
+        self.kv_cache.prepare_graph_step(starts, block_ids, b)
         s = self.max_batch
         self._buf[:4 * s].copy_(self._host[:4 * s], non_blocking=True)
         self._buf[4 * s:4 * s + b * self.width].copy_(self._host[4 * s:4 * s + b * self.width], non_blocking=True)

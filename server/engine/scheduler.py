@@ -22,15 +22,16 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at ``max_queue``; the request was not accepted."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     request: Request
     num_new_tokens: int
+    # True when this chunk reaches the end of the request's known tokens (a token is sampled);
+    # fixed when the chunk is made (before the step advances the request)
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the request's known tokens (a token is sampled)."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self):
+        self.samples = self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -197,7 +198,7 @@ class Scheduler:
 
         # 1. running requests: decodes and unfinished prefill chunks
         for req in list(self.running):
-            if req not in self.running:  # preempted while making room for an earlier one
+            if req.status is not RequestStatus.RUNNING:  # preempted while making room for an earlier one
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget[0])
             if num_new <= 0:
