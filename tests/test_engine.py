@@ -234,6 +234,38 @@ def test_async_client_cancel_frees_blocks(tiny_model):
         engine.shutdown()
 
 
+def test_async_slow_consumer_gets_coalesced_deltas(tiny_model):
+    """A consumer that falls behind gets the deltas that queued up meanwhile as one, tokens (and
+    logprobs) in order: the concatenation is exactly the offline API's completion."""
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=1)
+    prompt = random_prompts(1, seed=21)[0]
+    want = make_llm(tiny_model).generate([prompt], params)[0].outputs[0]
+    llm = make_llm(tiny_model)
+    engine = AsyncEngine(llm.core)
+
+    async def scenario():
+        deltas = []
+        async for delta in engine.generate(EngineRequest("slow", prompt, params)):
+            deltas.append(delta)
+            if len(deltas) <= 3:
+                import time
+                time.sleep(0.3)  # blocks the event loop: the engine thread keeps stepping
+        return deltas
+
+    try:
+        deltas = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    tokens = [t for d in deltas for t in d.token_ids]
+    assert tokens == want.token_ids and len(tokens) == 40
+    assert max(len(d.token_ids) for d in deltas) > 1 and len(deltas) < 40  # some deltas were merged
+    assert all(len(d.samples) == len(d.token_ids) for d in deltas)
+    assert [s.logprob for d in deltas for s in d.samples] == pytest.approx([lp[t] for lp, t in zip(want.logprobs, tokens)],
+                                                                         abs=1e-5)
+    assert deltas[-1].finish_reason == FinishReason.LENGTH and not any(d.finished for d in deltas[:-1])
+    assert all_blocks_free(llm)
+
+
 def test_host_overhead_benchmark_runs(tmp_path):
     """benchmarks/host_overhead.py on small batches: the engine runs decode steps through its
     graph path with nothing replayed, and the GPU-floor column is TARGETS.md's arithmetic

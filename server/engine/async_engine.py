@@ -16,6 +16,12 @@ from bitserve.engine.request import FinishReason
 log = logging.getLogger(__name__)
 
 
+def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    """On a client's event loop: put each delta into its request's stream."""
+    for stream, delta in batch:
+        stream.put_nowait(delta)
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread has stopped; no request can be served."""
 
@@ -25,7 +31,8 @@ class AsyncEngine:
 
     ``generate()`` is an async iterator of a request's ``TokenDelta``s; leaving
     it early (client cancel, deadline, exception) aborts the request and frees
-    its blocks. ``abort()`` is safe from any thread or coroutine.
+    its blocks. Deltas that queued up while the consumer was busy come as one
+    (their tokens in order). ``abort()`` is safe from any thread or coroutine.
     """
 
     def __init__(self, core: EngineCore, name: str = "bitserve-engine"):
@@ -54,10 +61,19 @@ class AsyncEngine:
             accepted: Future = Future()
             self._inbox.put(("add", request, accepted))
             await asyncio.wrap_future(accepted)  # raises QueueFullError / ValueError from the engine thread
+            pending: list[BaseException] = []
             while True:
-                item = await stream.get()
+                item = pending.pop() if pending else await stream.get()
                 if isinstance(item, BaseException):
                     raise item
+                # a consumer that fell behind gets what queued up as one delta: one wake-up of it
+                # per turn of its loop instead of one per token (vLLM v1 coalesces outputs too)
+                while not item.finished and not stream.empty():
+                    later = stream.get_nowait()
+                    if isinstance(later, BaseException):
+                        pending.append(later)
+                        break
+                    item = item.followed_by(later)
                 finished = item.finished
                 yield item
                 if finished:
@@ -88,12 +104,20 @@ class AsyncEngine:
 
     # -- engine thread ----------------------------------------------------------------------
     def _send(self, delta: TokenDelta | BaseException, request_id: str) -> None:
+        self._send_many([(request_id, delta)])
+
+    def _send_many(self, items: list[tuple[str, TokenDelta | BaseException]]) -> None:
+        """Hand a step's deltas to their streams: one wake-up of each event loop per step, not one
+        per delta (each wake-up is a write to the loop's self-pipe and a turn of the loop)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
+            for request_id, delta in items:
+                target = self._streams.get(request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], delta))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(stream.put_nowait, delta)
+                loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:  # the client's loop is closed
                 pass
 
@@ -137,8 +161,8 @@ class AsyncEngine:
                 self._fail_all(e)
                 continue
             self._stats = self.core.stats()
-            for delta in deltas:
-                self._send(delta, delta.request_id)
+            if deltas:
+                self._send_many([(delta.request_id, delta) for delta in deltas])
         self._fail_all(None)
         while True:  # refuse what arrived during shutdown
             try:

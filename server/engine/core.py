@@ -61,6 +61,12 @@ class TokenDelta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def followed_by(self, later: TokenDelta) -> TokenDelta:
+        """One delta with this one's tokens, then ``later``'s (whose finish and counts are the newest)."""
+        return TokenDelta(self.request_id, self.token_ids + later.token_ids, self.samples + later.samples,
+                          later.finish_reason, later.stop_reason, later.num_prompt_tokens, later.num_cached_tokens,
+                          later.timings if later.timings is not None else self.timings)
+
 
 @dataclass
 class EngineStats:
