@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence
 
+from bitserve.engine.core import TokenDelta
 from bitserve.engine.output_processor import CompletionDelta, RequestState
 from bitserve.engine.request import FinishReason
 from bitserve.replica import Replica
@@ -88,6 +89,37 @@ class Frontend:
         for req in core_requests:
             self.replica.validate(req)
         self._active[request_id] = state
+        tasks: list[asyncio.Task] = []
+        if len(core_requests) == 1:  # one choice: read its stream directly (no task, no second queue)
+            stream = self.replica.generate(core_requests[0])
+        else:
+            stream = self._merged(core_requests, tasks)
+        try:
+            async for item in stream:
+                if state.finished:
+                    break
+                completion, abort_core = state.process(item)
+                if abort_core:
+                    self.replica.abort(item.request_id, FinishReason.STOP, completion.stop_reason)
+                if completion is None:
+                    continue
+                if completion.finished and self.on_finish is not None:
+                    self.on_finish(completion)
+                yield completion
+                if state.finished:
+                    break
+        finally:
+            self._active.pop(request_id, None)
+            for cid in state.choices:  # idempotent; frees blocks even if a pump is mid-await
+                self.replica.abort(cid)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await stream.aclose()
+
+    async def _merged(self, core_requests, tasks: list[asyncio.Task]) -> AsyncIterator[TokenDelta]:
+        """The deltas of several core requests (the ``n`` choices) as they come, through one queue
+        filled by a task per choice (appended to ``tasks``); a choice's error is raised here."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(req):
@@ -99,27 +131,12 @@ class Frontend:
             except BaseException as e:  # refused (queue full), engine died, ...
                 queue.put_nowait(e)
 
-        tasks = [asyncio.create_task(pump(r)) for r in core_requests]
-        try:
-            while not state.finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                completion, abort_core = state.process(item)
-                if abort_core:
-                    self.replica.abort(item.request_id, FinishReason.STOP, completion.stop_reason)
-                if completion is None:
-                    continue
-                if completion.finished and self.on_finish is not None:
-                    self.on_finish(completion)
-                yield completion
-        finally:
-            self._active.pop(request_id, None)
-            for cid in state.choices:  # idempotent; frees blocks even if a pump is mid-await
-                self.replica.abort(cid)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        tasks.extend(asyncio.create_task(pump(r)) for r in core_requests)
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request by id; its stream ends with finish reason ABORT. False if unknown."""
