@@ -14,6 +14,13 @@ context, at 3.35 TB/s): the share of a step the host would take if it did not ov
 
     python benchmarks/host_overhead.py                       # batches 1..256
     python benchmarks/host_overhead.py --batches 8,64 --steps 20
+    python benchmarks/host_overhead.py --batches 64,256 --serving   # + the streaming path
+
+``--serving`` also streams every sequence through the serving path (an ``AsyncEngine`` thread and
+one ``Frontend`` coroutine per stream, detokenizing; no gRPC) and prints the decode step time at
+Python's default GIL switch interval (5 ms) next to the engine's (``AsyncEngine`` lowers it: the
+engine thread otherwise waits behind the event loop), with how many tokens each delta carried
+(more than one when a consumer fell behind and its deltas were coalesced).
 
 Writes ``host_overhead.json`` and ``host_overhead.png`` under ``--out``.
 """
@@ -78,12 +85,73 @@ def measure(llm_cls, batch: int, steps: int, reps: int) -> dict:
     return row
 
 
+def measure_serving(llm_cls, batch: int, switch_s: float | None) -> dict:
+    """The serving path without gRPC: ``batch`` coroutines stream completions through the
+    ``Frontend`` (detokenizing) from an ``AsyncEngine`` thread. ``switch_s`` None: the engine sets
+    its own GIL switch interval; else Python's interval is set to it and left alone."""
+    import asyncio
+
+    from bitserve.engine.async_engine import AsyncEngine
+    from bitserve.engine.core import EngineCore
+    from bitserve.frontend import Frontend
+    from bitserve.replica import LocalReplica
+    from bitserve.sampling_params import SamplingParams
+
+    llm = llm_cls(max_num_seqs=batch, max_num_batched_tokens=max(1024, 32 * batch), num_kv_blocks=batch * 20 + 8)
+    core = EngineCore(llm.core.runner.model, llm.engine_config, max_model_len=llm.max_model_len,
+                      eos_token_ids=tuple(llm.eos_token_ids), graph_capture=NoReplayCapture())
+    marks = []
+    step = core.step
+
+    def timed_step():
+        replays = core.runner.graphs.num_replays
+        out = step()
+        if core.runner.graphs.num_replays > replays:  # a decode step (prefill steps run the model)
+            marks.append(time.perf_counter())
+        return out
+
+    core.step = timed_step
+    before = sys.getswitchinterval()
+    if switch_s is not None:
+        sys.setswitchinterval(switch_s)
+        engine = AsyncEngine(core, gil_switch_interval_s=None)
+    else:
+        engine = AsyncEngine(core)
+    switch_ms = 1e3 * sys.getswitchinterval()  # what the run uses
+    frontend = Frontend(llm.tokenizer, LocalReplica(engine), None)
+    prompt = llm.tokenizer.encode("Q: reverse 'stone'\nA:")
+    params = SamplingParams(max_tokens=llm.max_model_len - len(prompt) - 1, ignore_eos=True, temperature=0.0)
+    counts = {"tokens": 0, "deltas": 0}
+
+    async def one(i):
+        async for delta in frontend.generate(f"r{i}", prompt, params):
+            counts["tokens"] += len(delta.token_ids)
+            counts["deltas"] += 1
+
+    async def run():
+        await asyncio.gather(*(one(i) for i in range(batch)))
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+        sys.setswitchinterval(before)
+    skip = max(2, len(marks) // 10)
+    window = marks[skip:-skip]
+    return {"batch": batch, "switch_ms": switch_ms,
+            "step_ms": 1e3 * (window[-1] - window[0]) / max(1, len(window) - 1),
+            "tokens_per_delta": counts["tokens"] / max(1, counts["deltas"])}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--steps", type=int, default=25, help="timed steps per pass (the best of --reps passes)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--context", type=int, default=1024, help="context per sequence for the GPU floor column")
+    ap.add_argument("--serving", action="store_true",
+                    help="also time the serving path (AsyncEngine + Frontend, one coroutine per stream) at "
+                         "Python's default GIL switch interval and at the engine's")
     ap.add_argument("--out", default="bench-results")
     args = ap.parse_args(argv)
     try:
@@ -110,9 +178,27 @@ def main(argv=None) -> int:
         b = r["batch"]
         print(f"{b:6d} {r['core_ms']:8.3f} {1e3 * r['core_ms'] / b:7.1f} {r['engine_ms']:10.3f} "
               f"{1e3 * r['engine_ms'] / b:7.1f} {r['floor_ms']:9.3f} {100 * r['host_share']:9.0f}%")
+    serving = []
+    if args.serving:
+        from bitserve.engine.async_engine import GIL_SWITCH_INTERVAL_S
+
+        for b in batches:
+            print(f"serving path, batch {b} ...", file=sys.stderr, flush=True)
+            default = measure_serving(LLM, b, 0.005)
+            lowered = measure_serving(LLM, b, None)
+            serving.append({"batch": b, "default": default, "engine": lowered,
+                            "speedup": default["step_ms"] / lowered["step_ms"]})
+        print(f"serving path (AsyncEngine thread + Frontend coroutines, no gRPC): decode step, ms; GIL switch "
+              f"interval 5 ms (Python's default) vs {1e3 * GIL_SWITCH_INTERVAL_S:g} ms (the engine's)")
+        print(f"{'batch':>6s} {'5 ms':>8s} {'tok/delta':>9s} {'engine':>8s} {'tok/delta':>9s} {'speedup':>8s}")
+        for r in serving:
+            d, e = r["default"], r["engine"]
+            print(f"{r['batch']:6d} {d['step_ms']:8.3f} {d['tokens_per_delta']:9.2f} {e['step_ms']:8.3f} "
+                  f"{e['tokens_per_delta']:9.2f} {r['speedup']:8.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "host_overhead.json").write_text(json.dumps({"context": args.context, "rows": rows}, indent=2))
+    (out / "host_overhead.json").write_text(json.dumps({"context": args.context, "rows": rows, "serving": serving},
+                                                       indent=2))
     try:
         import matplotlib
 

@@ -280,7 +280,33 @@ def test_host_overhead_benchmark_runs(tmp_path):
     spec.loader.exec_module(bench)
     assert bench.floor_ms(1, 0) == pytest.approx(0.352, abs=1e-3)
     assert bench.floor_ms(32, 2048) == pytest.approx(0.352 + 32 * 2048 * 76.8e3 / 3.35e9, rel=1e-3)
-    assert bench.main(["--batches", "1,4", "--steps", "3", "--reps", "1", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "host_overhead.json").read_text())["rows"]
+    assert bench.main(["--batches", "1,4", "--steps", "3", "--reps", "1", "--serving", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "host_overhead.json").read_text())
+    rows = report["rows"]
     assert [r["batch"] for r in rows] == [1, 4]
     assert all(r["core_ms"] > 0 and r["engine_ms"] > 0 and 0 < r["host_share"] < 1 for r in rows)
+    assert [r["batch"] for r in report["serving"]] == [1, 4]
+    for r in report["serving"]:
+        assert r["default"]["switch_ms"] == pytest.approx(5.0) and r["engine"]["switch_ms"] == pytest.approx(0.2)
+        assert all(r[k]["step_ms"] > 0 and r[k]["tokens_per_delta"] >= 1 for k in ("default", "engine"))
+
+
+def test_async_engine_lowers_the_gil_switch_interval_and_never_raises_it(tiny_model):
+    import sys
+
+    from bitserve.engine.async_engine import GIL_SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    llm = make_llm(tiny_model)
+    try:
+        sys.setswitchinterval(0.005)
+        AsyncEngine(llm.core).shutdown()
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+        sys.setswitchinterval(0.00005)  # already lower: left alone
+        AsyncEngine(llm.core).shutdown()
+        assert sys.getswitchinterval() == pytest.approx(0.00005)
+        sys.setswitchinterval(0.005)
+        AsyncEngine(llm.core, gil_switch_interval_s=None).shutdown()
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    finally:
+        sys.setswitchinterval(before)
