@@ -287,7 +287,7 @@ def test_host_overhead_benchmark_runs(tmp_path):
     assert all(r["core_ms"] > 0 and r["engine_ms"] > 0 and 0 < r["host_share"] < 1 for r in rows)
     assert [r["batch"] for r in report["serving"]] == [1, 4]
     for r in report["serving"]:
-        assert r["default"]["switch_ms"] == pytest.approx(5.0) and r["engine"]["switch_ms"] == pytest.approx(0.2)
+        assert r["default"]["switch_ms"] == pytest.approx(5.0) and r["engine"]["switch_ms"] == pytest.approx(0.2, rel=0.02)
         assert all(r[k]["step_ms"] > 0 and r[k]["tokens_per_delta"] >= 1 for k in ("default", "engine"))
 
 
@@ -301,10 +301,10 @@ def test_async_engine_lowers_the_gil_switch_interval_and_never_raises_it(tiny_mo
     try:
         sys.setswitchinterval(0.005)
         AsyncEngine(llm.core).shutdown()
-        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S, rel=0.02)
         sys.setswitchinterval(0.00005)  # already lower: left alone
         AsyncEngine(llm.core).shutdown()
-        assert sys.getswitchinterval() == pytest.approx(0.00005)
+        assert sys.getswitchinterval() == pytest.approx(0.00005, rel=0.05)
         sys.setswitchinterval(0.005)
         AsyncEngine(llm.core, gil_switch_interval_s=None).shutdown()
         assert sys.getswitchinterval() == pytest.approx(0.005)
