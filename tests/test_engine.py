@@ -310,3 +310,14 @@ def test_async_engine_lowers_the_gil_switch_interval_and_never_raises_it(tiny_mo
         assert sys.getswitchinterval() == pytest.approx(0.005)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_request_token_ids_slices_like_the_joined_list():
+    from bitserve.engine.request import Request
+
+    req = Request("r", list(range(100, 107)), GREEDY)
+    req.output_token_ids = [1, 2, 3, 4]
+    joined = req.all_token_ids
+    for start in range(len(joined) + 1):
+        for end in range(start, len(joined) + 2):
+            assert req.token_ids(start, end) == joined[start:end], (start, end)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from bitserve.engine.kv_cache import PagedKVCache
@@ -36,30 +37,37 @@ class ModelRunner:
         self.piecewise = None  # a PiecewiseGraphs
 
     def _batch(self, chunks: list[ScheduledChunk]):
-        ids, positions, slots, qsl, seq_lens, tables, starts = [], [], [], [0], [], [], []
+        """The step's flat inputs: token ids, positions, the attention's ``StepBatch`` and the rows
+        whose logits are sampled. Positions and KV slots are computed with numpy over the whole
+        step (a long prefill chunk is one vectorized gather, not a Python loop per token)."""
+        bs = self.block_size
+        reqs = [c.request for c in chunks]
+        starts = [r.num_computed_tokens for r in reqs]
+        counts = [c.num_new_tokens for c in chunks]
+        seq_lens = [s + k for s, k in zip(starts, counts)]
+        tables = [r.block_ids for r in reqs]
+        qsl = [0]
+        ids: list[int] = []
         sample_rows: list[int] = []
-        for chunk in chunks:
-            req = chunk.request
-            start = req.num_computed_tokens
-            end = start + chunk.num_new_tokens
-            ids.extend(req.all_token_ids[start:end])
-            for p in range(start, end):
-                positions.append(p)
-                slots.append(req.block_ids[p // self.block_size] * self.block_size + p % self.block_size)
+        for chunk, req, start, end in zip(chunks, reqs, starts, seq_lens):
+            ids.extend(req.token_ids(start, end))
             qsl.append(qsl[-1] + chunk.num_new_tokens)
-            starts.append(start)
-            seq_lens.append(end)
-            tables.append(req.block_ids)
             if chunk.samples:
                 sample_rows.append(qsl[-1] - 1)
-        width = max(len(t) for t in tables)
-        table = torch.zeros((len(tables), width), dtype=torch.long)
+        table = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
         for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        pos = as_long(positions)
-        batch = StepBatch(as_long(slots), pos, table.to(self.device), as_long(seq_lens), as_long(qsl), starts,
-                          seq_lens, qsl, tables)
+            table[i, :len(t)] = t
+        counts_np = np.asarray(counts, dtype=np.int64)
+        seq_of_row = np.repeat(np.arange(len(chunks)), counts_np)
+        # row r of sequence s is position starts[s] + (r - qsl[s])
+        positions = np.arange(qsl[-1], dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64)
+                                                                   - np.asarray(qsl[:-1], dtype=np.int64), counts_np)
+        slots = table[seq_of_row, positions // bs] * bs + positions % bs
+        device = self.device
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        pos = torch.from_numpy(positions).to(device)
+        batch = StepBatch(torch.from_numpy(slots).to(device), pos, torch.from_numpy(table).to(device),
+                          as_long(seq_lens), as_long(qsl), starts, seq_lens, qsl, tables)
         return as_long(ids), pos, batch, sample_rows
 
     @torch.inference_mode()

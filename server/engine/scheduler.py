@@ -247,7 +247,7 @@ class Scheduler:
         req.num_computed_tokens += chunk.num_new_tokens
         full = req.num_computed_tokens // self.block_size
         if full > req.num_cached_blocks:
-            req.block_hashes = block_hashes(req.all_token_ids[: full * self.block_size], self.block_size,
+            req.block_hashes = block_hashes(req.token_ids(0, full * self.block_size), self.block_size,
                                             req.cache_salt, req.block_hashes[:full])
             self.blocks.cache_blocks(req.block_ids, req.block_hashes[:full], req.num_cached_blocks)
             req.num_cached_blocks = full
