@@ -360,3 +360,45 @@ def test_mixed_steps_benchmark_runs_on_cpu(tmp_path):
     assert rows["eager"]["decode_graph_replays"] == rows["eager"]["piecewise_replays"] == 0
     assert rows["decode"]["decode_graph_replays"] == rows["decode"]["decode_steps"] and rows["decode"]["piecewise_replays"] == 0
     assert rows["piecewise"]["piecewise_replays"] == rows["piecewise"]["mixed_steps"]
+
+
+@pytest.mark.parametrize("kv", ["auto", "int4"])
+def test_everything_at_once_matches_a_roomy_eager_engine(tiny_model, kv):
+    """Staggered arrivals of greedy and seeded top-p requests (some n=2, some sharing a prefix)
+    through a small cache (preemption), a 12-token step budget (chunked prefill), prefix caching,
+    and both kinds of graphs: every request's tokens equal those of an eager engine with room for
+    everything (sampling is batch invariant; a preempted request recomputes the same tokens), and
+    every block comes back."""
+    rng = torch.Generator().manual_seed(31)
+    shared = torch.randint(6, 95, (9,), generator=rng).tolist()
+    prompts, params = [], []
+    for i in range(14):
+        tail = torch.randint(6, 95, (int(torch.randint(2, 20, (1,), generator=rng)),), generator=rng).tolist()
+        prompts.append(shared + tail if i % 3 == 0 else tail)
+        if i % 2:
+            params.append(SamplingParams(temperature=0.0, max_tokens=3 + i % 7, ignore_eos=True))
+        else:
+            params.append(SamplingParams(n=1 + (i % 4 == 0), temperature=1.3, top_p=0.9, seed=i,
+                                         max_tokens=4 + i % 5, ignore_eos=True))
+    roomy = make_llm(tiny_model, max_num_seqs=32, max_num_batched_tokens=2048, **KV_OPTIONS[kv])
+    want = [[o.token_ids for o in r.outputs] for r in roomy.generate(prompts, params)]
+    blocks = 14  # 56 tokens (+ the scratch block): the longest request needs 9 blocks, five at once ~40
+    llm = make_llm(tiny_model, EagerCapture(), EagerPiecewiseCapture(), piecewise_graph_tokens=12, max_num_seqs=5,
+                   max_num_batched_tokens=12, num_kv_blocks=blocks, **KV_OPTIONS[kv])
+    engine = llm.engine
+    out: dict[str, list] = {}
+    i = step = 0
+    while i < len(prompts) or engine.has_unfinished():
+        if i < len(prompts) and step % 2 == 0:
+            engine.add_request(f"r{i}", prompts[i], params[i])
+            i += 1
+        for delta in engine.step():
+            out.setdefault(delta.request_id, {}).setdefault(delta.index, []).extend(delta.token_ids)
+        step += 1
+    got = [[out[f"r{k}"][j] for j in sorted(out[f"r{k}"])] for k in range(len(prompts))]
+    assert got == want
+    stats = llm.core.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert llm.core.runner.graphs.num_replays > 0 and llm.core.runner.piecewise.num_replays > 0
+    b = llm.core.blocks
+    assert b.num_free_blocks == b.num_blocks and not any(b.ref_counts)
