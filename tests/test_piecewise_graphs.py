@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 from bitserve import LLM, SamplingParams  # noqa: E402
 from bitserve.config import EngineConfig  # noqa: E402
 from bitserve.engine.cuda_graphs import EagerCapture  # noqa: E402
+from bitserve.engine.request import RequestStatus  # noqa: E402
 from bitserve.engine.piecewise_graphs import (CudaPiecewiseCapture, EagerPiecewiseCapture,  # noqa: E402
                                               piecewise_sizes)
 from graph_helpers import KV_OPTIONS, host_reads, make_llm  # noqa: E402
@@ -395,6 +396,8 @@ def test_everything_at_once_matches_a_roomy_eager_engine(tiny_model, kv):
         for delta in engine.step():
             out.setdefault(delta.request_id, {}).setdefault(delta.index, []).extend(delta.token_ids)
         step += 1
+        # what stats() counts as running: the scheduler's running list holds RUNNING requests only
+        assert all(r.status is RequestStatus.RUNNING for r in llm.core.scheduler.running)
     got = [[out[f"r{k}"][j] for j in sorted(out[f"r{k}"])] for k in range(len(prompts))]
     assert got == want
     stats = llm.core.stats()

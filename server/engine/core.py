@@ -21,7 +21,7 @@ from bitserve.engine.limits import EngineLimits
 from bitserve.engine.kv_cache import KVCacheSpec, PagedKVCache, canonical_kv_dtype, default_block_size
 from bitserve.engine.model_runner import ModelRunner
 from bitserve.engine.piecewise_graphs import CudaPiecewiseCapture, PiecewiseCapture, PiecewiseGraphs
-from bitserve.engine.request import FinishReason, Request, RequestStatus, Timings
+from bitserve.engine.request import FinishReason, Request, Timings
 from bitserve.engine.sampler import Sampler, SampleResult, SamplingState, make_generator
 from bitserve.engine.scheduler import Scheduler
 from bitserve.model import LlamaForCausalLM
@@ -304,7 +304,7 @@ class EngineCore:
 
     # -- observability ------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        running = sum(1 for r in self.scheduler.running if r.status == RequestStatus.RUNNING)
+        running = len(self.scheduler.running)  # the scheduler keeps only RUNNING requests there
         return EngineStats(
             num_running=running,
             num_waiting=len(self.scheduler.waiting),
