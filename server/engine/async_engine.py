@@ -16,8 +16,9 @@ from bitserve.engine.request import FinishReason
 
 log = logging.getLogger(__name__)
 
-# measured on a 2-core VM with the model taken out (benchmarks/host_overhead.py --serving): decode
-# steps of 64 / 256 streams took 1.40 / 6.24 ms at Python's default 5 ms, 1.22 / 3.28 ms at 0.2 ms
+# measured on a 2-core VM with the model taken out (benchmarks/host_overhead.py --serving, two runs):
+# decode steps of 64 / 256 streams took 1.4-1.5 / 5.7-6.2 ms at Python's default 5 ms, 0.9-1.2 / 3.3
+# ms at 0.2 ms
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 
