@@ -43,17 +43,25 @@ def generate(llm, prompts, params):
     return ids, logprobs
 
 
-def staggered(llm, prompts, params, every=2):
-    """Run the requests arriving one every ``every`` steps; token ids per request."""
-    engine, out, i, step = llm.engine, {}, 0, 0
+def staggered(llm, prompts, params, every=2, logprobs=False):
+    """Run the requests arriving one every ``every`` steps (so prefill chunks share steps with
+    decodes); token ids per request, and with ``logprobs`` also each request's ``[steps, 1 + k]``
+    sampled and top-k logprobs (top-k sorted by token id)."""
+    engine, ids, lps, i, step = llm.engine, {}, {}, 0, 0
     while i < len(prompts) or engine.has_unfinished():
         if i < len(prompts) and step % every == 0:
             engine.add_request(f"r{i}", prompts[i], params[i])
             i += 1
         for delta in engine.step():
-            out.setdefault(delta.request_id, []).extend(delta.token_ids)
+            ids.setdefault(delta.request_id, []).extend(delta.token_ids)
+            if logprobs:
+                lps.setdefault(delta.request_id, []).extend(
+                    [s.logprob] + [lp for _, lp in sorted(s.top_logprobs)] for s in delta.samples)
         step += 1
-    return [out[f"r{k}"] for k in range(len(prompts))]
+    keys = [f"r{k}" for k in range(len(prompts))]
+    if logprobs:
+        return [ids[k] for k in keys], [torch.tensor(lps[k]) for k in keys]
+    return [ids[k] for k in keys]
 
 
 @contextlib.contextmanager

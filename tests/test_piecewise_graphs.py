@@ -24,7 +24,7 @@ from bitserve.engine.cuda_graphs import EagerCapture  # noqa: E402
 from bitserve.engine.request import RequestStatus  # noqa: E402
 from bitserve.engine.piecewise_graphs import (CudaPiecewiseCapture, EagerPiecewiseCapture,  # noqa: E402
                                               piecewise_sizes)
-from graph_helpers import KV_OPTIONS, host_reads, make_llm  # noqa: E402
+from graph_helpers import KV_OPTIONS, host_reads, make_llm, staggered  # noqa: E402
 from tiny_checkpoints import write_tiny_bitnet_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,20 +46,7 @@ def workload(n, seed):
 
 
 def staggered_logprobs(llm, prompts, params, every=2):
-    """Like ``staggered`` (requests arriving one every ``every`` steps, so prefill chunks share
-    steps with decodes) but through the offline API's output processing: ids and logprobs."""
-    engine, ids, lps, i, step = llm.engine, {}, {}, 0, 0
-    while i < len(prompts) or engine.has_unfinished():
-        if i < len(prompts) and step % every == 0:
-            engine.add_request(f"r{i}", prompts[i], params[i])
-            i += 1
-        for delta in engine.step():
-            ids.setdefault(delta.request_id, []).extend(delta.token_ids)
-            lps.setdefault(delta.request_id, []).extend(
-                [s.logprob] + [lp for _, lp in sorted(s.top_logprobs)] for s in delta.samples)
-        step += 1
-    keys = [f"r{k}" for k in range(len(prompts))]
-    return [ids[k] for k in keys], [torch.tensor(lps[k]) for k in keys]
+    return staggered(llm, prompts, params, every, logprobs=True)
 
 
 def test_piecewise_sizes():
