@@ -418,6 +418,65 @@ def targets(result: dict) -> list[str]:
     return lines
 
 
+# the dispatch thresholds the sweep can move: (setting, its value now, op(s), the path taken up to the
+# threshold, the path above it). Each threshold is "the path for small M up to and including this M".
+SWITCHES = (
+    ("ternary_decode.MAX_M", ("w2a8",), "dp4a", "gemm"),
+    ("ternary_prefill.MIN_M", ("w2a8",), "gemm", "wide"),
+    ("ternary_prefill.MIN_M", ("w2a16",), "gemm", "wide"),
+    ("lowbit_decode.MAX_M", ("w2a16",), "decode", "gemv"),
+    ("lowbit_decode.MAX_M", ("binary", "dual"), "decode", "gemm"),
+    ("binary_prefill.MIN_M", ("binary",), "gemm", "wide"),
+)
+
+
+def _setting(name: str) -> int:
+    from bitserve.kernels import binary_prefill, lowbit_decode, ternary_decode, ternary_prefill
+
+    mod, attr = name.split(".")
+    return getattr({"ternary_decode": ternary_decode, "ternary_prefill": ternary_prefill,
+                    "lowbit_decode": lowbit_decode, "binary_prefill": binary_prefill}[mod], attr)
+
+
+def switch_points(result: dict) -> list[dict]:
+    """What the sweep says about each dispatch threshold: at every M where both paths were timed on
+    the same shapes, on how many the small-M path was faster; the suggested threshold is the largest
+    M of the unbroken run of wins (at least half the shapes) from the smallest M up."""
+    out = []
+    for setting, ops, small, large in SWITCHES:
+        times: dict[tuple[int, str], dict[str, float]] = {}
+        for r in result["records"]:
+            if r["op"] in ops and r["path"] in (small, large):
+                times.setdefault((r["M"], f"{r['op']}:{r['shape']}"), {})[r["path"]] = r["us"]
+        per_m: dict[int, list[int]] = {}
+        for (m, _), t in times.items():
+            if small in t and large in t:
+                wins, total = per_m.setdefault(m, [0, 0])
+                per_m[m] = [wins + (t[small] < t[large]), total + 1]
+        if not per_m:
+            continue
+        suggested = None
+        for m in sorted(per_m):
+            wins, total = per_m[m]
+            if 2 * wins < total:
+                break
+            suggested = m
+        out.append({"setting": setting, "ops": list(ops), "small_path": small, "large_path": large,
+                    "now": _setting(setting), "wins": {m: per_m[m] for m in sorted(per_m)}, "suggested": suggested})
+    return out
+
+
+def switch_lines(points: list[dict]) -> list[str]:
+    lines = []
+    for p in points:
+        wins = ", ".join(f"M={m} {w}/{t}" for m, (w, t) in p["wins"].items())
+        first = min(p["wins"])
+        suggested = p["suggested"] if p["suggested"] is not None else f"below {first} (lost at M={first})"
+        lines.append(f"{p['setting']} = {p['now']} now; {'/'.join(p['ops'])} {p['small_path']} faster than "
+                     f"{p['large_path']} on: {wins} -> suggests {suggested}")
+    return lines
+
+
 def table(result: dict) -> str:
     head = f"{'op':8s} {'shape':13s} {'path':18s} {'M':>4s} {'us':>9s} {'bf16 us':>9s} {'speedup':>7s} {'GB/s':>7s} {'%copy':>6s} {'relerr':>8s}"
     rows = [head, "-" * len(head)]
@@ -484,6 +543,7 @@ def main(argv=None) -> int:
         print("bench needs a CUDA device", file=sys.stderr)
         return 2
     result = run(args)
+    result["switch_points"] = switch_points(result)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -498,6 +558,10 @@ def main(argv=None) -> int:
     print("TARGETS (reported, not asserted)")
     for line in targets(result):
         print("  " + line)
+    if result.get("switch_points"):
+        print("DISPATCH THRESHOLDS (from the sweep; move a setting only if the suggestion holds on every shape you serve)")
+        for line in switch_lines(result["switch_points"]):
+            print("  " + line)
     print(f"wrote {os.path.join(args.out_dir, 'bench.json')}" + (" and bench.png" if png else " (no matplotlib: no PNG)"))
     if result.get("pointwise"):
         print("element-wise kernels vs the eager torch ops they replace (both in CUDA graphs):")

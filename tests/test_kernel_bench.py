@@ -32,6 +32,34 @@ def test_table_and_targets():
     json.dumps(result)
 
 
+def test_switch_points_read_the_sweep():
+    """dp4a beats the GEMM at M=2 and 4 on both shapes, at 8 on one of two (a tie counts as a
+    win: half), at 16 on neither -> ternary_decode.MAX_M 8; the GEMM wins against the one-dot GEMM
+    already at M=32 -> ternary_prefill.MIN_M below 32; W2A16 timed nowhere -> no row."""
+    def rec(shape, m, path, us):
+        return dict(op="w2a8", shape=shape, N=1, K=1, M=m, path=path, us=us, bf16_us=1.0, GBps=1.0, pct_copy=1.0,
+                    bf16_pct_copy=1.0, speedup=1.0, bytes=1, rel_err=0.0, timing="graph", copies=1)
+
+    records = []
+    for shape in ("a", "b"):
+        records += [rec(shape, 2, "dp4a", 1.0), rec(shape, 2, "gemm", 2.0), rec(shape, 4, "dp4a", 1.0),
+                    rec(shape, 4, "gemm", 2.0), rec(shape, 16, "dp4a", 3.0), rec(shape, 16, "gemm", 2.0),
+                    rec(shape, 32, "gemm", 5.0), rec(shape, 32, "wide", 4.0), rec(shape, 512, "gemm", 50.0),
+                    rec(shape, 512, "wide", 40.0), rec(shape, 32, "dp4a/pdl", 0.1)]  # a variant: not compared
+    records += [rec("a", 8, "dp4a", 1.0), rec("a", 8, "gemm", 2.0), rec("b", 8, "dp4a", 3.0), rec("b", 8, "gemm", 2.0)]
+    points = {p["setting"]: p for p in bench.switch_points({"records": records}) if p["ops"] == ["w2a8"]}
+    decode = points["ternary_decode.MAX_M"]
+    assert decode["wins"] == {2: [2, 2], 4: [2, 2], 8: [1, 2], 16: [0, 2]}
+    assert decode["suggested"] == 8 and decode["now"] == bench._setting("ternary_decode.MAX_M")
+    prefill = points["ternary_prefill.MIN_M"]
+    assert prefill["wins"] == {32: [0, 2], 512: [0, 2]} and prefill["suggested"] is None
+    assert len(bench.switch_points({"records": records})) == 2  # nothing timed for the other ops
+    lines = bench.switch_lines(bench.switch_points({"records": records}))
+    assert "M=8 1/2" in lines[0] and lines[0].endswith("suggests 8")
+    assert lines[1].endswith("suggests below 32 (lost at M=32)")
+    json.dumps(bench.switch_points({"records": records}))
+
+
 def test_copies_cover_three_l2(monkeypatch):
     monkeypatch.setattr(bench, "_l2_bytes", lambda: 50 << 20)
     assert bench.copies_for(400 << 10) == 384  # a 0.4 MB k/v projection: 384 copies > 3x L2
