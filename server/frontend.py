@@ -96,8 +96,6 @@ class Frontend:
             stream = self._merged(core_requests, tasks)
         try:
             async for item in stream:
-                if state.finished:
-                    break
                 completion, abort_core = state.process(item)
                 if abort_core:
                     self.replica.abort(item.request_id, FinishReason.STOP, completion.stop_reason)
@@ -115,7 +113,9 @@ class Frontend:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await stream.aclose()
+            close = getattr(stream, "aclose", None)  # async generators; a Replica may return any async iterator
+            if close is not None:
+                await close()
 
     async def _merged(self, core_requests, tasks: list[asyncio.Task]) -> AsyncIterator[TokenDelta]:
         """The deltas of several core requests (the ``n`` choices) as they come, through one queue

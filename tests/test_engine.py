@@ -321,3 +321,59 @@ def test_request_token_ids_slices_like_the_joined_list():
     for start in range(len(joined) + 1):
         for end in range(start, len(joined) + 2):
             assert req.token_ids(start, end) == joined[start:end], (start, end)
+
+
+class _ScriptedReplica:
+    """A Replica whose streams are plain async iterators (no ``aclose``): each core request gets
+    the tokens 10, 11, 12 and finishes with LENGTH; aborts are recorded."""
+
+    def __init__(self):
+        self.aborted = []
+
+    def generate(self, request):
+        from bitserve.engine.core import TokenDelta
+
+        class Stream:
+            def __init__(self):
+                self.items = [TokenDelta(request.request_id, [10 + i], num_prompt_tokens=2) for i in range(2)]
+                self.items.append(TokenDelta(request.request_id, [12], finish_reason=FinishReason.LENGTH,
+                                             num_prompt_tokens=2))
+
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                if not self.items:
+                    raise StopAsyncIteration
+                await asyncio.sleep(0)
+                return self.items.pop(0)
+
+        return Stream()
+
+    def validate(self, request):
+        pass
+
+    def abort(self, request_id, reason=FinishReason.ABORT, stop_reason=None):
+        self.aborted.append(request_id)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_frontend_reads_one_or_several_streams(tiny_model, n):
+    """One choice reads its stream directly, several through the merging queue; either way every
+    choice's tokens arrive in order, each ends once, and a replica's plain async iterator works."""
+    from bitserve.frontend import Frontend
+
+    llm = make_llm(tiny_model)
+    replica = _ScriptedReplica()
+    frontend = Frontend(llm.tokenizer, replica, None)
+
+    async def run():
+        return [d async for d in frontend.generate("req", [1, 2], SamplingParams(n=n, max_tokens=3))]
+
+    deltas = asyncio.run(run())
+    for index in range(n):
+        mine = [d for d in deltas if d.index == index]
+        assert [t for d in mine for t in d.token_ids] == [10, 11, 12]
+        assert [d.finished for d in mine] == [False, False, True] and mine[-1].finish_reason == FinishReason.LENGTH
+    assert frontend.num_active == 0
+    assert sorted(replica.aborted) == sorted({"req"} if n == 1 else {"req#0", "req#1"})  # idempotent clean-up
