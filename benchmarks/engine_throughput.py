@@ -323,10 +323,11 @@ def print_table(results: list[dict]) -> None:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
+    from bitserve.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        raise ImportError("plotting needs matplotlib")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, m in enumerate(results):

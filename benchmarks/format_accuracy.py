@@ -105,12 +105,10 @@ def accuracy(llm: LLM, questions, batch: int) -> float:
 
 
 def write_png(records: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
+    from bitserve.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     ok = [r for r in records if r.get("accuracy") is not None]
     colors = {"original": "tab:green", "lossless": "tab:blue", "lossless weights": "tab:blue",

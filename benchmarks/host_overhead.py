@@ -199,12 +199,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "host_overhead.json").write_text(json.dumps({"context": args.context, "rows": rows, "serving": serving},
                                                        indent=2))
-    try:
-        import matplotlib
+    from bitserve.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        print("no matplotlib: no plot", file=sys.stderr)
+    else:
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [r["batch"] for r in rows]
         ax.plot(xs, [r["core_ms"] for r in rows], "o-", label="engine core step (host)")
@@ -218,8 +218,6 @@ def main(argv=None) -> int:
         fig.tight_layout()
         fig.savefig(out / "host_overhead.png", dpi=110)
         print(f"plot: {out / 'host_overhead.png'}")
-    except ImportError:
-        print("no matplotlib: no plot", file=sys.stderr)
     return 0
 
 

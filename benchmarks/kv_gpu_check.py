@@ -258,12 +258,10 @@ def e2e_section(args, report: dict) -> None:
 
 def plot_e2e(report: dict, path: Path) -> None:
     """Bar chart of the end-to-end decode tok/s rows (skipped without matplotlib)."""
-    try:
-        import matplotlib
+    from bitserve.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("no matplotlib: no kv_check.png", file=sys.stderr)
         return
     rows = report["e2e"]

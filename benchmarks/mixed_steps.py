@@ -144,12 +144,10 @@ def run_mode(loaded, args, mode: str) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from bitserve.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("no matplotlib: no plot", file=sys.stderr)
         return
     rows = report["rows"]

@@ -487,12 +487,10 @@ def table(result: dict) -> str:
 
 
 def write_png(result: dict, path: str) -> bool:
-    try:
-        import matplotlib
+    from bitserve.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     auto = [r for r in result["records"] if r["op"] == "w2a8" and r["path"] == "auto"]
     shapes = list(dict.fromkeys(r["shape"] for r in auto))

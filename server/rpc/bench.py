@@ -419,12 +419,11 @@ def write_json(result: dict, path: str) -> None:
 
 def write_png(result: dict, path: str) -> None:
     """Output tok/s and p50/p99 TTFT and TPOT vs concurrency (matplotlib, Agg backend)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise OSError("writing a PNG needs matplotlib (pip install matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bitserve.plotting import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        raise OSError("writing a PNG needs matplotlib (pip install matplotlib)")
 
     levels = result["levels"]
     xs = [lv["concurrency"] for lv in levels]
