@@ -38,6 +38,35 @@ _ST_DTYPE_BYTES = {
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file whose top level is an object (config.json, an index, a sidecar); CheckpointError
+    naming the file when it is missing, unreadable, not UTF-8, malformed or not an object."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: file is missing")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: malformed JSON: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level, found {type(value).__name__}")
+    return value
+
+
+def require_finite(tensor: torch.Tensor, where: str, chunk: int = 1 << 22) -> torch.Tensor:
+    """``tensor`` if it holds no NaN or Inf, else CheckpointError ``<where> contains NaN or Inf``
+    (checked in chunks: on a whole bf16 embedding ``isfinite``'s temporaries reach ~2.4x the tensor)."""
+    flat = tensor.reshape(-1)
+    if not all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk)):
+        raise CheckpointError(f"{where} contains NaN or Inf")
+    return tensor
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_safetensors_header(path: Path) -> dict:
     """Parse and validate a safetensors header; raise CheckpointError naming the file."""
     try:
@@ -52,22 +81,36 @@ def _read_safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(header_len))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - header_len
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_index, offsets))
+                or offsets[0] > offsets[1] or not isinstance(shape, list) or not all(map(_is_index, shape))
+                or not isinstance(info.get("dtype"), str)):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}': {info!r}"[:400])
+        begin, end = offsets
         if end > data_size:
             raise CheckpointError(
                 f"{path}: tensor '{name}' ends at byte {end} of the data section but the file holds "
                 f"only {data_size} bytes (truncated file?)"
             )
         count = 1
-        for d in info["shape"]:
+        for d in shape:
             count *= d
         width = _ST_DTYPE_BYTES.get(info["dtype"])
         if width is not None and end - begin != count * width:
             raise CheckpointError(f"{path}: tensor '{name}' has {end - begin} bytes, expected {count * width}")
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(ranges, ranges[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors '{a}' and '{b}' overlap")
     return header
 
 
@@ -89,6 +132,7 @@ class CheckpointReader:
                 self._where[name] = file
                 self._meta[name] = meta
         self._handles: dict[Path, object] = {}
+        self.read_names: set[str] = set()  # every tensor get() returned (the loader reports the rest)
 
     def _file_entries(self, file: Path):
         """``(name, (dtype string, shape))`` of every tensor in one weight file."""
@@ -101,10 +145,9 @@ class CheckpointReader:
     def _weight_files(self) -> list[Path]:
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: malformed index ({e})") from e
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index}: malformed index ('weight_map' must map tensor names to file names)")
             files = sorted({self.folder / f for f in weight_map.values()})
             missing = [str(f) for f in files if not f.exists()]
             if missing:
@@ -166,13 +209,14 @@ class CheckpointReader:
             )
         if shape is not None and tuple(actual_shape) != tuple(shape):
             raise CheckpointError(f"{file}: tensor '{name}' has shape {list(actual_shape)}, expected {list(shape)}")
+        self.read_names.add(name)
         if file in self._bin_states:
             # a view into the mapped file: copy it out so the caller owns contiguous memory
             return self._bin_states[file][name].clone(memory_format=torch.contiguous_format)
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt")
         try:
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = self._handles[file] = safe_open(str(file), framework="pt")
             tensor = handle.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{file}: cannot read tensor '{name}': {e}") from e

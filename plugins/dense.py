@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bitserve.plugins.base import FormatPlugin, LinearSpec, QuantLinear
-from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointReader
+from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointReader, require_finite
 
 
 class DenseLinear(QuantLinear):
@@ -34,11 +34,13 @@ def load_dense_linear(
     """Read float ``<prefix>.weight`` (and optional ``.bias``) of each spec, fused along the output axis."""
     weights, biases = [], []
     for spec in specs:
-        w = reader.get(f"{spec.prefix}.weight", shape=(spec.out_features, spec.in_features), dtypes=FLOAT_DTYPES)
-        weights.append(w.to(device=device, dtype=dtype))
+        name = f"{spec.prefix}.weight"
+        w = reader.get(name, shape=(spec.out_features, spec.in_features), dtypes=FLOAT_DTYPES)
+        weights.append(require_finite(w, f"{reader.file_of(name)}: tensor '{name}'").to(device=device, dtype=dtype))
         bias_name = f"{spec.prefix}.bias"
         if reader.has(bias_name):
-            biases.append(reader.get(bias_name, shape=(spec.out_features,), dtypes=FLOAT_DTYPES).to(device, dtype))
+            b = reader.get(bias_name, shape=(spec.out_features,), dtypes=FLOAT_DTYPES)
+            biases.append(require_finite(b, f"{reader.file_of(bias_name)}: tensor '{bias_name}'").to(device, dtype))
         else:
             biases.append(None)
     weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)

@@ -22,7 +22,7 @@ import torch
 
 from bitserve.plugins.base import FormatPlugin, LinearSpec, QuantLinear
 from bitserve.plugins.bitnet import TernaryLinear
-from bitserve.plugins.checkpoint import CheckpointError, CheckpointReader
+from bitserve.plugins.checkpoint import CheckpointError, CheckpointReader, require_finite
 from bitserve.plugins.dense import DenseLinear
 from bitserve.plugins.gguf_checkpoint import GGUFCheckpoint
 from bitserve.plugins.gguf_layers import DequantizedW8Linear
@@ -46,7 +46,7 @@ class GGUFFormat(FormatPlugin):
             return ConcatLinear([self.load_linear(reader, [s], device=device, dtype=dtype) for s in specs])
         bias = self._bias(reader, specs, device, dtype)
         if kinds[0] == "float":
-            weights = [reader.get(f"{s.prefix}.weight", shape=(s.out_features, s.in_features)).float()
+            weights = [self._finite(reader, f"{s.prefix}.weight", (s.out_features, s.in_features)).float()
                        * self._output_scale(reader, s) for s in specs]
             return DenseLinear(torch.cat(weights).to(device=device, dtype=dtype), bias)
         parts: list[TernaryWeight] = []
@@ -83,12 +83,16 @@ class GGUFFormat(FormatPlugin):
         return float(value.float().reshape(-1)[0])
 
     @staticmethod
+    def _finite(reader: GGUFCheckpoint, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return require_finite(reader.get(name, shape=shape), reader.describe(name))
+
+    @staticmethod
     def _bias(reader: GGUFCheckpoint, specs, device, dtype) -> torch.Tensor | None:
         names = [f"{s.prefix}.bias" for s in specs]
         if not any(reader.has(n) for n in names):
             return None
         return torch.cat([
-            reader.get(n, shape=(s.out_features,)).to(device, dtype) if reader.has(n)
+            GGUFFormat._finite(reader, n, (s.out_features,)).to(device, dtype) if reader.has(n)
             else torch.zeros(s.out_features, device=device, dtype=dtype)
             for n, s in zip(names, specs)
         ])

@@ -57,6 +57,7 @@ class GGUFCheckpoint:
             rope_freqs,
         )
         self._permute = self.file.architecture == "llama"
+        self.read_names: set[str] = set()  # every tensor get() / ternary() returned (the loader reports the rest)
 
     # -- CheckpointReader interface -------------------------------------------------
     def names(self) -> set[str]:
@@ -134,6 +135,7 @@ class GGUFCheckpoint:
             expected = sorted(set(dtypes)) if dtypes is not None else list(FLOAT_TYPES) + ["a block type like Q8_0"]
             raise CheckpointError(f"{self.describe(name)} has GGML type {info.type_name}, expected one of {expected}")
         self._check(name, shape, [info.type_name])
+        self.read_names.add(name)
         tensor = self._decode_float(info, name)
         order = self._row_order(name, tensor.shape[0])
         return tensor if order is None else tensor[order].contiguous()
@@ -141,6 +143,7 @@ class GGUFCheckpoint:
     def ternary(self, name: str, shape: tuple[int, int]) -> TernaryWeight:
         """Decode a TQ1_0 / TQ2_0 / I2_S weight of HF shape ``(N, K)`` (rows in HF order)."""
         info = self._check(name, shape, TERNARY_TYPES)
+        self.read_names.add(name)
         try:
             weight = decode_ternary(self.file.raw(info.name), info.type_name, info.shape)
         except ValueError as e:

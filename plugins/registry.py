@@ -31,10 +31,10 @@ class FormatRegistry:
 
     @staticmethod
     def _from_entry_points() -> dict[str, type[FormatPlugin]]:
+        """Plugins by their class's ``name`` (what users pass as --format and what is reported;
+        the entry point's own name only when the class sets none)."""
         found: dict[str, type[FormatPlugin]] = {}
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in found:
-                continue  # the same distribution seen twice on sys.path
             try:
                 cls = ep.load()
             except Exception as e:  # a broken third-party plugin must not break loading
@@ -43,7 +43,16 @@ class FormatRegistry:
             if not (isinstance(cls, type) and issubclass(cls, FormatPlugin)):
                 log.warning("entry point %r (%s) is not a FormatPlugin subclass; ignored", ep.name, ep.value)
                 continue
-            found[ep.name] = cls
+            name = cls.name or ep.name
+            if name != ep.name:
+                log.warning("format plugin entry point %r (%s) names its format %r: use --format %s", ep.name,
+                            ep.value, name, name)
+            if name in found:
+                if found[name] is not cls:  # (the same distribution seen twice on sys.path is fine)
+                    log.warning("format %r of entry point %r (%s) is already provided by %s.%s; ignored", name,
+                                ep.name, ep.value, found[name].__module__, found[name].__qualname__)
+                continue
+            found[name] = cls
         return found
 
     def names(self) -> list[str]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from bitserve.cli_args import add_dataclass_arguments, dataclass_from_args
 from bitserve.config import EngineConfig, ModelLoadConfig, ReplicaConfig, ServerConfig
 from bitserve.sampling_params import SamplingParams
+
+# SamplingParams fields `bitserve chat` has no flag for: it shows one answer per turn, as text
+CHAT_SKIPPED_SAMPLING = ("stop_token_ids", "ignore_eos", "seed", "logit_bias", "n", "logprobs")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -30,8 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--local", action="store_true",
                       help="no server: load the model in this process (the model flags below apply)")
     add_dataclass_arguments(chat, ModelLoadConfig)
-    add_dataclass_arguments(chat, SamplingParams, skip=("stop_token_ids", "ignore_eos", "seed", "logit_bias"),
-                            defaults={"temperature": 0.0, "max_tokens": 64})
+    add_dataclass_arguments(chat, SamplingParams, skip=CHAT_SKIPPED_SAMPLING, defaults={"temperature": 0.0, "max_tokens": 64})
     chat.add_argument("-m", "--message", help="send one message, print the answer, exit")
     chat.add_argument("--system", help="system prompt for the conversation")
     chat.set_defaults(func=_chat)
@@ -149,8 +152,9 @@ def _remote_answerer(args: argparse.Namespace):
                       f"(start one with 'bitserve serve', or use --local)") from None
     print(f"connected to {args.address}: '{info.name}' ({info.format}, {info.bits_per_weight:.2f} bits/weight). "
           f"/reset clears the history, /exit quits.", file=sys.stderr)
-    sampling = sampling_options(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_tokens=args.max_tokens, stop=args.stop or None)
+    params = dataclass_from_args(SamplingParams, args, seed=None)  # the same checks as --local
+    sampling = sampling_options(**{f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams)
+                                   if f.name not in CHAT_SKIPPED_SAMPLING})
 
     def answer(history: list[dict], interactive: bool) -> str:
         parts = []

@@ -4,6 +4,7 @@ argparse options."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 KV_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32", "int8", "int4", "int2")
@@ -22,6 +23,8 @@ class ModelLoadConfig:
         "help": "quantize the LM head to int8 per row at load (half its bytes; logits move slightly)"})
 
     def __post_init__(self):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -144,3 +147,10 @@ class ServerConfig:
             raise ValueError(f"max_concurrent_streams must be >= 1, got {self.max_concurrent_streams}")
         if self.grace_period_s < 0:
             raise ValueError(f"grace_period_s must be >= 0, got {self.grace_period_s}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535 (0: any free port), got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535 (0: any free port) or -1 (off), got {self.metrics_port}")
+        for name in ("max_message_mb", "keepalive_time_s", "keepalive_timeout_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

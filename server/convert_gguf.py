@@ -1,4 +1,5 @@
-"""Write a ternary checkpoint (e.g. the ``bitnet`` format) as a GGUF file (``bitserve convert --to gguf-*``).
+"""Write a ternary checkpoint (e.g. the ``bitnet`` format, or another ternary GGUF) as a GGUF file
+(``bitserve convert --to gguf-*``).
 
 :func:`write_gguf` loads every linear through the checkpoint's own format plugin (so all
 BitNet variants — packed ``bitlinear``/``autobitlinear``, online bf16 — are handled once, by
@@ -20,8 +21,8 @@ magnitude) and for any float32 scale with I2_S; a scale that fp16 rounds is repo
 
 from __future__ import annotations
 
-import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +34,16 @@ from bitserve.kernels.ondisk import QK, i2_s_pack, tq1_0_pack, tq2_0_pack
 from bitserve.kernels.packing import unpack_ternary
 from bitserve.plugins.base import LinearSpec
 from bitserve.plugins.bitnet import TernaryLinear
-from bitserve.plugins.checkpoint import CheckpointError, CheckpointReader
+from bitserve.loader import config_source, open_checkpoint
+from bitserve.plugins.checkpoint import CheckpointError
 from bitserve.plugins.dense import DenseLinear
 from bitserve.plugins.gguf_config import LLAMA3_PRESETS, llama3_rope_factors
 from bitserve.plugins.gguf_file import I2_S_TYPE_ID
 from bitserve.plugins.gguf_names import gguf_name, llama_qk_heads, rows_to_gguf_order
+from bitserve.plugins.gguf_paths import find_gguf
 from bitserve.plugins.gguf_vocab_writer import tokenizer_metadata
 from bitserve.plugins.registry import FormatRegistry
+from bitserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +81,14 @@ class _Converter:
         if dense_type is not None and dense_type not in DENSE_TYPES:
             raise ValueError(f"dense_type must be one of {sorted(DENSE_TYPES)} or None, got {dense_type!r}")
         self.src, self.linear_type, self.dense_type = src, linear_type, dense_type
-        config_path = src / "config.json"
-        try:
-            self.hf_config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{config_path}: cannot read config: {e}") from e
-        self.reader = CheckpointReader(src)
+        self.reader, self.hf_config = open_checkpoint(src)  # a checkpoint folder or a GGUF file
         self.plugin = FormatRegistry().detect(self.hf_config, self.reader.names(), self.reader)
-        self.cfg = ModelConfig.from_hf(self.hf_config, self.plugin.model_overrides(self.hf_config))
+        if self.plugin.name == "dense":
+            raise CheckpointError(f"{src}: a dense checkpoint has no ternary linears for GGUF {linear_type.upper()}; "
+                                  f"quantize it first (bitserve convert SRC DST --to bitnet), then convert that")
+        self.cfg = ModelConfig.from_hf(self.hf_config, self.plugin.model_overrides(self.hf_config),
+                                       config_source(self.reader, src))
+        self.num_ternary = 0  # linears written as ternary (a file of only float linears is refused)
         cfg = self.cfg
         bitnet = cfg.attn_sub_norm or cfg.ffn_sub_norm
         if bitnet and not (cfg.attn_sub_norm and cfg.ffn_sub_norm):
@@ -100,7 +104,7 @@ class _Converter:
     # -- metadata ---------------------------------------------------------------------
     def metadata(self, w: GGUFWriter) -> None:
         cfg = self.cfg
-        w.add_name(self.src.name)
+        w.add_name(self.src.stem if self.src.is_file() else self.src.name)
         w.add_file_type(int(_FILE_TYPES[self.linear_type]))
         w.add_quantization_version(2)
         w.add_context_length(cfg.max_position_embeddings)
@@ -131,11 +135,16 @@ class _Converter:
             w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg.head_dim, cfg.rope_theta, *preset).astype(np.float32))
         elif kind:
             raise CheckpointError(f"{self.src}: RoPE scaling '{kind}' cannot be written to GGUF")
-        for key, (value, vtype) in tokenizer_metadata(self.src, self.hf_config, cfg.vocab_size).items():
-            if isinstance(value, list):
-                w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=vtype)
-            else:
-                w.add_key_value(key, value, vtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.src
+            if find_gguf(self.src) is not None:  # a GGUF source: its own vocabulary, as a tokenizer.json
+                Tokenizer(self.src).save_pretrained(tmp)
+                folder = Path(tmp)
+            for key, (value, vtype) in tokenizer_metadata(folder, self.hf_config, cfg.vocab_size).items():
+                if isinstance(value, list):
+                    w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=vtype)
+                else:
+                    w.add_key_value(key, value, vtype)
 
     # -- tensors ----------------------------------------------------------------------
     def dense(self, w: GGUFWriter, hf: str, kind: str | None = None) -> None:
@@ -155,6 +164,7 @@ class _Converter:
             data, qtype = _float_tensor(weight, self.dense_type or "f32")
             w.add_tensor(name, data, raw_dtype=qtype)
         elif isinstance(layer, TernaryLinear):
+            self.num_ternary += 1
             if layer.input_norm is not None:
                 raise CheckpointError(f"{self.src}: {spec.prefix} has an input RMSNorm inside the linear, "
                                       "which GGUF graphs do not have")
@@ -200,7 +210,7 @@ class _Converter:
 
 def write_gguf(src_checkpoint_dir: str | Path, dst_path: str | Path, linear_type: str = "tq2_0",
                progress: bool = True, dense_type: str | None = None) -> Path:
-    """Convert the checkpoint folder ``src_checkpoint_dir`` into the GGUF file ``dst_path``.
+    """Convert the checkpoint folder (or ternary GGUF file) ``src_checkpoint_dir`` into the GGUF file ``dst_path``.
 
     ``linear_type``: ``tq2_0`` | ``tq1_0`` | ``i2_s``; ``dense_type`` overrides the type of the
     embedding table (``f32``/``f16``/``bf16``/``q8_0``; default: as stored). Returns ``dst_path``.
@@ -208,7 +218,8 @@ def write_gguf(src_checkpoint_dir: str | Path, dst_path: str | Path, linear_type
     conv = _Converter(Path(src_checkpoint_dir), linear_type, dense_type)
     dst = Path(dst_path)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    w = GGUFWriter(str(dst), conv.arch)
+    partial = dst.with_name(dst.name + ".partial")  # dst appears only once it is complete
+    w = GGUFWriter(str(partial), conv.arch)
     try:
         conv.metadata(w)
         conv.dense(w, "model.embed_tokens.weight")
@@ -224,9 +235,16 @@ def write_gguf(src_checkpoint_dir: str | Path, dst_path: str | Path, linear_type
         conv.dense(w, "model.norm.weight", "f32")
         if not conv.cfg.tie_word_embeddings:
             conv.dense(w, "lm_head.weight")
+        if not conv.num_ternary:
+            raise CheckpointError(f"{conv.src}: no linear of this {conv.plugin.name} checkpoint is ternary; "
+                                  f"GGUF {linear_type.upper()} needs ternary linears")
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=progress)
-    finally:
         w.close()
+        partial.replace(dst)
+    except BaseException:
+        w.close()
+        partial.unlink(missing_ok=True)
+        raise
     return dst

@@ -34,6 +34,10 @@ class ConvertOptions:
                 raise ValueError(f"{name} must be one of {sorted(FLOAT_DTYPE_NAMES)}, got {getattr(self, name)!r}")
         if self.group_size <= 0 or self.group_size % 8:
             raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size}")
+        if self.fdb_iters < 0:
+            raise ValueError(f"fdb_iters must be >= 0, got {self.fdb_iters}")
+        if self.svid_iters < 1:
+            raise ValueError(f"svid_iters must be >= 1, got {self.svid_iters}")
 
 
 GGUF_TARGETS = {"gguf-tq2_0": "tq2_0", "gguf-tq1_0": "tq1_0", "gguf-i2_s": "i2_s"}
@@ -45,7 +49,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", help="destination folder (created; must be empty unless --overwrite), "
                                     "or the .gguf file for the gguf-* targets")
     parser.add_argument("--to", required=True, choices=sorted(TARGET_NAMES) + sorted(GGUF_TARGETS),
-                        help="target format (gguf-*: a bitnet source, written losslessly as that GGUF type)")
+                        help="target format (gguf-*: a ternary source -- a bitnet folder or a ternary .gguf -- written "
+                             "losslessly as that GGUF type)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     parser.add_argument("--max-shard-size", default="4GB", help="largest safetensors shard (default: 4GB)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

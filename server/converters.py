@@ -123,6 +123,8 @@ def _run_gguf(args: argparse.Namespace) -> int:
     from bitserve.convert_gguf import write_gguf
 
     dst = Path(args.dst)
+    if dst.resolve() == Path(args.src).resolve():
+        raise ValueError(f"{dst}: the destination must not be the source")
     if dst.exists() and not args.overwrite:
         raise FileExistsError(f"{dst}: already exists (pass --overwrite to replace it)")
     write_gguf(args.src, dst, linear_type=GGUF_TARGETS[args.to], progress=args.progress)

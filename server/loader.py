@@ -8,7 +8,6 @@ the file's metadata; everything after that is the same path.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from bitserve.model import LlamaForCausalLM
-from bitserve.model_config import ModelConfig
+from bitserve.model_config import ModelConfig, token_ids
 from bitserve.plugins.base import FormatPlugin
-from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader
+from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader, read_json_object, require_finite
 from bitserve.plugins.gguf_paths import find_gguf
 from bitserve.plugins.registry import FormatRegistry
 
@@ -70,18 +69,25 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
 
 
 def read_json(path: Path) -> dict:
-    if not path.exists():
-        raise CheckpointError(f"{path}: file is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON: {e}") from e
+    return read_json_object(path)
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto``: cuda when available, else cpu. ValueError for a device this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: bitserve runs on cpu or cuda")
+    return dev
 
 
 def resolve_dtype(dtype: str, hf_config: dict, device: torch.device) -> torch.dtype:
@@ -113,11 +119,11 @@ def load_model(
     reader, hf_config = open_checkpoint(path)
     registry = registry or FormatRegistry()
     plugin = registry.get(format, hf_config) if format else registry.detect(hf_config, reader.names(), reader)
-    cfg = ModelConfig.from_hf(hf_config, plugin.model_overrides(hf_config))
+    cfg = ModelConfig.from_hf(hf_config, plugin.model_overrides(hf_config), config_source(reader, path))
+    _check_layer_count(reader, cfg.num_layers, path)
     gen_path = path / "generation_config.json"
     if path.is_dir() and gen_path.exists():
-        eos = read_json(gen_path).get("eos_token_id")
-        cfg = cfg.with_eos(tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)))
+        cfg = cfg.with_eos(token_ids(read_json(gen_path).get("eos_token_id"), f"{gen_path}: eos_token_id"))
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, hf_config, dev)
 
@@ -134,6 +140,7 @@ def load_model(
     finally:
         bar.close()
     _load_dense_tensors(model, reader, dev, torch_dtype)
+    _report_unused(reader, path)
     if int8_lm_head:
         model.quantize_lm_head()
     model.eval()
@@ -152,8 +159,21 @@ def open_checkpoint(path: Path):
 
         reader = GGUFCheckpoint(gguf_file)
         return reader, reader.config
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint folder does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
     hf_config = read_json(path / "config.json")
+    qc = hf_config.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config must be an object, not {qc!r}")
     return CheckpointReader(path), hf_config
+
+
+def config_source(reader, path: Path) -> str:
+    """Where the architecture of :func:`open_checkpoint`'s config came from, for error messages."""
+    gguf_path = getattr(reader, "path", None)  # a GGUF's config is built from its metadata
+    return f"{gguf_path} (metadata)" if gguf_path is not None else str(path / "config.json")
 
 
 def _release_free_heap() -> None:
@@ -171,10 +191,28 @@ def _release_free_heap() -> None:
         pass
 
 
-def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
-    """torch.isfinite(t).all() in chunks: on a whole bf16 embedding its temporaries reach ~2.4x the tensor."""
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(reader, num_layers: int, path: Path) -> None:
+    """A checkpoint with tensors of more layers than config.json's ``num_hidden_layers`` (a GGUF's
+    ``block_count``) is a mismatch, not something to run on a truncated stack: CheckpointError."""
+    found = [int(m.group(1)) for m in map(_LAYER_TENSOR.match, reader.names()) if m]
+    if found and max(found) >= num_layers:
+        raise CheckpointError(f"{path}: the checkpoint has tensors of layer {max(found)} (model.layers.{max(found)}.*) "
+                              f"but its config declares {num_layers} layer(s)")
+
+
+_NEVER_READ = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # old checkpoints store the computed RoPE table
+
+
+def _report_unused(reader, path: Path) -> None:
+    """Warn about tensors no part of the model read (e.g. a bias the format ignores): the model
+    is complete, but a checkpoint with such tensors is often not the one the user meant."""
+    unused = sorted(n for n in reader.names() - reader.read_names if not _NEVER_READ.search(n))
+    if unused:
+        log.warning("%s: %d tensor(s) of the checkpoint are not used by the model: %s%s", path, len(unused),
+                    ", ".join(unused[:8]), " ..." if len(unused) > 8 else "")
 
 
 def _load_dense_tensors(model: LlamaForCausalLM, reader: CheckpointReader, device, dtype) -> None:
@@ -183,9 +221,8 @@ def _load_dense_tensors(model: LlamaForCausalLM, reader: CheckpointReader, devic
     for name, param in model.named_parameters():
         if param.device.type != "meta":
             continue
-        tensor = reader.get(name, shape=tuple(param.shape), dtypes=FLOAT_DTYPES)
-        if not _all_finite(tensor):
-            raise CheckpointError(f"{reader.file_of(name)}: tensor '{name}' contains NaN or Inf")
+        tensor = require_finite(reader.get(name, shape=tuple(param.shape), dtypes=FLOAT_DTYPES),
+                                f"{reader.file_of(name)}: tensor '{name}'")
         state[name] = torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
     model.load_state_dict(state, strict=False, assign=True)
     # the rotary inverse frequencies are computed, not loaded

@@ -286,7 +286,10 @@ class Metrics:
         """Serve this registry on ``host:port`` (0 = any free port) from a daemon thread; returns the port."""
         if self._httpd is not None:
             raise RuntimeError("metrics HTTP server already running")
-        self._httpd = make_server(host, port, make_wsgi_app(self.registry), _ThreadingServer, _QuietHandler)
+        try:
+            self._httpd = make_server(host, port, make_wsgi_app(self.registry), _ThreadingServer, _QuietHandler)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="bitserve-metrics", daemon=True)
         self._thread.start()
         return self._httpd.server_address[1]

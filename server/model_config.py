@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 from bitserve.plugins.checkpoint import CheckpointError
@@ -45,61 +46,59 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_hf(cls, config: dict, overrides: dict | None = None) -> "ModelConfig":
-        """Build from a config.json dict; raise CheckpointError for what we cannot run."""
+    def from_hf(cls, config: dict, overrides: dict | None = None, source: str = "config.json") -> "ModelConfig":
+        """Build from a config.json dict; raise CheckpointError for what we cannot run (messages
+        start with ``source``: the file, or a GGUF's metadata)."""
         model_type = config.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
-                f"config.json: model_type '{model_type}' is not a supported LLaMA-family architecture "
+                f"{source}: model_type '{model_type}' is not a supported LLaMA-family architecture "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        try:
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
-            values = dict(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(config["intermediate_size"]),
-                num_layers=int(config["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads),
-            )
-        except KeyError as e:
-            raise CheckpointError(f"config.json: required field {e.args[0]!r} is missing") from None
+        hidden = config_int(config, "hidden_size", source=source)
+        heads = config_int(config, "num_attention_heads", source=source)
+        values = dict(
+            vocab_size=config_int(config, "vocab_size", source=source),
+            hidden_size=hidden,
+            intermediate_size=config_int(config, "intermediate_size", source=source),
+            num_layers=config_int(config, "num_hidden_layers", source=source),
+            num_heads=heads,
+            num_kv_heads=config_int(config, "num_key_value_heads", heads, source=source),
+            head_dim=config_int(config, "head_dim", hidden // heads, source=source),
+        )
         is_bitnet = model_type == "bitnet"
         is_onebit = model_type == "bitllama"
         act = config.get("hidden_act", "relu2" if is_bitnet else "silu")
         if act not in SUPPORTED_ACTIVATIONS:
-            raise CheckpointError(f"config.json: hidden_act '{act}' is not supported (supported: {SUPPORTED_ACTIVATIONS})")
+            raise CheckpointError(f"{source}: hidden_act '{act}' is not supported (supported: {SUPPORTED_ACTIVATIONS})")
         # transformers >= 5 writes "rope_parameters" (theta inside); older configs
         # have top-level "rope_theta" and an optional "rope_scaling".
-        rope_params = dict(config.get("rope_parameters") or {})
-        rope_theta = float(rope_params.pop("rope_theta", config.get("rope_theta", 10000.0)))
-        rope_scaling = config.get("rope_scaling") or rope_params or None
+        rope_params = dict(_config_dict(config, "rope_parameters", source))
+        rope_theta = config_float(rope_params, "rope_theta",
+                                  config_float(config, "rope_theta", 10000.0, source=source), source=source)
+        rope_params.pop("rope_theta", None)
+        rope_scaling = _config_dict(config, "rope_scaling", source) or rope_params or None
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
         if rope_scaling:
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise CheckpointError(f"config.json: rope_scaling type '{rope_type}' is not supported ({SUPPORTED_ROPE_TYPES})")
+                raise CheckpointError(f"{source}: rope_scaling type '{rope_type}' is not supported ({SUPPORTED_ROPE_TYPES})")
         if values["num_heads"] % values["num_kv_heads"]:
-            raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
-        eos = config.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            raise CheckpointError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
         values.update(
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=config_float(config, "rms_norm_eps", 1e-6, source=source),
             rope_theta=rope_theta,
             rope_scaling=dict(rope_scaling) if rope_scaling else None,
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            max_position_embeddings=config_int(config, "max_position_embeddings", 2048, source=source),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             hidden_act=act,
             attn_sub_norm=is_bitnet,
             ffn_sub_norm=is_bitnet,
             proj_out_layernorm=is_onebit,
             model_type=model_type,
-            bos_token_id=config.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            bos_token_id=config_int(config, "bos_token_id", None, minimum=0, source=source),
+            eos_token_ids=token_ids(config.get("eos_token_id"), f"{source}: eos_token_id"),
         )
         if overrides:
             unknown = set(overrides) - {f.name for f in fields(cls)}
@@ -111,3 +110,53 @@ class ModelConfig:
     def with_eos(self, extra: tuple[int, ...]) -> "ModelConfig":
         merged = tuple(dict.fromkeys(self.eos_token_ids + tuple(extra)))
         return replace(self, eos_token_ids=merged)
+
+
+_REQUIRED = object()
+
+
+def _number(config: dict, key: str, default, kind: type, minimum, source: str):
+    value = config.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            what = "is missing" if key not in config else "must not be null"
+            raise CheckpointError(f"{source}: required field {key!r} {what}")
+        return default
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (kind is int and not isinstance(value, int) and not (math.isfinite(value) and value == int(value)))):
+        raise CheckpointError(f"{source}: {key} must be {'an integer' if kind is int else 'a number'}, "
+                              f"not {value!r}")
+    number = kind(value)
+    if kind is float and not number > 0:  # NaN too
+        raise CheckpointError(f"{source}: {key} must be positive, not {value!r}")
+    if kind is int and minimum is not None and number < minimum:
+        raise CheckpointError(f"{source}: {key} must be >= {minimum}, not {value!r}")
+    return number
+
+
+def config_int(config: dict, key: str, default=_REQUIRED, *, minimum: int | None = 1, source: str = "config.json"):
+    """An integer field of config.json (>= ``minimum``); absent or null gives ``default``
+    (required when none is given). CheckpointError naming the field otherwise."""
+    return _number(config, key, default, int, minimum, source)
+
+
+def config_float(config: dict, key: str, default=_REQUIRED, *, source: str = "config.json"):
+    """A positive number field of config.json; absent or null gives ``default``."""
+    return _number(config, key, default, float, None, source)
+
+
+def _config_dict(config: dict, key: str, source: str) -> dict:
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{source}: {key} must be an object, not {value!r}")
+    return value
+
+
+def token_ids(value, where: str) -> tuple[int, ...]:
+    """An ``eos_token_id``-style value (an id, a list of ids or null) as a tuple of ids."""
+    items = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        raise CheckpointError(f"{where} must be a token id or a list of token ids, not {value!r}")
+    return tuple(items)

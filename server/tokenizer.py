@@ -23,7 +23,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from bitserve.plugins.checkpoint import CheckpointError
+from bitserve.plugins.checkpoint import CheckpointError, read_json_object
 from bitserve.plugins.gguf_paths import find_gguf
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -74,12 +74,7 @@ class Tokenizer:
     @staticmethod
     def _read_config(folder: Path) -> dict:
         config_path = folder / "tokenizer_config.json"
-        if not config_path.exists():
-            return {}
-        try:
-            return json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_path}: malformed JSON: {e}") from e
+        return read_json_object(config_path) if config_path.exists() else {}
 
     def _from_gguf(self, gguf_file: Path, build: bool = True) -> HFTokenizer | None:
         """Fill special tokens / template that tokenizer_config.json lacks from the GGUF metadata;
@@ -100,11 +95,20 @@ class Tokenizer:
     def _find_template(self, folder: Path) -> str | None:
         jinja_file = folder / "chat_template.jinja"
         if jinja_file.exists():
-            return jinja_file.read_text()
+            try:
+                return jinja_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{jinja_file}: not UTF-8 text: {e}") from e
         template = self.config.get("chat_template")
+        where = "tokenizer_config.json 'chat_template'"
         if isinstance(template, list):  # named templates: use "default"
-            named = {t.get("name"): t.get("template") for t in template}
+            if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+                raise CheckpointError(f"{where}: a list of named templates needs {{'name', 'template'}} objects")
+            named = {t.get("name"): t["template"] for t in template}
             template = named.get("default") or next(iter(named.values()), None)
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"{where} must be a string or a list of named templates, not "
+                                  f"{type(template).__name__}")
         return template
 
     # -- ids ------------------------------------------------------------------------

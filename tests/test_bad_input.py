@@ -129,6 +129,22 @@ def test_nan_in_norm(ckpt):
     _load_fails(ckpt, CheckpointError, NORM, "NaN", str(path))
 
 
+def test_nan_in_dense_linear(tmp_path):
+    from tiny_checkpoints import write_llama_checkpoint
+
+    folder = write_llama_checkpoint(tmp_path / "dense")
+    load_model(folder, device="cpu", dtype="float32")
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def edit(t):
+        w = t[name].clone()
+        w[3, 4] = float("inf")
+        t[name] = w
+
+    path = _edit_tensors(folder, edit)
+    _load_fails(folder, CheckpointError, name, "NaN or Inf", str(path))
+
+
 # -- config problems ----------------------------------------------------------------------------
 def test_unknown_quant_method(ckpt):
     _edit_config(ckpt, lambda c: c.update(quantization_config={"quant_method": "bitnet9000"}))
@@ -165,6 +181,64 @@ def test_missing_config_field(ckpt):
     _load_fails(ckpt, CheckpointError, "num_attention_heads")
 
 
+@pytest.mark.parametrize("field,value,words", [
+    ("hidden_size", None, ["hidden_size", "null"]),
+    ("hidden_size", "64", ["hidden_size", "integer"]),
+    ("hidden_size", 64.5, ["hidden_size", "integer"]),
+    ("num_attention_heads", 0, ["num_attention_heads", ">= 1"]),
+    ("num_hidden_layers", -1, ["num_hidden_layers", ">= 1"]),
+    ("vocab_size", True, ["vocab_size", "integer"]),
+    ("rms_norm_eps", 0, ["rms_norm_eps", "positive"]),
+    ("rope_theta", float("nan"), ["rope_theta", "positive"]),
+    ("rope_scaling", "linear", ["rope_scaling", "object"]),
+    ("eos_token_id", "x", ["eos_token_id", "token id"]),
+    ("quantization_config", "bitnet", ["quantization_config", "object"]),
+])
+def test_config_field_of_wrong_type(ckpt, field, value, words):
+    _edit_config(ckpt, lambda c: c.update({field: value}))
+    _load_fails(ckpt, CheckpointError, "config.json", *words)
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("text", ["[1, 2]", "null", "\udcff"])
+def test_json_file_that_is_not_an_object(ckpt, name, text):
+    path = ckpt / name
+    if text == "\udcff":
+        path.write_bytes(b'{"a": "\xff"}')  # not UTF-8
+    else:
+        path.write_text(text)
+    with pytest.raises(CheckpointError) as err:
+        load_model(ckpt, device="cpu", dtype="float32")
+        Tokenizer(ckpt)
+    assert str(path) in str(err.value)
+
+
+def test_bad_chat_templates(ckpt):
+    (ckpt / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
+    with pytest.raises(CheckpointError, match="chat_template.jinja.*UTF-8"):
+        Tokenizer(ckpt)
+    (ckpt / "chat_template.jinja").unlink()
+    for template, words in [(5, "must be a string"), ([{"name": "default"}, "x"], "named templates")]:
+        cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+        (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+        with pytest.raises(CheckpointError, match=words):
+            Tokenizer(ckpt)
+
+
+def test_more_layers_than_the_config_declares(ckpt):
+    _edit_config(ckpt, lambda c: c.update(num_hidden_layers=1))  # the file holds layers 0 and 1
+    _load_fails(ckpt, CheckpointError, "layer 1", "model.layers.1", "declares 1 layer")
+
+
+def test_unused_tensors_are_reported(ckpt, caplog):
+    _edit_tensors(ckpt, lambda t: t.update({"model.layers.0.mystery.weight": torch.ones(3),
+                                            "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    with caplog.at_level("WARNING", logger="bitserve.loader"):
+        load_model(ckpt, device="cpu", dtype="float32")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "1 tensor(s)" in warnings[0] and "model.layers.0.mystery.weight" in warnings[0]
+
+
 # -- broken files ---------------------------------------------------------------------------------
 def test_truncated_safetensors(ckpt):
     path = ckpt / "model.safetensors"
@@ -193,6 +267,41 @@ def test_missing_shard(tmp_path):
     shard = folder / "model-00002-of-00002.safetensors"
     shard.unlink()
     _load_fails(folder, CheckpointError, "model.safetensors.index.json", "model-00002-of-00002.safetensors", "missing")
+
+
+@pytest.mark.parametrize("header,words", [
+    ([1, 2], "not a JSON object"),
+    ({"a": {"dtype": "F32", "shape": [1]}}, "'a'"),
+    ({"a": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}, "'a'"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, "'a'"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, "overlap"),
+])
+def test_corrupt_safetensors_header(ckpt, header, words):
+    path = ckpt / "model.safetensors"
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 16)
+    _load_fails(ckpt, CheckpointError, str(path), words)
+
+
+def test_unknown_safetensors_dtype(ckpt):
+    path = ckpt / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header[f"{Q}.weight"]["dtype"] = "Q4"
+    raw = json.dumps(header).encode().ljust(n)
+    path.write_bytes(data[:8] + raw + data[8 + n:])
+    _load_fails(ckpt, CheckpointError, str(path))
+
+
+def test_malformed_index(tmp_path):
+    config = bitnet_config(num_hidden_layers=1)
+    folder = write_bitnet_checkpoint(tmp_path / "sharded", config, random_bitnet_state(config, 9), shards=2)
+    index = folder / "model.safetensors.index.json"
+    for text in ('{"weight_map": ["a"]}', "[]"):
+        index.write_text(text)
+        _load_fails(folder, CheckpointError, str(index))
 
 
 def test_no_weight_files(ckpt):

@@ -450,6 +450,33 @@ def test_demo_round_trip_logits(demo_ggufs, demo_original, linear_type):
     assert converted.checkpoint_bytes < demo_original.checkpoint_bytes * 1.05
 
 
+@pytest.mark.parametrize("src_type,dst_type", [("tq2_0", "tq1_0"), ("i2_s", "tq2_0")])
+def test_gguf_to_gguf(demo_ggufs, demo_original, src_type, dst_type, tmp_path):
+    """A ternary GGUF converts to another GGUF type: same tokenizer, same logits."""
+    from bitserve.convert_gguf import write_gguf
+    from bitserve.tokenizer import Tokenizer
+
+    out = write_gguf(demo_ggufs[src_type], tmp_path / "again.gguf", linear_type=dst_type, progress=False)
+    assert not (tmp_path / "again.gguf.partial").exists()
+    converted = load_model(out, dtype="float32", device="cpu")
+    assert converted.config == demo_original.config
+    msgs = [{"role": "user", "content": "What is 47+89?"}]
+    ids = Tokenizer(DEMO).encode_chat(msgs)
+    assert Tokenizer(out).encode_chat(msgs) == ids
+    torch.testing.assert_close(prefill_logits(converted.model, ids), prefill_logits(demo_original.model, ids),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_dense_source_is_refused_for_gguf(tmp_path):
+    from bitserve.convert_gguf import write_gguf
+    from tiny_checkpoints import write_llama_checkpoint
+
+    src = write_llama_checkpoint(tmp_path / "dense")
+    with pytest.raises(CheckpointError, match="dense checkpoint has no ternary linears.*--to bitnet"):
+        write_gguf(src, tmp_path / "d.gguf", progress=False)
+    assert not list(tmp_path.glob("d.gguf*"))
+
+
 @pytest.mark.parametrize("linear_type", ["tq2_0", "tq1_0", "i2_s"])
 def test_written_file_read_by_gguf_library(demo_ggufs, demo_original, linear_type):
     """The writer's output, read by gguf's own reader and dequantized by gguf.quants (I2_S: compared
@@ -695,6 +722,32 @@ def test_wrong_shape_and_type(tmp_path):
     with pytest.raises(CheckpointError, match=r"h\.gguf: tensor 'blk\.0\.attn_k\.weight' .*has shape \[128, 256\], "
                                               r"expected \[256, 256\]"):
         load_model(bad, device="cpu")
+
+
+def test_block_count_and_nan_checks(tmp_path):
+    """Metadata that declares fewer blocks than the file holds, or none, and a NaN in an F16 linear
+    fail naming the file; messages about the architecture say it came from the GGUF metadata."""
+    from gguf import GGUFReader
+
+    path = tmp_path / "b.gguf"
+    Synthetic(path, "bitnet", ALL("TQ2_0"), layers=2)
+    key = b"bitnet.block_count"
+    at = path.read_bytes().index(key) + len(key) + 4  # key, u32 value type, then the value
+    _patch(path, at, 1)
+    with pytest.raises(CheckpointError, match=r"b\.gguf: the checkpoint has tensors of layer 1 .* declares 1 layer"):
+        load_model(path, device="cpu")
+    _patch(path, at, 0)
+    with pytest.raises(CheckpointError, match=r"b\.gguf \(metadata\): num_hidden_layers must be >= 1"):
+        load_model(path, device="cpu")
+    nan = tmp_path / "n.gguf"
+    Synthetic(nan, "bitnet", {**ALL("TQ2_0"), "v": "F16"}, layers=1)
+    load_model(nan, device="cpu")
+    tensor = next(t for t in GGUFReader(str(nan)).tensors if t.name == "blk.0.attn_v.weight")
+    raw = bytearray(nan.read_bytes())
+    raw[int(tensor.data_offset) + 6: int(tensor.data_offset) + 8] = np.float16(np.nan).tobytes()
+    nan.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"n\.gguf: tensor 'blk\.0\.attn_v\.weight' .*NaN or Inf"):
+        load_model(nan, device="cpu")
 
 
 def test_two_gguf_files_in_one_folder(demo_ggufs, tmp_path):

@@ -148,3 +148,26 @@ def test_broken_entry_point_is_skipped(monkeypatch, caplog):
     assert "broken" in text and "notaplugin" in text and "raises" in text
     with pytest.raises(UnknownFormatError, match="installed formats: bitnet, dense"):
         reg.get("broken")
+
+
+class RenamedFormat(DenseFormat):
+    name = "renamed_cls"
+
+
+class OtherDense(DenseFormat):
+    pass  # name "dense": a second plugin claiming an installed name
+
+
+def test_format_name_is_the_plugin_class_name(monkeypatch, caplog):
+    """--format takes the class's ``name`` (docs/plugins.md), whatever the entry point is called."""
+    fakes = [
+        EntryPoint("dense", "bitserve.plugins.dense:DenseFormat", ENTRY_POINT_GROUP),
+        EntryPoint("renamed_ep", f"{__name__}:RenamedFormat", ENTRY_POINT_GROUP),
+        EntryPoint("dense2", f"{__name__}:OtherDense", ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(registry_mod, "entry_points", lambda **kw: fakes if kw.get("group") == ENTRY_POINT_GROUP else [])
+    with caplog.at_level(logging.WARNING, logger=registry_mod.__name__):
+        reg = FormatRegistry()
+    assert reg.names() == ["dense", "renamed_cls"]
+    assert type(reg.get("renamed_cls")) is RenamedFormat and type(reg.get("dense")) is DenseFormat
+    assert "use --format renamed_cls" in caplog.text and "'dense2'" in caplog.text and "already provided" in caplog.text

@@ -70,3 +70,70 @@ def test_bad_model_path_is_a_clear_cli_error(tmp_path):
     assert result.returncode == 2
     assert "nope" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "bitserve.cli", *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--port", "-5"], "port must be in 0..65535"),
+    (["--port", "70000"], "port must be in 0..65535"),
+    (["--metrics-port", "99999"], "metrics_port must be"),
+    (["--max-message-mb", "0"], "max_message_mb must be >= 1"),
+    (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_serve_flags_are_clear_cli_errors(flags, words):
+    result = _cli("serve", *flags)
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_ports_in_use_are_clear_cli_errors(tiny_model):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for flags, words in ([["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"],
+                             [["--port", "0", "--metrics-port", str(port)], f"cannot serve metrics on 127.0.0.1:{port}"]):
+            result = _cli("serve", "--model", str(tiny_model), "--host", "127.0.0.1", "--metrics-port", "-1",
+                          "--dtype", "float32", *flags)
+            assert result.returncode == 2 and words in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr
+
+
+def test_remote_chat_sends_every_sampling_flag(monkeypatch, capsys):
+    """`bitserve chat` against a server forwards what `--local` would use, and checks it the same way."""
+    from bitserve import cli
+    from bitserve.rpc import client
+
+    sent = []
+
+    class FakeClient:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def model_info(self):
+            return pb.ModelInfo(name="m", format="bitnet", bits_per_weight=2.0)
+
+        def stream_chat(self, history, sampling):
+            sent.append(sampling)
+            yield pb.StreamEvent(delta=pb.Delta(text="ok"))
+
+    monkeypatch.setattr(client, "ChatClient", FakeClient)
+    flags = ["--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--min-p", "0.1", "--repetition-penalty", "1.3",
+             "--presence-penalty", "0.5", "--frequency-penalty", "-0.5", "--min-tokens", "2", "--max-tokens", "9",
+             "--stop", "x", "--no-skip-special-tokens", "--include-stop-str-in-output"]
+    assert cli.main(["chat", "-m", "hi", *flags]) == 0
+    (s,) = sent
+    assert (s.temperature, s.top_k, s.min_tokens, s.max_tokens, list(s.stop)) == (pytest.approx(0.7), 5, 2, 9, ["x"])
+    assert (s.top_p, s.min_p, s.repetition_penalty) == (pytest.approx(0.9), pytest.approx(0.1), pytest.approx(1.3))
+    assert (s.presence_penalty, s.frequency_penalty) == (0.5, -0.5)
+    assert s.skip_special_tokens is False and s.include_stop_str_in_output is True
+    assert "ok" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["chat", "-m", "hi", "--repetition-penalty", "0"])
+    assert exit_.value.code == 2 and "repetition_penalty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one answer per turn: no --n
+        cli.main(["chat", "-m", "hi", "--n", "2"])

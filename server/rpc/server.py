@@ -71,12 +71,15 @@ class RpcServer:
         """Bind, start, warm up, then report SERVING. Returns the bound port."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls_cert:
-            creds = grpc.ssl_server_credentials(
-                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if self.config.tls_cert:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())])
+                self.port = self.server.add_secure_port(address, creds)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError as e:  # grpcio raises instead of returning 0 (port in use, bad address)
+            raise OSError(f"cannot listen on {address} (in use, or not an address of this machine): {e}") from None
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
