@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence
 
-from bitserve.engine.core import TokenDelta
+from bitserve.engine.core import EngineRequest, TokenDelta
 from bitserve.engine.output_processor import CompletionDelta, RequestState
 from bitserve.engine.request import FinishReason
 from bitserve.replica import Replica
@@ -48,6 +48,7 @@ class Frontend:
         self.info = info
         self.on_finish = on_finish
         self._active: dict[str, RequestState] = {}
+        self._core_ids: set[str] = set()  # engine request ids of the active requests' choices
 
     # -- prompts ------------------------------------------------------------------------
     def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -84,16 +85,24 @@ class Frontend:
         """
         if request_id in self._active:
             raise ValueError(f"request_id '{request_id}' is already in use")
+        # every choice has the same prompt and parameters: checking one checks all (before the
+        # detokenizers decode the prompt's tail)
+        self.replica.validate(EngineRequest(request_id, prompt_token_ids, params, priority, cache_salt))
         state = RequestState(request_id, prompt_token_ids, params, self.tokenizer)
         core_requests = state.core_requests(prompt_token_ids, priority, cache_salt)
-        for req in core_requests:
-            self.replica.validate(req)
+        # the choices' engine ids ("ID#k" when n > 1) must not be another request's: refusing here
+        # keeps a refused request from aborting what it does not own
+        taken = [cid for cid in state.choices if cid in self._core_ids]
+        if taken:
+            raise ValueError(f"request_id '{request_id}' is already in use (as '{taken[0]}')")
         self._active[request_id] = state
+        self._core_ids.update(state.choices)
         tasks: list[asyncio.Task] = []
         if len(core_requests) == 1:  # one choice: read its stream directly (no task, no second queue)
             stream = self.replica.generate(core_requests[0])
         else:
             stream = self._merged(core_requests, tasks)
+        refused = False
         try:
             async for item in stream:
                 completion, abort_core = state.process(item)
@@ -106,8 +115,15 @@ class Frontend:
                 yield completion
                 if state.finished:
                     break
+        except Exception:  # refused (queue full), engine gone, ...: no choice ran to an end to count
+            refused = True
+            raise
         finally:
             self._active.pop(request_id, None)
+            self._core_ids.difference_update(state.choices)
+            if not refused and self.on_finish is not None:
+                for final in state.abort_all():  # the client left (cancel, deadline, disconnect)
+                    self.on_finish(final)
             for cid in state.choices:  # idempotent; frees blocks even if a pump is mid-await
                 self.replica.abort(cid)
             for t in tasks:

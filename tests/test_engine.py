@@ -377,3 +377,152 @@ def test_frontend_reads_one_or_several_streams(tiny_model, n):
         assert [d.finished for d in mine] == [False, False, True] and mine[-1].finish_reason == FinishReason.LENGTH
     assert frontend.num_active == 0
     assert sorted(replica.aborted) == sorted({"req"} if n == 1 else {"req#0", "req#1"})  # idempotent clean-up
+
+
+def test_async_engine_survives_callers_that_leave_before_admission(tiny_model):
+    """A caller cancelled (deadline, disconnect) while its request waits in the engine's inbox cancels
+    the admission future: the engine thread must neither add the request nor die on it."""
+    from concurrent.futures import Future
+
+    llm = make_llm(tiny_model)
+    engine = AsyncEngine(llm.core)
+    try:
+        cancelled = Future()
+        cancelled.cancel()
+        engine._inbox.put(("add", EngineRequest("gone", [5, 6, 7], GREEDY), cancelled))
+
+        async def scenario():
+            # many callers whose deadlines fall while they wait to be admitted or run
+            async def one(i):
+                agen = engine.generate(EngineRequest(f"t{i}", random_prompts(1, seed=i)[0], GREEDY))
+                try:
+                    return await asyncio.wait_for(agen.__anext__(), 0.0005 * (i % 8))
+                except asyncio.TimeoutError:
+                    return None
+                finally:
+                    await agen.aclose()
+
+            await asyncio.gather(*(one(i) for i in range(40)))
+            return [d async for d in engine.generate(EngineRequest("after", [5, 6, 7], GREEDY))]
+
+        after = asyncio.run(scenario())
+        assert engine.is_running and after[-1].finish_reason == FinishReason.LENGTH
+        for _ in range(100):
+            if not llm.core.has_unfinished():
+                break
+            import time
+            time.sleep(0.02)
+        assert "gone" not in llm.core.scheduler.requests and not llm.core.has_unfinished() and all_blocks_free(llm)
+    finally:
+        engine.shutdown()
+
+
+def test_frontend_refuses_choice_ids_in_use_without_touching_their_owner(tiny_model):
+    """Request "zz" with n=2 has engine ids zz#0 and zz#1: while another request is called "zz#1",
+    it is refused before anything is queued, and the other request is left alone."""
+    from bitserve.frontend import Frontend
+
+    llm = make_llm(tiny_model)
+    replica = _ScriptedReplica()
+    frontend = Frontend(llm.tokenizer, replica, None)
+
+    async def run():
+        victim = frontend.generate("zz#1", [1, 2], SamplingParams(max_tokens=3))
+        first = await victim.__anext__()
+        with pytest.raises(ValueError, match="'zz' is already in use .*'zz#1'"):
+            await frontend.generate("zz", [1, 2], SamplingParams(n=2, max_tokens=3)).__anext__()
+        assert replica.aborted == []
+        rest = [d async for d in victim]
+        return [first] + rest
+
+    deltas = asyncio.run(run())
+    assert [t for d in deltas for t in d.token_ids] == [10, 11, 12] and deltas[-1].finish_reason == FinishReason.LENGTH
+    # bad prompt ids are refused by the replica's checks before the detokenizers decode them
+    from bitserve.replica import LocalReplica
+
+    local = LocalReplica(AsyncEngine(llm.core, gil_switch_interval_s=None))
+    try:
+        with pytest.raises(ValueError, match="out of range"):
+            asyncio.run(Frontend(llm.tokenizer, local, None).generate("neg", [-1], GREEDY).__anext__())
+    finally:
+        local.shutdown()
+
+
+def test_frontend_counts_choices_the_client_left_as_aborted(tiny_model):
+    """on_finish (the metrics hook) sees every choice end: a client that leaves mid-stream ends its
+    unfinished choices as ABORT with their prompt and output token counts; a refused request counts
+    nothing."""
+    from bitserve.engine.scheduler import QueueFullError
+    from bitserve.frontend import Frontend
+
+    llm = make_llm(tiny_model)
+    replica = _ScriptedReplica()
+    finished = []
+    frontend = Frontend(llm.tokenizer, replica, None, on_finish=finished.append)
+
+    async def leave_after_one():
+        agen = frontend.generate("left", [1, 2, 3], SamplingParams(n=2, max_tokens=3))
+        await agen.__anext__()
+        await agen.aclose()
+
+    asyncio.run(leave_after_one())
+    assert sorted(d.index for d in finished) == [0, 1]
+    assert all(d.finish_reason == FinishReason.ABORT and d.num_prompt_tokens == 3 for d in finished)
+    assert sorted(d.num_output_tokens for d in finished) == [0, 1]
+
+    class Refusing(_ScriptedReplica):
+        def generate(self, request):
+            async def refuse():
+                raise QueueFullError("full")
+                yield
+
+            return refuse()
+
+    finished.clear()
+    refusing = Frontend(llm.tokenizer, Refusing(), None, on_finish=finished.append)
+    with pytest.raises(QueueFullError):
+        asyncio.run(refusing.generate("r", [1, 2], SamplingParams(max_tokens=3)).__anext__())
+    assert finished == []
+
+
+def test_stop_string_inside_a_coalesced_delta_drops_the_tokens_after_it(tiny_model):
+    """Deltas merged for a slow consumer may carry tokens past a stop string: the choice keeps the
+    tokens up to the one that completed it, as when they come one by one."""
+    from bitserve.engine.core import TokenDelta
+    from bitserve.engine.output_processor import RequestState
+
+    llm = make_llm(tiny_model)
+    tok = llm.tokenizer
+    ids = tok.encode("abcdefgh", add_special_tokens=False)
+    cut = tok.decode(ids[:3])
+    params = SamplingParams(max_tokens=20, stop=[cut[-2:]])
+    one_by_one = RequestState("a", [1, 2], params, tok)
+    singles = [one_by_one.process(TokenDelta("a", [t]))[0] for t in ids]
+    kept_single = [t for d in singles if d is not None for t in d.token_ids]
+    merged = RequestState("a", [1, 2], params, tok)
+    out, abort_core = merged.process(TokenDelta("a", ids, num_prompt_tokens=2))
+    assert out.finish_reason == FinishReason.STOP and abort_core
+    assert out.token_ids == kept_single and len(out.token_ids) < len(ids)
+    assert out.num_output_tokens == len(kept_single)
+    assert out.text == "".join(d.text for d in singles if d is not None)
+
+
+def test_prefix_cache_stats_count_each_admission_once(tiny_model):
+    """A request waiting for KV blocks is looked up in the prefix cache on every step, but counted
+    once, when it is admitted: queries = its prompt tokens but the last, hits = its cached tokens."""
+    llm = make_llm(tiny_model, num_kv_blocks=8, max_model_len=64)  # block_size 4: 32 tokens of KV
+    core = llm.core
+    big = random_prompts(1, seed=5, lo=28, hi=28)[0]
+    core.add_request(EngineRequest("big", big, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)))
+    core.step()  # "big" holds every block
+    before = core.stats()
+    waiter = big[:8] + [7]  # its first two blocks are cached by "big"
+    core.add_request(EngineRequest("waiter", waiter, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)))
+    steps = 0
+    while core.has_unfinished():
+        core.step()
+        steps += 1
+    after = core.stats()
+    assert steps > 2  # it waited while "big" ran
+    assert after.prefix_cache_queries - before.prefix_cache_queries == len(waiter) - 1
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 8

@@ -303,6 +303,52 @@ def test_queue_full_is_resource_exhausted(tiny_model):
         srv.close()
 
 
+def test_n_larger_than_the_queue_is_invalid_argument(tiny_model):
+    srv = ServerThread(tiny_model, engine={"max_num_seqs": 1, "max_queue": 2})
+    try:
+        stub = srv.stub()
+        before = srv.app.replica.stats().prompt_tokens  # the warm-up's
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Chat(chat_request("many", max_tokens=2, n=3), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-queue" in err.value.details()
+        assert srv.app.replica.stats().prompt_tokens == before  # nothing was queued
+    finally:
+        srv.close()
+
+
+def test_health_follows_the_engine(tiny_model):
+    """If the engine thread dies, the chat service's health (readiness) turns NOT_SERVING and calls
+    are UNAVAILABLE; after a while without any engine, the overall health (liveness) too."""
+    srv = ServerThread(tiny_model)
+    try:
+        health = health_pb2_grpc.HealthStub(srv.channel())
+        ready = lambda: health.Check(health_pb2.HealthCheckRequest(service="bitserve.v1.ChatService"),  # noqa: E731
+                                     timeout=5).status
+        live = lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status  # noqa: E731
+
+        def wait_for(check, status):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if check() == status:
+                    return True
+                time.sleep(0.02)
+            return False
+
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert ready() == serving and live() == serving
+        srv.rpc._watchdog.cancel()  # the same watchdog, faster
+        srv.submit(srv.rpc._watch_engines(period_s=0.02, liveness_after_s=1.0))
+        srv.app.replica.engine.shutdown()  # the thread stops, as if it had died
+        assert wait_for(ready, not_serving)
+        assert live() == serving  # not yet: Ray could bring a replica back
+        with pytest.raises(grpc.RpcError) as err:
+            srv.stub().Chat(chat_request("x", max_tokens=2), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert wait_for(live, not_serving)
+    finally:
+        srv.close()
+
+
 def test_stubs_are_fresh():
     import subprocess
     import sys

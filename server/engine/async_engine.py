@@ -137,6 +137,8 @@ class AsyncEngine:
 
     def _handle(self, command: str, payload, future: Future | None) -> None:
         if command == "add":
+            if not future.set_running_or_notify_cancel():
+                return  # its caller left (cancelled, deadline) before the engine saw it: nothing to add
             try:
                 self.core.add_request(payload)
             except Exception as e:  # refused: report to the waiting coroutine
@@ -156,7 +158,10 @@ class AsyncEngine:
         except queue.Empty:
             return
         while True:
-            self._handle(*item)
+            try:
+                self._handle(*item)
+            except Exception:  # noqa: BLE001 -- one bad command must not stop the engine thread
+                log.exception("engine command %r failed", item[0])
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -183,7 +188,7 @@ class AsyncEngine:
                 command, _, future = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if command == "add":
+            if command == "add" and future.set_running_or_notify_cancel():
                 future.set_exception(EngineDeadError("the engine is shutting down"))
 
     def _fail_all(self, error: Exception | None) -> None:

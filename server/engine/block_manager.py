@@ -78,9 +78,13 @@ class BlockManager:
                 if block is None:
                     break
                 found.append(block)
-        self.prefix_queries += max_tokens
-        self.prefix_hits += len(found) * self.block_size
         return found
+
+    def count_prefix_lookup(self, queried_tokens: int, hit_blocks: int) -> None:
+        """Count one lookup in the prefix-cache stats: called once the request it was for is
+        admitted (a request that waits for blocks is looked up again every step)."""
+        self.prefix_queries += queried_tokens
+        self.prefix_hits += hit_blocks * self.block_size
 
     def take(self, block_ids: Sequence[int]) -> None:
         """Add a reference to blocks found in the prefix cache."""

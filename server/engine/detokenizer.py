@@ -37,6 +37,7 @@ _PROMPT_CONTEXT = 6  # prompt tokens decoded as context for the first output tok
 class DetokenizerUpdate:
     text_delta: str  # new text, safe to stream now
     stop: str | None = None  # the stop string that matched: finish with reason "stop", stop_reason = this
+    num_tokens: int = 0  # of the tokens given, how many count (all, or up to the one that completed the stop)
 
 
 class IncrementalDetokenizer:
@@ -102,7 +103,8 @@ class IncrementalDetokenizer:
 
     # -- API ----------------------------------------------------------------------------
     def add_tokens(self, token_ids: Sequence[int], stop_terminated: bool = False) -> DetokenizerUpdate:
-        """Add newly sampled tokens; returns the text that may be streamed now.
+        """Add newly sampled tokens; returns the text that may be streamed now, and how many of
+        the tokens count (several tokens can come at once, and a stop string can end in any).
 
         ``stop_terminated``: the last token ended the request (eos or a stop token
         id); its text is left out unless ``include_stop_str_in_output`` (vLLM v1).
@@ -111,10 +113,11 @@ class IncrementalDetokenizer:
         if self.finished:
             return DetokenizerUpdate("")
         token_ids = list(token_ids)
+        given = len(token_ids)
         if stop_terminated and token_ids and not self.include_stop:
             token_ids = token_ids[:-1]
         delta, stop = [], None
-        for tok in token_ids:
+        for i, tok in enumerate(token_ids):
             self._ids.append(int(tok))
             new_text = self._decode(self._ids[self._prefix:])
             if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
@@ -126,9 +129,9 @@ class IncrementalDetokenizer:
             update = self._emit(old_len, final=False)
             delta.append(update.text_delta)
             if update.stop is not None:
-                stop = update.stop
+                stop, given = update.stop, i + 1  # tokens after the stop string's end do not count
                 break
-        return DetokenizerUpdate("".join(delta), stop)
+        return DetokenizerUpdate("".join(delta), stop, given)
 
     def finish(self) -> str:
         """Flush the held-back text when the request ends (for a reason other than a stop string).

@@ -21,10 +21,12 @@ class EngineLimits:
     max_model_len: int
     block_size: int
     num_kv_blocks: int
+    max_queue: int | None = None  # waiting requests it holds: a request's n choices must fit
 
     @classmethod
     def of(cls, core: EngineCore) -> EngineLimits:
-        return cls(core.vocab_size, core.max_model_len, core.blocks.block_size, core.blocks.num_blocks)
+        return cls(core.vocab_size, core.max_model_len, core.blocks.block_size, core.blocks.num_blocks,
+                   core.config.max_queue)
 
     def validate(self, req: EngineRequest) -> None:
         """Raise ValueError (naming the problem) for a request this engine can never serve."""
@@ -44,4 +46,7 @@ class EngineLimits:
         if needed > self.num_kv_blocks:
             raise ValueError(f"prompt + max_tokens need {needed} KV blocks but the cache holds "
                              f"{self.num_kv_blocks}")
+        if self.max_queue is not None and req.params.n > self.max_queue:
+            raise ValueError(f"n={req.params.n} choices can never be queued at once: the engine's queue holds "
+                             f"{self.max_queue} requests (--max-queue)")
         req.params.validate_for_vocab(self.vocab_size)

@@ -57,6 +57,7 @@ class RequestState:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, tokenizer: Tokenizer):
         self.request_id = request_id
         self.params = params
+        self.num_prompt_tokens = len(prompt_token_ids)
         self.choices: dict[str, _Choice] = {
             child_id(request_id, i, params.n): _Choice(i, IncrementalDetokenizer(tokenizer, params, prompt_token_ids))
             for i in range(params.n)
@@ -79,7 +80,10 @@ class RequestState:
         ends_on_token = delta.finish_reason == FinishReason.EOS or (
             delta.finish_reason == FinishReason.STOP and isinstance(delta.stop_reason, int))
         update = choice.detokenizer.add_tokens(delta.token_ids, stop_terminated=ends_on_token)
-        choice.num_tokens += len(delta.token_ids)
+        token_ids, samples = delta.token_ids, delta.samples
+        if update.num_tokens < len(token_ids):  # a stop string ended inside a coalesced delta
+            token_ids, samples = token_ids[:update.num_tokens], samples[:update.num_tokens]
+        choice.num_tokens += len(token_ids)
         text = update.text_delta
         reason, stop_reason, abort_core = delta.finish_reason, delta.stop_reason, False
         if update.stop is not None:
@@ -89,7 +93,7 @@ class RequestState:
         if reason is not None:
             choice.finished = True
         return CompletionDelta(
-            self.request_id, choice.index, text, list(delta.token_ids), list(delta.samples), reason, stop_reason,
+            self.request_id, choice.index, text, list(token_ids), list(samples), reason, stop_reason,
             delta.num_prompt_tokens, delta.num_cached_tokens, choice.num_tokens, delta.timings,
         ), abort_core
 
@@ -100,5 +104,6 @@ class RequestState:
             if not choice.finished:
                 choice.finished = True
                 out.append(CompletionDelta(self.request_id, choice.index, "", [], finish_reason=reason,
+                                           num_prompt_tokens=self.num_prompt_tokens,
                                            num_output_tokens=choice.num_tokens))
         return out

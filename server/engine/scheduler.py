@@ -218,9 +218,11 @@ class Scheduler:
             if req is None:
                 break
             hit_blocks: list[int] = []
+            queried = 0
             if req.num_computed_tokens == 0 and not req.block_ids:
                 req.block_hashes = block_hashes(req.all_token_ids, self.block_size, req.cache_salt)
-                hit_blocks = self.blocks.lookup_prefix(req.block_hashes, req.num_tokens - 1)
+                queried = req.num_tokens - 1
+                hit_blocks = self.blocks.lookup_prefix(req.block_hashes, queried)
                 self.blocks.take(hit_blocks)
                 req.block_ids = list(hit_blocks)
                 req.num_computed_tokens = len(hit_blocks) * self.block_size
@@ -231,6 +233,8 @@ class Scheduler:
                 req.block_ids, req.num_computed_tokens, req.num_cached_blocks = [], 0, 0
                 break
             self.waiting.pop()
+            if queried:
+                self.blocks.count_prefix_lookup(queried, len(hit_blocks))
             if req.timings.first_scheduled is None:
                 req.timings.first_scheduled = time.monotonic()
                 req.num_cached_tokens = req.num_computed_tokens

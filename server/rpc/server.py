@@ -22,6 +22,7 @@ from bitserve.v1 import chat_pb2, chat_pb2_grpc
 log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+ENGINE_DOWN_LIVENESS_S = 60.0  # no engine ready for this long: the overall health (liveness) fails too
 
 
 class RpcServer:
@@ -33,6 +34,7 @@ class RpcServer:
         self.metrics = metrics
         self.draining = False
         self.port: int | None = None
+        self._watchdog: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         token = config.api_token or os.environ.get("BITSERVE_API_TOKEN") or None
         interceptor = ServerInterceptor(
@@ -85,7 +87,36 @@ class RpcServer:
         await self.server.start()
         await self.warm_up()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watchdog = asyncio.create_task(self._watch_engines())
         return self.port
+
+    async def _watch_engines(self, period_s: float = 1.0, liveness_after_s: float = ENGINE_DOWN_LIVENESS_S) -> None:
+        """Health follows the engines. The chat service (readiness) is NOT_SERVING while none is
+        ready (an engine thread died, every Ray replica is down) and SERVING again when one is; the
+        whole server (liveness) turns NOT_SERVING too once none has been ready for
+        ``liveness_after_s`` (Ray restarts replicas faster than that; a dead in-process engine
+        never comes back, and a restarted pod does)."""
+        loop = asyncio.get_running_loop()
+        ready_before, down_since, live = True, 0.0, True
+        while not self.draining:
+            ready = self.app.replica.num_ready > 0
+            if ready != ready_before:
+                ready_before = ready
+                down_since = loop.time()
+                if ready:
+                    log.warning("an engine is ready again: health SERVING")
+                else:
+                    log.error("no engine is ready: health NOT_SERVING for %s", CHAT_SERVICE)
+                status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+                await self.health.set(CHAT_SERVICE, status)
+                if ready and not live:
+                    await self.health.set("", status)
+                    live = True
+            if not ready and live and loop.time() - down_since >= liveness_after_s:
+                log.error("no engine has been ready for %.0f s: the server reports NOT_SERVING", liveness_after_s)
+                await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+                live = False
+            await asyncio.sleep(period_s)
 
     async def warm_up(self) -> None:
         """One tiny generation through the whole path, so the first client does not pay for it."""
@@ -100,6 +131,8 @@ class RpcServer:
         within the grace period, abort the rest, then stop the server."""
         grace = self.config.grace_period_s if grace is None else grace
         self.draining = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
