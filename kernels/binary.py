@@ -209,11 +209,11 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
     g, h, beta = _vec(in_scale, k, "in_scale"), _vec(out_scale, n, "out_scale"), _vec(in_bias, k, "in_bias")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
-    if out is None:
-        out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
+    out = tl_common.output_buffer(out, m, n, out_dtype or x.dtype, x.device)
     if m == 0:
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
+    packed = tl_common.rows_contiguous(packed)
     if path is None:
         if m <= lowbit_decode.MAX_M and lowbit_decode.supports(lowbit_decode.BINARY, k, packed):
             path = "decode"
@@ -262,11 +262,11 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
         raise ValueError(f"alpha1/alpha2 must be [{n}, {ng}], got {tuple(alpha1.shape)}, {tuple(alpha2.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
-    if out is None:
-        out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
+    out = tl_common.output_buffer(out, m, n, out_dtype or x.dtype, x.device)
     if m == 0:
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
+    packed = tl_common.rows_contiguous(packed)
     dual_ok = lowbit_decode.supports(lowbit_decode.DUAL, k, packed, group_size)
     if path is None:
         path = "decode" if m <= lowbit_decode.MAX_M and dual_ok else "gemm"  # wide: opt-in, see binary_prefill

@@ -28,27 +28,32 @@ def _quant():
     return kv_quant
 
 
+def _triton_writes(x: torch.Tensor) -> bool:
+    """The Triton KV writes tile a head with ``tl.arange(0, D)``: head dims that are powers of two."""
+    d = x.shape[-1]
+    return use_triton(x) and d > 0 and d & (d - 1) == 0
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, layer: KVLayer, slot_mapping: torch.Tensor) -> None:
     """Store new ``k, v [T, KVH, D]`` at their slots (float and int8 layouts)."""
     if layer.kind == "float":
-        d = k.shape[-1]
-        if use_triton(k) and d & (d - 1) == 0:
+        if _triton_writes(k):
             _quant().write_kv_float(k, v, layer, slot_mapping)
         else:
             reference.write_kv_cache(k, v, layer.k, layer.v, slot_mapping)
-    elif use_triton(k):
+    elif _triton_writes(k):
         _quant().write_kv_int8(k, v, layer, slot_mapping)
     else:
         kv_reference.write_kv_int8(k, v, layer, slot_mapping)
 
 
 def write_v_intn(v: torch.Tensor, layer: KVLayer, slot_mapping: torch.Tensor) -> None:
-    (_quant() if use_triton(v) else kv_reference).write_v_intn(v, layer, slot_mapping)
+    (_quant() if _triton_writes(v) else kv_reference).write_v_intn(v, layer, slot_mapping)
 
 
 def finalize_k_intn(k_new, layer: KVLayer, fin_block, fin_slot, fin_old, fin_src) -> None:
-    (_quant() if use_triton(k_new) else kv_reference).finalize_k_intn(k_new, layer, fin_block, fin_slot, fin_old,
-                                                                      fin_src)
+    (_quant() if _triton_writes(k_new) else kv_reference).finalize_k_intn(k_new, layer, fin_block, fin_slot, fin_old,
+                                                                          fin_src)
 
 
 def stage_k(k_new, layer: KVLayer, stage_dst, stage_src) -> None:

@@ -130,19 +130,29 @@ def _(x, norm_weight, eps, packed, weight_scale, bias=None):
 @torch.library.custom_op("bitserve::ternary_w2a8_add_rmsnorm", mutates_args=())
 def ternary_w2a8_add_rmsnorm(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, packed: Tensor,
                              weight_scale: Tensor, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    _check_residual(x, residual)
     if use_triton_for(x):
         from bitserve.kernels import ternary
 
         y, h = ternary.ternary_linear_rmsnorm(_flat(x), norm_weight, eps, packed, weight_scale, bias,
                                               residual=_flat(residual))
         return y.reshape(_out_shape(x, packed.shape[0])), h.reshape(x.shape)
-    return reference.ternary_linear_w2a8_add_rmsnorm(x, residual, norm_weight, eps, packed, weight_scale, bias)
+    y, h = reference.ternary_linear_w2a8_add_rmsnorm(x, residual, norm_weight, eps, packed, weight_scale, bias)
+    return y.contiguous(), h.contiguous()  # the fake's layout, whatever x's strides
 
 
 @ternary_w2a8_add_rmsnorm.register_fake
 def _(x, residual, norm_weight, eps, packed, weight_scale, bias=None):
     y = x.new_empty(_out_shape(x, packed.shape[0]), dtype=torch.promote_types(norm_weight.dtype, x.dtype))
     return y, x.new_empty(x.shape)
+
+
+def _check_residual(x: Tensor, residual: Tensor) -> None:
+    """``x + residual`` ops take both in one dtype and shape (the Triton kernels add them as
+    stored; the fakes promise x's dtype for the sum)."""
+    if residual.dtype != x.dtype or residual.shape != x.shape:
+        raise ValueError(f"residual must match x ({x.dtype} {tuple(x.shape)}), got {residual.dtype} "
+                         f"{tuple(residual.shape)}")
 
 
 # -- binary / dual-binary ----------------------------------------------------------------------------
@@ -216,7 +226,7 @@ def act_and_mul(x: Tensor, act: str) -> Tensor:
         from bitserve.kernels import pointwise
 
         return pointwise.act_and_mul(x, act)
-    return reference.act_and_mul(x, act)
+    return reference.act_and_mul(x, act).contiguous()
 
 
 @act_and_mul.register_fake
@@ -230,7 +240,7 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         from bitserve.kernels import pointwise
 
         return pointwise.rmsnorm(x, weight, eps)
-    return reference.rmsnorm(x, weight, eps)
+    return reference.rmsnorm(x, weight, eps).contiguous()
 
 
 @rmsnorm.register_fake
@@ -240,11 +250,13 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("bitserve::add_rmsnorm", mutates_args=())
 def add_rmsnorm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_residual(x, residual)
     if use_triton_for(x):
         from bitserve.kernels import pointwise
 
         return pointwise.rmsnorm(x, weight, eps, residual)
-    return reference.add_rmsnorm(x, residual, weight, eps)
+    y, h = reference.add_rmsnorm(x, residual, weight, eps)
+    return y.contiguous(), h.contiguous()
 
 
 @add_rmsnorm.register_fake

@@ -32,8 +32,8 @@ import triton.language as tl
 from bitserve.kernels import lowbit_decode, reference, ternary_decode, ternary_prefill, tl_common
 from bitserve.kernels.ternary_prefill import wide_operands
 from bitserve.kernels.packing import unpack_ternary
-from bitserve.kernels.tl_common import (bucket, interpreting, inv_times_127, pick_split_k, quantize_int8, rne,
-                                       splitk_epilogue, store_tile)
+from bitserve.kernels.tl_common import (bucket, interpreting, inv_times_127, output_buffer, pick_split_k, quantize_int8,
+                                       rne, rows_contiguous, splitk_epilogue, store_tile)
 
 # -- configs -----------------------------------------------------------------------------------
 GEMV_BLOCK_N = 16  # output rows per GEMV program (on GPUs; small so that decode fills the SMs)
@@ -412,10 +412,10 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
     buffer to fill (else new, of ``out_dtype`` or x's dtype). split_k/config: explicit launch parameters (tests, tuning);
     None = the fixed configs below (``BITSERVE_TRITON_AUTOTUNE=1``: Triton's autotuner for GEMM).
     """
-    m = x.shape[0]
-    if out is None:
-        out = torch.empty((m, packed.shape[0]), dtype=out_dtype or x.dtype, device=x.device)
     weight_scale = weight_scale.reshape(-1).float()
+    m, n, _ = _check(x, packed, weight_scale, bias)  # every path (dp4a, decode too)
+    packed = rows_contiguous(packed)
+    out = output_buffer(out, m, n, out_dtype or x.dtype, x.device)
     if path is None:
         if act_int8 and m <= ternary_decode.MAX_M and ternary_decode.supports(x, packed):
             path = "dp4a"
@@ -436,11 +436,12 @@ def ternary_linear_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias=None,
     """W2A8 linear of ``rmsnorm(x)`` (:func:`bitserve.kernels.reference.ternary_linear_w2a8_rmsnorm`):
     the norm and the int8 quantization in one kernel (:func:`bitserve.kernels.tl_common.rmsnorm_quantize_int8`),
     then the dp4a GEMV (``M <= ternary_decode.MAX_M``, ``K % 16 == 0``) or a tiled GEMM on the
-    quantized rows (``"wide"``, default, or ``"gemm"``). Output in the norm's output dtype.
+    quantized rows (``"gemm"`` up to ``ternary_prefill.MIN_M`` tokens, ``"wide"`` above, as in
+    :func:`ternary_linear`). Output in the norm's output dtype.
     With ``residual``: of ``h = x + residual``, added in the norm's kernel; returns ``(out, h)``."""
     m, n, q = _check(x, packed, weight_scale.reshape(-1).float(), bias)
-    if out is None:
-        out = torch.empty((m, n), dtype=torch.promote_types(norm_weight.dtype, x.dtype), device=x.device)
+    packed = rows_contiguous(packed)
+    out = output_buffer(out, m, n, torch.promote_types(norm_weight.dtype, x.dtype), x.device)
     x = x if x.stride(1) == 1 else x.contiguous()
     if residual is not None:
         residual = residual if residual.stride(1) == 1 else residual.contiguous()
@@ -450,7 +451,10 @@ def ternary_linear_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias=None,
     quantized = tl_common.rmsnorm_quantize_int8(x, norm_weight, eps, residual)
     xq, sx, xsum = quantized[:3]
     if path is None:
-        path = "dp4a" if m <= ternary_decode.MAX_M and ternary_decode.supports(x, packed) else "wide"
+        if m <= ternary_decode.MAX_M and ternary_decode.supports(x, packed):
+            path = "dp4a"
+        else:  # the same thresholds as ternary_linear's, so that tuning them moves the model's path too
+            path = "wide" if m > ternary_prefill.MIN_M else "gemm"
     if path == "dp4a":
         y = ternary_decode.ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out,
                                                          split_k=split_k, config=config)

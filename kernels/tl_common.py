@@ -121,6 +121,27 @@ def plan_tiled(m: int, n: int, config: dict | None, split_k: int | None, k_steps
     return TiledPlan(tunables, block_m, split_k, part)
 
 
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def output_buffer(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``[M, N]`` output of a weight kernel: ``out`` after checking that the kernel can write it
+    (shape, a float dtype, the device, unit column stride and rows that do not overlap: the kernels
+    address it by its row stride only), or a new one of ``dtype``."""
+    if out is None:
+        return torch.empty((m, n), dtype=dtype, device=device)
+    if (tuple(out.shape) != (m, n) or out.dtype not in OUT_DTYPES or out.device != device
+            or (n > 1 and out.stride(1) != 1) or (m > 1 and out.stride(0) < n)):
+        raise ValueError(f"out must be a float32/float16/bfloat16 [{m}, {n}] tensor on {device} with contiguous rows, "
+                         f"got {out.dtype} {tuple(out.shape)} strides {tuple(out.stride())} on {out.device}")
+    return out
+
+
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride along its last dim (the kernels take only a row stride)."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Scratch a kernel fully overwrites (split-K partials ``[SPLIT_K, M, N]``, ``s_x``); tests poison it."""
     return torch.empty(shape, dtype=dtype, device=device)

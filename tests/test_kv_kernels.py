@@ -121,6 +121,29 @@ def test_write_int8_matches_twin():
     assert (got - k).abs().max() <= k.abs().amax() / 127 * 0.51 + 1e-3  # half a step (fp16 scale rounding)
 
 
+@pytest.mark.parametrize("kind,bits", [("float", 16), ("int8", 8), ("intn", 4)])
+def test_writes_of_head_dims_that_are_not_powers_of_two(kind, bits, monkeypatch):
+    """The Triton writes tile a head with tl.arange(0, D): other head dims take the twins (with the
+    Triton path forced, as on CUDA) instead of failing to compile."""
+    from bitserve.kernels import kv_dispatch
+
+    monkeypatch.setenv("BITSERVE_KV_TRITON", "1")
+    gen = torch.Generator().manual_seed(24)
+    d, t = 24, 11
+    k, v = torch.randn(t, KVH, d, generator=gen).to(DEVICE), torch.randn(t, KVH, d, generator=gen).to(DEVICE)
+    slots = random_slots(t, gen)
+    layer = make_layer(kind, bits, gen, D=d, poison=True)
+    twin = clone(layer)
+    if kind == "intn":
+        kv_dispatch.write_v_intn(v, layer, slots)
+        ref.write_v_intn(v, twin, slots)
+    else:
+        kv_dispatch.write_kv(k, v, layer, slots)
+        (reference.write_kv_cache(k, v, twin.k, twin.v, slots) if kind == "float"
+         else ref.write_kv_int8(k, v, twin, slots))
+    assert_same_storage(twin, layer)
+
+
 @pytest.mark.parametrize("src_dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                                    (torch.bfloat16, torch.bfloat16)])
 def test_write_float_matches_twin(src_dtype, cache_dtype):

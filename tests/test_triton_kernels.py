@@ -713,6 +713,83 @@ def test_custom_ops_opcheck():
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_custom_ops_opcheck_on_transposed_inputs_and_mismatched_residuals():
+    """Fakes promise contiguous outputs of x's dtype: the twins keep that promise for strided x, and
+    a residual of another dtype is refused on every path (the Triton kernels add them as stored)."""
+    g = gen("ops-strided")
+    xt = torch.randn(64, 3, generator=g).t()  # [3, 64], strides (1, 3)
+    w = torch.rand(64, generator=g) + 0.5
+    tern = pack_ternary(torch.randint(-1, 2, (12, 64), generator=g, dtype=torch.int8))
+    with dispatch.use_triton(False):
+        for op, args in [
+            (torch.ops.bitserve.rmsnorm, (xt, w, 1e-5)),
+            (torch.ops.bitserve.add_rmsnorm, (xt, torch.randn(3, 64, generator=g), w, 1e-5)),
+            (torch.ops.bitserve.act_and_mul, (torch.randn(40, 3, generator=g).t(), "silu")),
+            (torch.ops.bitserve.ternary_w2a8_add_rmsnorm, (xt, torch.randn(3, 64, generator=g), w, 1e-5, tern,
+                                                           torch.rand(12) + 0.5, None)),
+        ]:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    for use in (False, True):
+        with dispatch.use_triton(use):
+            with pytest.raises(ValueError, match="residual must match"):
+                torch.ops.bitserve.add_rmsnorm(xt.bfloat16(), torch.randn(3, 64), w, 1e-5)
+
+
+def _weight_cases(k=64, n=24):
+    g = gen("wrappers", k, n)
+    tern = pack_ternary(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
+    bits = pack_sign_bits(torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8))
+    dual = pack_dual_binary(torch.randint(0, 2, (n, k), generator=g), torch.randint(0, 2, (n, k), generator=g), 32)
+    q, s = quantize_weight_int8_rows(torch.randn(n, k, generator=g))
+    ws = torch.rand(n, generator=g) + 0.5
+    a1, a2 = torch.rand(n, k // 32, generator=g) + 0.1, torch.rand(n, k // 32, generator=g) + 0.1
+    return {
+        "w2a8": (lambda x, p, out=None: ternary.ternary_linear(x, p, ws, None, out),
+                 lambda x, p: reference.ternary_linear_w2a8(x, p, ws), tern),
+        "w2a16": (lambda x, p, out=None: ternary.ternary_linear(x, p, ws, None, out, act_int8=False),
+                  lambda x, p: reference_lowbit.ternary_linear_w2a16(x, p, ws), tern),
+        "binary": (lambda x, p, out=None: binary.binary_linear(x, p, None, ws, None, None, out),
+                   lambda x, p: reference_lowbit.binary_linear_w1a16(x, p, None, ws), bits),
+        "dual": (lambda x, p, out=None: binary.dual_binary_linear(x, p, a1, a2, 32, None, out),
+                 lambda x, p: reference_lowbit.dual_binary_linear(x, p, a1, a2, 32), dual),
+        "int8": (lambda x, p, out=None: int8_head.int8_linear(x, p, s, None, out),
+                 lambda x, p: reference_lowbit.int8_linear(x, p, s), q),
+    }
+
+
+@pytest.mark.parametrize("op", ["w2a8", "w2a16", "binary", "dual", "int8"])
+@pytest.mark.parametrize("m", [1, 9])
+def test_wrappers_check_out_buffers_and_take_strided_weights(op, m):
+    """``out=`` must be a float [M, N] buffer with contiguous rows (the kernels address it by row
+    stride only: a wrong one was written out of bounds); weights with a column stride are
+    made contiguous instead of read as garbage."""
+    kernel, twin, weight = _weight_cases()[op]
+    n = weight.shape[0]
+    x = torch.randn(m, 64, generator=gen("x", op, m))
+    for bad in (torch.empty(m, n - 8), torch.empty(m, n, dtype=torch.int32), torch.empty(n, m).t(),
+                torch.empty(m, 2 * n)[:, ::2]):
+        if bad.shape == (m, n) and bad.stride(1) == 1 and bad.dtype.is_floating_point:
+            continue  # (m == 1: a transposed [1, N] is a valid row)
+        with pytest.raises(ValueError, match="out must be"):
+            kernel(x, weight, bad)
+    strided = weight.t().contiguous().t()  # same values, column stride N
+    assert strided.stride(1) != 1
+    torch.testing.assert_close(kernel(x, strided), twin(x, weight), rtol=1e-4, atol=1e-4)
+    into = torch.empty(m, n)
+    assert kernel(x, weight, into) is into
+
+
+def test_dp4a_path_checks_scale_and_bias():
+    kernel_x = torch.randn(2, 64)
+    tern = pack_ternary(torch.randint(-1, 2, (40, 64), dtype=torch.int8))
+    for ws, bias, words in [(torch.ones(2), None, "weight_scale"), (torch.ones(1), torch.ones(1), "bias"),
+                            (torch.ones(40), torch.ones(44), "bias")]:
+        with pytest.raises(ValueError, match=words):
+            ternary.ternary_linear(kernel_x, tern, ws, bias, path="dp4a")
+        with pytest.raises(ValueError, match=words):
+            ternary.ternary_linear(kernel_x, tern, ws, bias)
+
+
 def test_custom_ops_under_torch_compile(monkeypatch):
     monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)  # conftest sets it (for transformers)
     monkeypatch.setattr(torch._dynamo.config, "disable", False)
