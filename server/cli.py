@@ -211,17 +211,18 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from bitserve.rpc.bench import BenchConfig, format_table, run_bench
+    from bitserve.rpc.bench import BenchConfig, format_table, run_bench, write_results
 
     cfg = dataclass_from_args(BenchConfig, args)
     rate = "all at once" if cfg.request_rate == float("inf") else f"{cfg.request_rate:g} req/s (Poisson)"
     print(f"bench {cfg.address}: {cfg.num_requests} requests per level, concurrency {cfg.levels}, arrivals {rate}, "
           f"dataset {cfg.dataset}, max_tokens {cfg.max_tokens}", file=sys.stderr, flush=True)
-    result = run_bench(cfg)
+    result = run_bench(cfg, write=False)
     server = result["server"]
     print(f"model '{server['model']}' ({server['format']}, {server['bits_per_weight']:.2f} bits/weight); "
           f"latencies in ms, 'in'/'out' = mean prompt/output tokens")
-    print(format_table(result))
+    print(format_table(result), flush=True)  # before the files: a failed write does not lose the results
+    write_results(result, cfg)
     for path in (cfg.out_json, cfg.out_png):
         if path:
             print(f"wrote {path}", file=sys.stderr)

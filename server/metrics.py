@@ -31,7 +31,7 @@ above are emitted once per replica with an extra ``replica`` label, instead of o
 
 ==========================================  =======  ==========================================
 bitserve_replica_ready                      gauge    1 when the router may send to the replica
-bitserve_replica_restarts_total             counter  times the replica's process was replaced
+bitserve_replica_restarts_total             counter  times a replaced process of the replica came back ready
 bitserve_replica_outstanding_requests       gauge    requests routed to it and not finished
 bitserve_replica_outstanding_tokens         gauge    their prompt + remaining max_tokens
 bitserve_replica_requests_total             counter  requests routed to it
@@ -359,7 +359,7 @@ class _ScrapeCollector:
         specs = (
             (GaugeMetricFamily, "bitserve_replica_ready", "1 when the replica is ready to take requests.",
              lambda h: 1 if h.ready else 0),
-            (CounterMetricFamily, "bitserve_replica_restarts", "Times the replica's process was replaced.",
+            (CounterMetricFamily, "bitserve_replica_restarts", "Times a replaced process of the replica came back ready.",
              lambda h: h.restarts),
             (GaugeMetricFamily, "bitserve_replica_outstanding_requests", "Requests routed to the replica, unfinished.",
              lambda h: h.outstanding_requests),

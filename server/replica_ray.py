@@ -45,6 +45,20 @@ def _short(error: BaseException, limit: int = 400) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+# a replica's stream sends an item at least every heartbeat (1 s); one silent this long is hung (e.g. a
+# stopped process). Generous: a Triton compile of a new shape can hold the actor's GIL for seconds.
+STALL_TIMEOUT_S = 30.0
+
+
+def _cancel(stream) -> None:
+    import ray
+
+    try:
+        ray.cancel(stream)
+    except Exception as e:  # noqa: BLE001 - best effort: the actor may be gone
+        log.debug("cancelling a stalled stream: %s", e)
+
+
 class _Connection:
     """One open ``connect()`` stream of an actor: which request's deltas go to which asyncio queue.
     Deliveries happen on the monitor thread; each request's queue belongs to its own event loop."""
@@ -109,11 +123,13 @@ class RayReplica:
     :class:`ReplicaLostError` and the monitor waits for Ray to restart the actor.
     """
 
-    def __init__(self, name: str, actor, stats_interval_s: float = 0.1, heartbeat_s: float = 1.0):
+    def __init__(self, name: str, actor, stats_interval_s: float = 0.1, heartbeat_s: float = 1.0,
+                 stall_timeout_s: float = STALL_TIMEOUT_S):
         self.name = name
         self.actor = actor
         self.stats_interval_s = stats_interval_s
         self.heartbeat_s = heartbeat_s
+        self.stall_timeout_s = stall_timeout_s  # silence on the stream this long: the replica is hung
         self.boot: ReplicaBoot | None = None
         self.start_error: str | None = None  # the first incarnation failed to start
         self._connection: _Connection | None = None
@@ -232,9 +248,19 @@ class RayReplica:
             backoff, last_error = 0.2, None
             conn = _Connection()
             reason = "its stream ended"
+            stream = self.actor.connect.remote(conn.id, self.stats_interval_s, self.heartbeat_s)
             try:
-                async for ref in self.actor.connect.remote(conn.id, self.stats_interval_s, self.heartbeat_s):
-                    events: ReplicaEvents = await ref
+                while True:
+                    try:  # an item comes at least every heartbeat: a silent stream is a hung process
+                        ref = await asyncio.wait_for(stream.__anext__(), self.stall_timeout_s)
+                        events: ReplicaEvents = await asyncio.wait_for(ref, self.stall_timeout_s)
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.TimeoutError:
+                        reason = f"no word from it for {self.stall_timeout_s:g} s (hung?)"
+                        log.warning("replica %s lost: %s", self.name, reason)
+                        _cancel(stream)  # if it wakes up, it aborts this connection's requests
+                        break
                     if events.stats is not None:
                         self._stats = events.stats
                     if self._connection is not conn:  # the first item: the connection is open

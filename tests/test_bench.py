@@ -82,3 +82,15 @@ def test_cli_parser_and_errors_by_code(server, tmp_path, capsys):
 def test_unreachable_server_is_a_clean_error(capsys):
     with pytest.raises(OSError, match="cannot reach"):
         run_bench(BenchConfig(address="127.0.0.1:1", num_requests=1, progress=False, timeout=1.0))
+
+
+def test_output_paths_are_checked_before_the_run(tmp_path, capsys):
+    """A results file that cannot be written is an error before any request is sent."""
+    for name in ("--out-json", "--out-png"):
+        rc = None
+        with pytest.raises(SystemExit) as exit_:
+            rc = main(["bench", "--address", "127.0.0.1:1", "--num-requests", "1", "--no-progress",
+                       name, str(tmp_path / "missing" / "x")])
+        assert rc is None and exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "cannot write" in err and "missing" in err and "cannot reach" not in err

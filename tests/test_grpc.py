@@ -358,3 +358,56 @@ def test_stubs_are_fresh():
     result = subprocess.run([sys.executable, str(root / "scripts" / "gen_proto.py"), "--check"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_cancelled_stream_is_counted_once():
+    """A stream cancelled while its handler waits at a yield ends with GeneratorExit: the interceptor
+    still records it (CANCELLED), so handled == started; deadlines are DEADLINE_EXCEEDED."""
+    import asyncio
+    import collections
+
+    from bitserve.rpc.interceptor import ServerInterceptor
+    from bitserve.v1 import chat_pb2_grpc
+
+    started, handled = collections.Counter(), collections.Counter()
+
+    class Endless(chat_pb2_grpc.ChatServiceServicer):
+        async def ChatStream(self, request, context):
+            while True:
+                yield pb.StreamEvent(delta=pb.Delta(text="x", token_ids=[1]))
+                await asyncio.sleep(0.001)
+
+    async def main():
+        interceptor = ServerInterceptor(is_draining=lambda: False, observe=lambda m, c, s: handled.update([c]),
+                                        observe_started=lambda m: started.update([m]))
+        server = grpc.aio.server(interceptors=[interceptor])
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(Endless(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+
+        async def cancel_after_one():
+            call = stub.ChatStream(pb.ChatRequest())
+            async for _ in call:
+                call.cancel()
+                break
+
+        async def time_out():
+            try:
+                async for _ in stub.ChatStream(pb.ChatRequest(), timeout=0.2):
+                    pass
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        await asyncio.gather(*[cancel_after_one() for _ in range(150)], *[time_out() for _ in range(20)])
+        for _ in range(100):
+            if sum(handled.values()) == 170:
+                break
+            await asyncio.sleep(0.05)
+        await channel.close()
+        await server.stop(0)
+
+    asyncio.run(main())
+    assert sum(started.values()) == 170
+    assert handled == {"CANCELLED": 150, "DEADLINE_EXCEEDED": 20}

@@ -307,6 +307,29 @@ def test_killed_replica(server, in_process):
     assert server.routed()[victim] > before
 
 
+def test_hung_replica_is_taken_out_and_comes_back(server):
+    """A replica whose process stops answering (SIGSTOP) sends no heartbeat: after the stall timeout it
+    is not ready (requests go to the other one); when it wakes up it rejoins without a restart."""
+    name = "replica-0"
+    member = server.replicas.members[name]
+    wait_for(lambda: member.ready, 90, "replica-0 to be ready")
+    restarts = member.restarts
+    member.stall_timeout_s = 2.0
+    time.sleep(1.5)  # the monitor's current wait (30 s) ends at the next heartbeat
+    pid = member.boot.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not member.ready, 10, "the stopped replica to be taken out")
+        assert server.stub.GetLoad(pb.GetLoadRequest(), timeout=5).replicas == 1
+        response = server.stub.Complete(complete([7, 8, 9], 4, temperature=0.0, ignore_eos=True), timeout=20)
+        assert len(response.choices[0].token_ids) == 4  # served by the other replica
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        member.stall_timeout_s = 30.0
+    wait_for(lambda: member.ready, 30, "the replica to rejoin after SIGCONT")
+    assert member.restarts == restarts and member.boot.pid == pid
+
+
 def test_shutdown_leaves_no_ray_process_behind(server, ray_session):
     workers = [psutil.Process(m.boot.pid) for m in server.replicas.members.values()]
     server.close()

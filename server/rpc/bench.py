@@ -96,6 +96,10 @@ class BenchConfig:
             raise ValueError("warmup must be >= 0 and timeout > 0")
         if self.dataset not in ("synthetic", "demo") and not Path(self.dataset).is_file():
             raise ValueError(f"dataset must be 'synthetic', 'demo' or an existing file; got {self.dataset!r}")
+        for name in ("out_json", "out_png"):  # found out before the run, not after it
+            path = getattr(self, name)
+            if path and not (Path(path).parent.is_dir() and os.access(Path(path).parent, os.W_OK)):
+                raise ValueError(f"{name}: cannot write {path} (its folder does not exist or is not writable)")
 
 
 def parse_levels(value) -> list[int]:
@@ -402,14 +406,20 @@ async def arun_bench(cfg: BenchConfig) -> dict:
     }
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    """Blocking :func:`arun_bench` (its own event loop); also writes out_json / out_png when set."""
+def run_bench(cfg: BenchConfig, write: bool = True) -> dict:
+    """Blocking :func:`arun_bench` (its own event loop); also writes out_json / out_png when set
+    (``write``; the CLI prints the table first, then calls :func:`write_results`)."""
     result = asyncio.run(arun_bench(cfg))
+    if write:
+        write_results(result, cfg)
+    return result
+
+
+def write_results(result: dict, cfg: BenchConfig) -> None:
     if cfg.out_json:
         write_json(result, cfg.out_json)
     if cfg.out_png:
         write_png(result, cfg.out_png)
-    return result
 
 
 def write_json(result: dict, path: str) -> None:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # Health checks and reflection stay open without a token and while draining.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+DEADLINE_SLACK_S = 0.1  # a cancel this close to the deadline is the deadline (the client timed out first)
 
 ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -72,8 +73,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _cancel_code(context) -> grpc.StatusCode:
+        """DEADLINE_EXCEEDED for a call cancelled at (or just before: the client's timer fires first
+        and its cancel arrives ahead of the server's copy of the deadline) its deadline."""
         remaining = context.time_remaining()
-        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
     async def _admit(self, method: str, context) -> float:
         """Count the call, refuse it (draining, auth) or return its start time."""
@@ -124,9 +128,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request, context):
                 started = await self._admit(method, context)
+                responses = inner_stream(request, context)
                 try:
-                    async for item in inner_stream(request, context):
+                    async for item in responses:
                         yield item
+                except GeneratorExit:  # the call ended while its handler waited at a yield (client cancel)
+                    self._record(method, self._cancel_code(context), started)
+                    await responses.aclose()  # abort the request now, not when the generator is collected
+                    raise
                 except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 - mapped in _fail
                     await self._fail(method, context, started, e)
                 self._record(method, grpc.StatusCode.OK, started)
