@@ -32,8 +32,9 @@ import triton.language as tl
 from bitserve.kernels import lowbit_decode, reference, ternary_decode, ternary_prefill, tl_common
 from bitserve.kernels.ternary_prefill import wide_operands
 from bitserve.kernels.packing import unpack_ternary
-from bitserve.kernels.tl_common import (bucket, interpreting, inv_times_127, output_buffer, pick_split_k, quantize_int8,
-                                       rne, rows_contiguous, splitk_epilogue, store_tile)
+from bitserve.kernels.tl_common import (bucket, int8_code, interpreting, inv_times_127, nan_if, not_finite,
+                                       output_buffer, pick_split_k, quantize_int8, rne, rows_contiguous,
+                                       splitk_epilogue, store_tile)
 
 # -- configs -----------------------------------------------------------------------------------
 GEMV_BLOCK_N = 16  # output rows per GEMV program (on GPUs; small so that decode fills the SMs)
@@ -103,10 +104,13 @@ def _ternary_gemv_kernel(
     if ACT_INT8:
         offs_x = tl.arange(0, BLOCK_X)
         amax = tl.zeros([BLOCK_X], dtype=tl.float32)
+        bad = tl.zeros([BLOCK_X], dtype=tl.int32)
         for k0 in range(0, 4 * Q, BLOCK_X):
             v = tl.load(x_row + k0 + offs_x, mask=k0 + offs_x < 4 * Q, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
-        amax_row = tl.maximum(tl.max(amax, axis=0), 1e-5)
+            bad = tl.maximum(bad, not_finite(v))
+        # a row with NaN/inf: NaN outputs (max drops NaN on GPUs), like the twin
+        amax_row = nan_if(tl.max(bad, axis=0), tl.maximum(tl.max(amax, axis=0), 1e-5))
         s_x = inv_times_127(amax_row, BLOCK_J)
         acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.int32)
         xsum = tl.zeros([BLOCK_J], dtype=tl.int32)
@@ -126,7 +130,7 @@ def _ternary_gemv_kernel(
             xs = tl.load(x_row + s * Q + offs_j, mask=j_mask, other=0.0).to(tl.float32)
             c = (p >> (2 * s)) & 3  # t + 1
             if ACT_INT8:
-                xq = tl.minimum(tl.maximum(rne(xs * s_x), -128.0), 127.0).to(tl.int32)
+                xq = int8_code(xs * s_x).to(tl.int32)
                 acc += c * xq[None, :]
                 xsum += xq
             else:

@@ -202,6 +202,27 @@ def inv_times_127(amax, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def not_finite(v):
+    """1 where ``v`` is NaN or +-inf, else 0 (int32)."""
+    return tl.where(tl.abs(v) < float("inf"), 0, 1)
+
+
+@triton.jit
+def nan_if(flag, s):
+    """``s``, or NaN where ``flag``: a row with a NaN or inf gets ``s_x = NaN``, so its outputs are NaN
+    (as with the twin) instead of finite garbage (GPUs' max/min drop NaN)."""
+    return tl.where(flag > 0, float("nan"), s)
+
+
+@triton.jit
+def int8_code(v):
+    """``clamp(rne(v), -128, 127)``, 0 for NaN (a NaN row's codes; its ``s_x`` is NaN): converting NaN
+    to an integer is undefined and its row sum could overflow."""
+    q = tl.minimum(tl.maximum(rne(v), -128.0), 127.0)
+    return tl.where(q == q, q, 0.0)
+
+
+@triton.jit
 def _quantize_int8_kernel(x_ptr, xq_ptr, sx_ptr, xsum_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
                           WITH_SUM: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """Per-token absmax int8 (FORMATS.md §1.5).
@@ -217,16 +238,18 @@ def _quantize_int8_kernel(x_ptr, xq_ptr, sx_ptr, xsum_ptr, K, stride_xm, stride_
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         v = tl.load(x_ptr + m * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
+        bad = tl.maximum(bad, not_finite(v))
     amax_row = tl.maximum(tl.max(amax, axis=0), 1e-5)
-    s = inv_times_127(amax_row, BLOCK_K)
+    s = nan_if(tl.max(bad, axis=0), inv_times_127(amax_row, BLOCK_K))
     total = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
         v = tl.load(x_ptr + m * stride_xm + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(rne(v * s), -128.0), 127.0)
+        q = int8_code(v * s)
         tl.store(xq_ptr + m * stride_qm + k0 + offs, q.to(tl.int8), mask=mask)
         total += q.to(tl.int32)
     tl.store(sx_ptr + m + offs, s, mask=offs < 1)
@@ -321,14 +344,16 @@ def _rmsnorm_quantize_int8_kernel(x_ptr, res_ptr, h_ptr, w_ptr, xq_ptr, sx_ptr, 
     res_row = res_ptr + m * stride_rm
     r = _sum_of_squares_rsqrt(x_row, res_row, h_ptr + m * stride_hm, K, eps, BLOCK_K, HAS_RES, X_ROUND)
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         y, mask = _rmsnorm_row(x_row, res_row, w_ptr, k0, offs, K, r, HAS_RES, X_ROUND, Y_ROUND)
         amax = tl.maximum(amax, tl.abs(y))
-    s = inv_times_127(tl.maximum(tl.max(amax, axis=0), 1e-5), BLOCK_K)
+        bad = tl.maximum(bad, not_finite(y))
+    s = nan_if(tl.max(bad, axis=0), inv_times_127(tl.maximum(tl.max(amax, axis=0), 1e-5), BLOCK_K))
     total = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         y, mask = _rmsnorm_row(x_row, res_row, w_ptr, k0, offs, K, r, HAS_RES, X_ROUND, Y_ROUND)
-        q = tl.minimum(tl.maximum(rne(y * s), -128.0), 127.0)
+        q = int8_code(y * s)
         tl.store(xq_ptr + m * stride_qm + k0 + offs, q.to(tl.int8), mask=mask)
         total += q.to(tl.int32)
     tl.store(sx_ptr + m + offs, s, mask=offs < 1)

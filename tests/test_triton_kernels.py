@@ -779,6 +779,38 @@ def test_wrappers_check_out_buffers_and_take_strided_weights(op, m):
     assert kernel(x, weight, into) is into
 
 
+@pytest.mark.parametrize("path", ["dp4a", "gemv", "gemm", "wide", "rmsnorm", "add_rmsnorm"])
+def test_w2a8_row_with_nan_or_inf_is_nan_and_alone(path):
+    """A NaN or inf in one token's activations makes that token's outputs NaN (as in the twin, not
+    finite garbage: GPUs' max drops NaN) and leaves every other row exact; in the fused norm path an
+    fp16 residual add that overflows does the same."""
+    n, k, m = 40, 64, 9 if path in ("gemm", "wide") else 3
+    g = gen("nan-row", path)
+    tern = pack_ternary(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
+    ws = torch.rand(n, generator=g) + 0.5
+    x = torch.randn(m, k, generator=g)
+    x[1, 5], x[2, 7] = float("nan"), float("inf")
+    w = torch.rand(k, generator=g) + 0.5
+    if path in ("rmsnorm", "add_rmsnorm"):
+        x = x.half()
+        res = torch.randn(m, k, generator=g).half()
+        res[0, 3], x[0, 3] = 60000.0, 60000.0  # x + res overflows fp16 in row 0
+        if path == "rmsnorm":
+            y = ternary.ternary_linear_rmsnorm(x, w, 1e-5, tern, ws)
+            want = reference.ternary_linear_w2a8_rmsnorm(x, w, 1e-5, tern, ws)
+        else:
+            y, _ = ternary.ternary_linear_rmsnorm(x, w, 1e-5, tern, ws, residual=res)
+            want, _ = reference.ternary_linear_w2a8_add_rmsnorm(x, res, w, 1e-5, tern, ws)
+        bad_rows = [1, 2] + ([0] if path == "add_rmsnorm" else [])
+    else:
+        y = ternary.ternary_linear(x, tern, ws, path=path)
+        want = reference.ternary_linear_w2a8(x, tern, ws)
+        bad_rows = [1, 2]
+    good = [r for r in range(m) if r not in bad_rows]
+    assert torch.isnan(y[bad_rows]).all()
+    torch.testing.assert_close(y[good], want[good], rtol=0, atol=0)
+
+
 def test_dp4a_path_checks_scale_and_bias():
     kernel_x = torch.randn(2, 64)
     tern = pack_ternary(torch.randint(-1, 2, (40, 64), dtype=torch.int8))
