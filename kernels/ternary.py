@@ -33,7 +33,7 @@ from bitserve.kernels import lowbit_decode, reference, ternary_decode, ternary_p
 from bitserve.kernels.ternary_prefill import wide_operands
 from bitserve.kernels.packing import unpack_ternary
 from bitserve.kernels.tl_common import (bucket, int8_code, interpreting, inv_times_127, nan_if, not_finite,
-                                       output_buffer, pick_split_k, quantize_int8, rne, rows_contiguous,
+                                       output_buffer, pick_split_k, quantize_int8, rows_contiguous,
                                        splitk_epilogue, store_tile)
 
 # -- configs -----------------------------------------------------------------------------------
