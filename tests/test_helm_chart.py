@@ -331,6 +331,13 @@ BAD_COMBINATIONS = {
     "more ray replicas than GPUs": ({"mode": "raycluster", "gpu": {"count": 4}, "ray": {"worker": {"replicas": 2}},
                                      "config": {"replicas": 9}}, "more GPUs"),
     "min above max": ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas"),
+    # KEDA's query and the alerts select job=<fullname>, which only the chart's monitors set
+    "keda without a monitor": ({"autoscaling": {"enabled": True, "kind": "keda"}}, "enable one"),
+    "alerts without a monitor": ({"metrics": {"prometheusRule": {"enabled": True}}}, "enable one"),
+    "raycluster replicas from 0 GPUs each": ({"mode": "raycluster", "gpu": {"count": 1},
+                                             "config": {"gpus_per_replica": 0}}, "set config.replicas"),
+    "too few Ray CPUs on the workers": ({"mode": "raycluster", "gpu": {"count": 8},
+                                         "ray": {"worker": {"rayStartParams": {"num-cpus": "4"}}}}, "Ray CPUs"),
 }
 
 
@@ -415,7 +422,8 @@ def test_helm_test_pod_checks_grpc_health_through_the_service():
 
 def test_autoscaling_targets_the_deployment():
     for kind, object_kind in (("keda", "ScaledObject"), ("hpa", "HorizontalPodAutoscaler")):
-        rendered = ht.render({"autoscaling": {"enabled": True, "kind": kind}})
+        rendered = ht.render({"autoscaling": {"enabled": True, "kind": kind},
+                              "metrics": {"podMonitor": {"enabled": True}}})
         deployment = rendered.one("Deployment")
         assert "replicas" not in deployment["spec"]  # owned by the autoscaler
         scaler = rendered.one(object_kind)
@@ -563,3 +571,37 @@ def test_pod_templates_survive_a_chart_version_bump():
         for template in templates:
             labels = template["metadata"]["labels"]
             assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels
+
+
+def test_values_of_zero_are_not_defaults():
+    """0 is a value, not "unset": maxUnavailable 0 blocks evictions, grace 0 shortens the pod's
+    grace period, gpus_per_replica 0 needs no GPU."""
+    pdb = ht.render({"podDisruptionBudget": {"maxUnavailable": 0}}).one("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 0
+    values = ht.chart().values
+    pod = ht.render({"config": {"grace_period_s": 0}}).one("Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == values["drain"]["preStopSleepSeconds"] + values["drain"]["shutdownSeconds"]
+    args = ht.render({"gpu": {"count": 1}, "config": {"replicas": 2, "gpus_per_replica": 0}}).one("Deployment")[
+        "spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--gpus-per-replica") + 1] == "0"
+
+
+def test_mig_resources_also_tolerate_the_gpu_taint():
+    pod = ht.render({"gpu": {"resource": "nvidia.com/mig-3g.40gb"}}).one("Deployment")["spec"]["template"]["spec"]
+    keys = {t["key"] for t in pod["tolerations"]}
+    assert keys == {"nvidia.com/mig-3g.40gb", "nvidia.com/gpu"}
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/mig-3g.40gb"] == 1
+
+
+def test_ray_workers_advertise_cpus_for_every_replica():
+    """8 replicas x 1 CPU must fit the Ray CPUs of the workers (default: their CPU request, 4),
+    or the head waits for them forever: the chart sets num-cpus unless the values do."""
+    cluster = ht.render({"mode": "raycluster", "gpu": {"count": 8}}).one("RayCluster")
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    assert group["rayStartParams"]["num-cpus"] == "8"
+    cluster = ht.render({"mode": "raycluster", "gpu": {"count": 4},
+                         "config": {"cpus_per_replica": 0.5}}).one("RayCluster")
+    assert cluster["spec"]["workerGroupSpecs"][0]["rayStartParams"]["num-cpus"] == "2"
+    cluster = ht.render({"mode": "raycluster", "gpu": {"count": 2},
+                         "ray": {"worker": {"rayStartParams": {"num-cpus": "16"}}}}).one("RayCluster")
+    assert cluster["spec"]["workerGroupSpecs"][0]["rayStartParams"]["num-cpus"] == "16"

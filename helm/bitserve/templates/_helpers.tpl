@@ -85,10 +85,33 @@ used by one replica each (gpus_per_replica default 1). */}}
 {{- if .Values.config.replicas -}}
 {{- .Values.config.replicas | int -}}
 {{- else -}}
-{{- $per := .Values.config.gpus_per_replica | default 1 | float64 -}}
+{{- $per := include "bitserve.gpusPerReplica" . | float64 -}}
+{{- if eq $per 0.0 -}}
+{{- fail "config.gpus_per_replica 0 in mode raycluster: set config.replicas (the count cannot come from the GPUs)" -}}
+{{- end -}}
 {{- $total := mulf (.Values.ray.worker.replicas | float64) (.Values.gpu.count | float64) -}}
 {{- divf $total $per | floor | int -}}
 {{- end -}}
+{{- end -}}
+
+{{/* A config number that may be 0 (`default` would take 0 for unset): its value, else `fallback`. */}}
+{{- define "bitserve.configNumber" -}}
+{{- $v := index .cfg .key -}}
+{{- if kindIs "invalid" $v }}{{ .fallback }}{{ else }}{{ $v }}{{ end -}}
+{{- end -}}
+{{- define "bitserve.gpusPerReplica" -}}
+{{ include "bitserve.configNumber" (dict "cfg" .Values.config "key" "gpus_per_replica" "fallback" 1) }}
+{{- end -}}
+{{- define "bitserve.cpusPerReplica" -}}
+{{ include "bitserve.configNumber" (dict "cfg" .Values.config "key" "cpus_per_replica" "fallback" 1) }}
+{{- end -}}
+
+{{/* Logical CPUs a Ray worker advertises (unless ray.worker.rayStartParams sets num-cpus): enough
+for every engine replica's cpus_per_replica, however Ray places them. Without it a worker has as
+many as its CPU request, and replicas that do not fit would keep the head from ever being ready. */}}
+{{- define "bitserve.rayWorkerCpus" -}}
+{{- $need := mulf (include "bitserve.rayEngineReplicas" . | float64) (include "bitserve.cpusPerReplica" . | float64) -}}
+{{- max 1 (ceil $need | int) -}}
 {{- end -}}
 
 {{/* Cross-field checks that JSON schema cannot express; they fail lint and install. */}}
@@ -100,10 +123,21 @@ used by one replica each (gpus_per_replica default 1). */}}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) -}}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" -}}
 {{- end -}}
-{{- $per := $v.config.gpus_per_replica | default 1 | float64 -}}
+{{- $per := include "bitserve.gpusPerReplica" . | float64 -}}
+{{- if and (or (and $v.autoscaling.enabled (eq $v.autoscaling.kind "keda")) $v.metrics.prometheusRule.enabled)
+      (not (or $v.metrics.serviceMonitor.enabled $v.metrics.podMonitor.enabled)) -}}
+{{- fail (printf "autoscaling (keda) and metrics.prometheusRule query series by job=%q, the label metrics.serviceMonitor or metrics.podMonitor gives them: enable one" (include "bitserve.fullname" .)) -}}
+{{- end -}}
 {{- if eq $v.mode "raycluster" -}}
 {{- if eq (int $v.gpu.count) 0 -}}
 {{- fail "mode raycluster runs engine replicas on GPU workers: set gpu.count >= 1" -}}
+{{- end -}}
+{{- $userCpus := index ($v.ray.worker.rayStartParams | default dict) "num-cpus" -}}
+{{- if not (kindIs "invalid" $userCpus) -}}
+{{- $need := mulf (include "bitserve.rayEngineReplicas" . | float64) (include "bitserve.cpusPerReplica" . | float64) -}}
+{{- if gt $need (mulf (float64 $v.ray.worker.replicas) (float64 $userCpus)) -}}
+{{- fail (printf "%v engine replicas x cpus_per_replica need %v Ray CPUs; ray.worker.rayStartParams num-cpus (%v) x ray.worker.replicas (%v) has fewer" (include "bitserve.rayEngineReplicas" .) $need $userCpus $v.ray.worker.replicas) -}}
+{{- end -}}
 {{- end -}}
 {{- $replicas := include "bitserve.rayEngineReplicas" . | int -}}
 {{- if lt $replicas 1 -}}
@@ -152,7 +186,7 @@ without a decimal point (Helm reads every number as a float). */}}
 {{/* Pod pieces ---------------------------------------------------------------- */}}
 
 {{- define "bitserve.terminationGracePeriodSeconds" -}}
-{{- $grace := .Values.config.grace_period_s | default 30 | float64 | ceil | int -}}
+{{- $grace := include "bitserve.configNumber" (dict "cfg" .Values.config "key" "grace_period_s" "fallback" 30) | float64 | ceil | int -}}
 {{- add .Values.drain.preStopSleepSeconds $grace .Values.drain.shutdownSeconds -}}
 {{- end -}}
 
@@ -171,6 +205,10 @@ without a decimal point (Helm reads every number as a float). */}}
 {{- $tol := .Values.tolerations | default list -}}
 {{- if and (gt (int .Values.gpu.count) 0) .Values.gpu.tolerateTaint -}}
 {{- $tol = append $tol (dict "key" .Values.gpu.resource "operator" "Exists" "effect" "NoSchedule") -}}
+{{- if and (hasPrefix "nvidia.com/" .Values.gpu.resource) (ne .Values.gpu.resource "nvidia.com/gpu") -}}
+{{- /* MIG and other NVIDIA resources: GPU node pools taint nvidia.com/gpu whatever they advertise */ -}}
+{{- $tol = append $tol (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") -}}
+{{- end -}}
 {{- end -}}
 {{- if $tol -}}
 {{- toYaml $tol -}}
