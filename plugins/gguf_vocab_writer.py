@@ -41,6 +41,8 @@ PROBES = (
     "unicode: \u00fcn\u00efc\u00f6d\u00e9 \u2014 \u65e5\u672c\u8a9e \U0001f642 \u0000 ~`|\\",
     " leading space", "trailing space ", "a  b   c    d", "\n", "x",
     "What is 17 + 25? The answer is 42.",
+    # a literal U+2581: a vocabulary whose spaces are escaped to it for GGUF reads it back as a space
+    "a\u2581b \u2581 c\u2581\u2581",
 )
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")
 STR, U32, I32, F32, BOOL = (GGUFValueType.STRING, GGUFValueType.UINT32, GGUFValueType.INT32,

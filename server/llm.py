@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import fields
 from typing import Sequence, Union
 
@@ -63,7 +65,9 @@ class LLM:
     def _as_batch(prompts) -> list:
         if isinstance(prompts, str):
             return [prompts]
-        if len(prompts) and isinstance(prompts[0], int):
+        if hasattr(prompts, "tolist") and not isinstance(prompts, list):  # numpy array / torch tensor
+            prompts = prompts.tolist()
+        if len(prompts) and isinstance(prompts[0], numbers.Integral):  # one prompt of token ids
             return [prompts]
         return list(prompts)
 

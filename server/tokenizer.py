@@ -47,6 +47,17 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class GenerationBlock(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}``: Hugging Face chat templates mark the assistant's
+    tokens with it (for training masks); rendering a prompt, its body is plain output."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 class Tokenizer:
     def __init__(self, folder: str | Path):
         path = Path(folder)
@@ -150,7 +161,7 @@ class Tokenizer:
             if not self.chat_template:
                 raise ChatTemplateError("this model has no chat template (tokenizer_config.json 'chat_template')")
             env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+                trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, GenerationBlock]
             )
             env.filters["tojson"] = _tojson
             env.globals["raise_exception"] = _raise

@@ -114,3 +114,18 @@ def test_transformers_oracle_agrees():
 
     ours = LLM(str(DEMO_MODEL_PATH)).chat([q.messages for q in questions], _greedy())
     assert [o.text for o in ours] == answers
+
+
+def test_token_id_prompts_may_be_numpy_or_torch():
+    import numpy as np
+    import torch
+
+    from bitserve import LLM, SamplingParams
+
+    llm = LLM()
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    ids = llm.tokenizer.encode("What is 2+2?")
+    want = llm.generate([ids], params)[0].token_ids
+    for prompt in (np.array(ids), [np.int64(i) for i in ids], torch.tensor(ids)):
+        assert llm.generate(prompt, params)[0].token_ids == want
+    assert [o.token_ids for o in llm.generate(np.array([ids, ids]), params)] == [want, want]

@@ -258,3 +258,43 @@ def test_windowed_decoding_is_incremental(bpe):
     assert d.text == text
     assert len(ids) > 300 and max(spy.lengths) <= 8
     assert sum(spy.lengths) <= 6 * len(ids)
+
+
+def test_stop_strings_wait_for_min_tokens(bpe):
+    """vLLM v1: stop strings are looked for once more than min_tokens tokens were generated, in the
+    text that is new since; a stop completed earlier does not end the request."""
+    ids = bpe.encode("the end! the end! the", add_special_tokens=False)
+    first_end = next(i for i in range(1, len(ids) + 1) if "end" in bpe.decode(ids[:i]))
+    for min_tokens, want in ((0, "the "), (first_end, "the end! the ")):
+        d = IncrementalDetokenizer(bpe, SamplingParams(stop=["end"], min_tokens=min_tokens, max_tokens=64))
+        for t in ids:
+            d.add_tokens([t])
+            if d.finished:
+                break
+        assert d.finished and d.stop_reason == "end" and d.text == want, (min_tokens, d.text)
+
+
+def test_stop_string_completed_by_the_final_flush_is_reported(tmp_path):
+    """A token whose text is "!" plus the first byte of a 3-byte character is held back (the character
+    is incomplete); when the request ends there (length or eos) the flush completes the stop "!":
+    the choice ends with STOP and that stop string, its text cut before it."""
+    from bitserve.engine.core import TokenDelta
+    from bitserve.engine.output_processor import RequestState
+    from bitserve.engine.request import FinishReason
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["!\u00e2"] = len(vocab)  # "!" + byte 0xE2 (the first of "\u20ac"), in ByteLevel's alphabet
+    vocab["</s>"] = len(vocab)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[("!", "\u00e2")]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens(["</s>"])
+    tok = _save(hf, tmp_path / "bang")
+    for reason, tail in ((FinishReason.LENGTH, []), (FinishReason.EOS, [vocab["</s>"]])):
+        state = RequestState("r", [5], SamplingParams(stop=["!"]), tok)
+        tokens = [vocab["h"], vocab["i"], vocab["!\u00e2"]] + tail
+        outs = [state.process(TokenDelta("r", [t], finish_reason=reason if i == len(tokens) - 1 else None))[0]
+                for i, t in enumerate(tokens)]
+        assert "".join(o.text for o in outs) == "hi"
+        assert (outs[-1].finish_reason, outs[-1].stop_reason) == (FinishReason.STOP, "!")

@@ -450,6 +450,15 @@ def test_demo_round_trip_logits(demo_ggufs, demo_original, linear_type):
     assert converted.checkpoint_bytes < demo_original.checkpoint_bytes * 1.05
 
 
+def test_literal_u2581_survives_the_gguf_vocabulary(demo_ggufs):
+    from bitserve.tokenizer import Tokenizer
+
+    src, gguf = Tokenizer(DEMO), Tokenizer(demo_ggufs["tq2_0"])
+    for text in ("a\u2581b", "x \u2581 y", "plain text"):
+        ids = src.encode(text)
+        assert gguf.encode(text) == ids and gguf.decode(ids) == src.decode(ids) == text
+
+
 @pytest.mark.parametrize("src_type,dst_type", [("tq2_0", "tq1_0"), ("i2_s", "tq2_0")])
 def test_gguf_to_gguf(demo_ggufs, demo_original, src_type, dst_type, tmp_path):
     """A ternary GGUF converts to another GGUF type: same tokenizer, same logits."""
@@ -502,7 +511,10 @@ def test_written_file_read_by_gguf_library(demo_ggufs, demo_original, linear_typ
     assert meta["general.file_type"] == {"tq2_0": 37, "tq1_0": 36}[linear_type]
     assert (meta["bitnet.block_count"], meta["bitnet.attention.head_count_kv"], meta["bitnet.rope.dimension_count"]) \
         == (4, 2, 64)
-    assert meta["tokenizer.ggml.model"] == "llama" and "tokenizer.huggingface.json" not in meta
+    assert meta["tokenizer.ggml.model"] == "llama"
+    # the demo's vocabulary has raw spaces, escaped to U+2581 in GGUF tokens: from those alone a
+    # literal U+2581 in a text would read back as a space, so the exact tokenizer.json travels too
+    assert "tokenizer.huggingface.json" in meta
     assert meta["tokenizer.ggml.tokens"][256] == SPACE  # the demo's " " token, escaped the SentencePiece way
     tensors = {t.name: t for t in r.tensors}
     assert len(tensors) == 1 + 4 * 11 + 1  # token_embd, 11 per block, output_norm (tied: no output.weight)

@@ -200,3 +200,14 @@ def test_named_templates_pick_default(tmp_path, tokenizer_json):
     theirs = AutoTokenizer.from_pretrained(str(tmp_path / "t"))
     assert ours.apply_chat_template(CONVERSATIONS[1]) == theirs.apply_chat_template(
         CONVERSATIONS[1], tokenize=False, add_generation_prompt=True)
+
+
+def test_generation_block_renders_like_transformers(tmp_path, tokenizer_json):
+    """HF templates mark the assistant's text with {% generation %}...{% endgeneration %}."""
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+                "{% endgeneration %}{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}")
+    folder = _folder(tmp_path, tokenizer_json, template)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ours = Tokenizer(folder).apply_chat_template(messages, add_generation_prompt=False)
+    theirs = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False)
+    assert ours == theirs == "user: hi\nyo"

@@ -46,6 +46,8 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = params.skip_special_tokens
         self.include_stop = params.include_stop_str_in_output
         self.stops = list(params.stop)
+        self.min_tokens = params.min_tokens  # stop strings count only in text of later tokens (vLLM v1)
+        self.num_tokens = 0  # output tokens added so far
         self.text = ""  # concatenation of all deltas returned
         self.stop_reason: str | None = None  # the matched stop string, once matched
         self.finished = False
@@ -86,8 +88,11 @@ class IncrementalDetokenizer:
         return best
 
     def _emit(self, old_len: int, final: bool) -> DetokenizerUpdate:
-        """Emit what is safe after the decoded text grew from ``old_len`` chars."""
-        hit = self._find_stop(old_len) if self.stops and len(self._decoded) > old_len else None
+        """Emit what is safe after the decoded text grew from ``old_len`` chars. Stop strings are
+        looked for once more than ``min_tokens`` tokens were generated, in the text that is new
+        since (vLLM v1: a stop string completed earlier does not end the request later)."""
+        searching = self.stops and self.num_tokens > self.min_tokens
+        hit = self._find_stop(old_len) if searching and len(self._decoded) > old_len else None
         if hit is not None:
             idx, stop = hit
             end = idx + len(stop) if self.include_stop else idx
@@ -119,6 +124,7 @@ class IncrementalDetokenizer:
         delta, stop = [], None
         for i, tok in enumerate(token_ids):
             self._ids.append(int(tok))
+            self.num_tokens += 1
             new_text = self._decode(self._ids[self._prefix:])
             if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
                 continue  # nothing new yet, or a character still incomplete

@@ -90,6 +90,8 @@ class RequestState:
             reason, stop_reason, abort_core = FinishReason.STOP, update.stop, not delta.finished
         elif delta.finished:
             text += choice.detokenizer.finish()
+            if choice.detokenizer.stop_reason is not None:  # completed by the held-back text
+                reason, stop_reason = FinishReason.STOP, choice.detokenizer.stop_reason
         if reason is not None:
             choice.finished = True
         return CompletionDelta(
