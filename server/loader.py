@@ -94,7 +94,11 @@ def resolve_dtype(dtype: str, hf_config: dict, device: torch.device) -> torch.dt
     if dtype != "auto":
         return _DTYPES[dtype]
     name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
-    chosen = _DTYPES.get(name, torch.float32)
+    chosen = _DTYPES.get(name) if isinstance(name, str) else None
+    if chosen is None:
+        log.warning("config.json: torch_dtype %r is not a float dtype bitserve computes in; using float32 "
+                    "(--dtype picks one)", name)
+        chosen = torch.float32
     if chosen == torch.float16 and device.type == "cpu":
         return torch.float32  # fp16 matmuls are slow and lossy on CPU
     return chosen
