@@ -23,6 +23,10 @@ I2_S_TYPE_ID = 36  # bitnet.cpp's fork; upstream used 36 for the removed IQ4_NL_
 I2_S_TAIL_BYTES = 32
 # architectures whose files may carry I2_S (bitnet.cpp converts all three; FORMATS.md §2.6)
 I2_S_ARCHITECTURES = ("bitnet", "bitnet-b1.58", "bitnet-25")
+# bitnet.cpp's other ids, which collide with upstream ones (39 is upstream MXFP4): in its own
+# architectures they are its lookup-table layouts, tied to its CPU kernels (FORMATS.md §2, §2.5)
+BITNET_CPP_TYPES = {37: "I8_S", 38: "TL1", 39: "TL2"}
+BITNET_CPP_ARCHITECTURES = ("bitnet-b1.58", "bitnet-25")
 
 
 @dataclass(frozen=True)
@@ -124,10 +128,16 @@ class GGUFFile:
                 raise CheckpointError(f"{self.path}: tensor '{name}' is I2_S with {numel} elements "
                                       "(not a multiple of the 128-element block)")
             return TensorInfo(name, type_id, "I2_S", shape, offset, numel // 4 + I2_S_TAIL_BYTES)
+        if type_id in BITNET_CPP_TYPES and self.architecture in BITNET_CPP_ARCHITECTURES:
+            raise CheckpointError(
+                f"{self.path}: tensor '{name}' has bitnet.cpp type {BITNET_CPP_TYPES[type_id]} (id {type_id}), a "
+                "layout tied to bitnet.cpp's CPU kernels that bitserve does not read; use the I2_S / TQ1_0 / TQ2_0 "
+                "GGUF or the Hugging Face checkpoint of the model")
         try:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:
-            hint = " (I2_S in bitnet.cpp files of a bitnet architecture)" if type_id == I2_S_TYPE_ID else ""
+            hint = (" (I2_S in bitnet.cpp files of a bitnet architecture)" if type_id == I2_S_TYPE_ID else
+                    f" (bitnet.cpp's {BITNET_CPP_TYPES[type_id]}?)" if type_id in BITNET_CPP_TYPES else "")
             raise CheckpointError(
                 f"{self.path}: tensor '{name}' has unknown GGML type id {type_id}{hint} "
                 f"in a file of architecture '{self.architecture}'"

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bitserve.kernels.packing import unpack_ternary
+from bitserve.loader import refuse_latent_bitnet
 from bitserve.model_config import ModelConfig
 from bitserve.plugins.base import LinearSpec
 from bitserve.plugins.bitnet import TernaryLinear
@@ -60,6 +61,8 @@ class SourceCheckpoint:
             raise CheckpointError(f"{self.folder}: is a '{plugin.name}' checkpoint; bitserve converts from dense "
                                   f"checkpoints (any target) and ternary ones, bitnet or GGUF (to bitnet, "
                                   f"dual_binary, dense or GGUF)")
+        if plugin.name == "dense":
+            refuse_latent_bitnet(config, self.folder)
         # a ternary GGUF converts like a bitnet checkpoint: the same layers, the same W2A8 semantics
         self.format = "bitnet" if plugin.name in ("bitnet", "gguf") else "dense"
         self.container = "gguf" if plugin.name == "gguf" else "safetensors"

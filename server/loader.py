@@ -72,6 +72,21 @@ def read_json(path: Path) -> dict:
     return read_json_object(path)
 
 
+def refuse_latent_bitnet(hf_config: dict, path: Path) -> None:
+    """The community BitNet b1.58 reproductions (1bitLLM/bitnet_b1_58-*: ``BitnetForCausalLM``,
+    ``model_type: llama``, ``weight_bits: 1``) store full-precision latent weights that their own
+    code ternarizes at run time, with sub-norms named ``inner_attn_ln`` / ``ffn_layernorm``
+    (FORMATS.md §1.1.5). Read as a plain dense Llama they load and answer, but not as the model
+    they are: CheckpointError instead."""
+    architectures = hf_config.get("architectures") or []
+    if "BitnetForCausalLM" in architectures or hf_config.get("weight_bits") == 1:
+        raise CheckpointError(
+            f"{path}: a 1bitLLM-style BitNet b1.58 checkpoint (BitnetForCausalLM, weight_bits 1: latent weights "
+            "ternarized at run time, sub-norms inner_attn_ln / ffn_layernorm) is not a format bitserve runs; it "
+            "would load as a dense Llama and compute something else. Use a transformers 'bitnet' checkpoint "
+            "(quantization_config.quant_method 'bitnet') or its GGUF")
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto``: cuda when available, else cpu. ValueError for a device this machine does not have."""
     if device == "auto":
@@ -123,6 +138,8 @@ def load_model(
     reader, hf_config = open_checkpoint(path)
     registry = registry or FormatRegistry()
     plugin = registry.get(format, hf_config) if format else registry.detect(hf_config, reader.names(), reader)
+    if plugin.name == "dense" and not format:
+        refuse_latent_bitnet(hf_config, path)
     cfg = ModelConfig.from_hf(hf_config, plugin.model_overrides(hf_config), config_source(reader, path))
     _check_layer_count(reader, cfg.num_layers, path)
     gen_path = path / "generation_config.json"

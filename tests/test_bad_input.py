@@ -369,3 +369,17 @@ def test_llm_token_ids_out_of_range(llm, ids):
 def test_llm_empty_prompt(llm):
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], SamplingParams(max_tokens=1))
+
+
+def test_latent_weight_bitnet_reproductions_are_refused(tmp_path):
+    """1bitLLM's BitnetForCausalLM checkpoints (float latent weights, weight_bits 1, sub-norms
+    inner_attn_ln / ffn_layernorm) would load as a dense Llama and compute something else."""
+    from bitserve.converters import convert_checkpoint
+    from tiny_checkpoints import write_llama_checkpoint
+
+    folder = write_llama_checkpoint(tmp_path / "1bitllm")
+    _edit_config(folder, lambda c: c.update(architectures=["BitnetForCausalLM"], weight_bits=1, input_bits=8))
+    _load_fails(folder, CheckpointError, "1bitLLM", "BitnetForCausalLM", "quant_method 'bitnet'")
+    with pytest.raises(CheckpointError, match="1bitLLM"):
+        convert_checkpoint(folder, tmp_path / "out", "bitnet", progress=False)
+    load_model(folder, format="dense", device="cpu", dtype="float32")  # forcing a format is the user's call

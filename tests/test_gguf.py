@@ -790,3 +790,14 @@ def test_check_format_contract(tmp_path, arch, kind):
                 for g in groups for s in g}
     report = testing.check_format("gguf", folder, groups, expected_weights=expected, max_bits_per_weight=2.6)
     assert all(b < 2.6 for b in report["bits_per_weight"])
+
+
+@pytest.mark.parametrize("type_id,name", [(37, "I8_S"), (38, "TL1"), (39, "TL2")])
+def test_bitnet_cpp_lookup_table_types_are_refused_by_name(tmp_path, type_id, name):
+    """bitnet.cpp reuses ids 37-39 (39 is upstream MXFP4): in its architectures they are its
+    I8_S / TL1 / TL2 layouts, refused by name instead of decoded as something else."""
+    path = tmp_path / "tl.gguf"
+    Synthetic(path, "bitnet-b1.58", ALL("TQ2_0"), layers=1)  # (gguf's reader cannot open I2_S files)
+    _patch(path, _type_offset(path, "blk.0.ffn_down.weight"), type_id)
+    with pytest.raises(CheckpointError, match=rf"'blk\.0\.ffn_down\.weight' has bitnet\.cpp type {name} \(id {type_id}\)"):
+        load_model(path, device="cpu")
