@@ -33,9 +33,11 @@ def find_bin_files(folder: Path, error: type[Exception]) -> list[Path]:
     index = folder / BIN_INDEX
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise error(f"{index}: malformed index ({e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise error(f"{index}: malformed index ('weight_map' must map tensor names to file names)")
         files = sorted({folder / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:

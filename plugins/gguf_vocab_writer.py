@@ -20,7 +20,6 @@ texts; when they differ, the source ``tokenizer.json`` is embedded as
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 from gguf import GGUFValueType
 from tokenizers import Tokenizer
 
-from bitserve.plugins.checkpoint import CheckpointError
+from bitserve.plugins.checkpoint import CheckpointError, read_json_object
 from bitserve.plugins.gguf_tokenizer import (
     BYTE, CONTROL, LLAMA3_PATTERN, GPT2_PATTERN, NORMAL, SPACE, UNKNOWN, UNUSED, USER_DEFINED, tokenizer_from_metadata,
 )
@@ -47,13 +46,6 @@ PROBES = (
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")
 STR, U32, I32, F32, BOOL = (GGUFValueType.STRING, GGUFValueType.UINT32, GGUFValueType.INT32,
                             GGUFValueType.FLOAT32, GGUFValueType.BOOL)
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON: {e}") from e
 
 
 def _chat_template(folder: Path, tcfg: dict) -> str | None:
@@ -199,8 +191,8 @@ def tokenizer_metadata(folder: str | Path, hf_config: dict, vocab_size: int) -> 
     tj_path = folder / "tokenizer.json"
     if not tj_path.exists():
         raise CheckpointError(f"{tj_path}: tokenizer file is missing (a GGUF file carries its tokenizer)")
-    tj = _json(tj_path)
-    tcfg = _json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    tj = read_json_object(tj_path)
+    tcfg = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
     try:
         tok = Tokenizer.from_file(str(tj_path))
     except Exception as e:
