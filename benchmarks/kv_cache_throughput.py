@@ -116,6 +116,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: this machine has no CUDA device")
+    for name in ("steps", "seqs"):
+        if getattr(args, name, 1) < 1:
+            ap.error(f"--{name} must be >= 1")
     model_dtype = getattr(torch, args.model_dtype)
 
     rows = []

@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-kv-mb", type=int, default=16384)
     ap.add_argument("--workdir", default="/tmp/bitserve_kv_check_ckpt")
     ap.add_argument("--e2e-model", help="use this checkpoint instead of a random 2B4T one")
-    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (needs TRITON_INTERPRET=1)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (needs TRITON_INTERPRET=1 and BITSERVE_KV_TRITON=1)")
     ap.add_argument("--quick", action="store_true", help="8 seqs x 1024, 10 iters, 4 e2e layers")
     args = ap.parse_args(argv)
     if args.quick:

@@ -4,9 +4,10 @@
     ncu --kernel-name regex:ternary --launch-skip 3 --launch-count 2 --set detailed \\
         python benchmarks/profile_linear.py --op w2a8 --n 3840 --k 2560 --m 1
 
-``scripts/gpu_check_all.sh profile`` runs exactly that for the 2B4T q/k/v and gate_up shapes at
-M = 1 and prints ncu's duration, throughput, occupancy and warp-stall sections: the data for
-finding the latency floor of the decode kernels (docs/kernels.md).
+``scripts/gpu_check_all.sh profile`` runs it for the 2B4T q/k/v and gate_up shapes at M = 1 under
+ncu (the dp4a, ternary and quantize kernels after a warm-up, with the SpeedOfLight, LaunchStats,
+Occupancy and WarpStateStats sections): the data for finding the latency floor of the decode
+kernels (docs/kernels.md).
 """
 
 from __future__ import annotations

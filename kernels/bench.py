@@ -533,7 +533,8 @@ def write_png(result: dict, path: str) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", default=os.environ.get("OUT", "."), help="where bench.json / bench.png go")
+    p.add_argument("--out-dir", default=os.environ.get("OUT", "bench-results"),
+                   help="where bench.json / bench.png go (default: $OUT, else bench-results/)")
     p.add_argument("--ops", default="w2a8,w2a16,binary,dual,int8head,pointwise")
     p.add_argument("--quick", action="store_true", help="2B4T shapes, M in {1, 32, 512}, no forced paths")
     p.add_argument("--sweep", action="store_true", help="with --quick: add the GEMV config / GEMV-vs-GEMM sweep")

@@ -15,19 +15,26 @@
 #                                                         # the decode GEMV)
 #
 # $OUT gets summary.txt, bench.json, bench.png, kv_check.json, kv_check.png, mixed_steps.json,
-# mixed_steps.png and logs.tgz (every log).
+# mixed_steps.png and logs.tgz (this run's logs). PYTHON: the interpreter (default: the repo's
+# .venv if there is one, else python3). Refuses to run without a CUDA device; exits 1 if a step
+# failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT="${OUT:-/tmp/bitserve_gpu_all}"
-LOGS="${LOGS:-/tmp/bitserve_gpu_logs}"
+LOGS="${LOGS:-$(mktemp -d /tmp/bitserve_gpu_logs.XXXXXX)}"  # fresh: nothing stale reaches $OUT
 mkdir -p "$OUT" "$LOGS"
+if [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; fi
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 STEPS="${*:-wtests gtests kvtests wbench kvbench mixed demo}"
 TOTAL_LIMIT="${TOTAL_LIMIT:-570}"
 T_START=$(date +%s)
 
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+  echo "gpu_check_all: $PY sees no CUDA device (or no torch); these checks need one" >&2
+  exit 2
+fi
 if ! "$PY" -c "import bitserve.kernels.ops" >/dev/null 2>&1; then
   if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$LOGS/pip.log" 2>&1; then
     SHIM=/tmp/bitserve_shim/bitserve
@@ -63,9 +70,14 @@ step() {  # step NAME LIMIT_S COMMAND...
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   local dt=$(( $(date +%s) - t0 ))
+  (( rc != 0 )) && FAILED=1
   tail -n 25 "$LOGS/$name.log"
-  printf '%-8s rc=%-3s %4ss  %s\n' "$name" "$rc" "$dt" "$(grep -E 'passed|failed|error|skipped|Error' "$LOGS/$name.log" | tail -n 1 | cut -c1-90)" | tee -a "$SUMMARY"
+  local what
+  what=$(grep -E 'passed|failed|error|skipped|Error' "$LOGS/$name.log" | tail -n 1)
+  [ -n "$what" ] || what=$(tail -n 1 "$LOGS/$name.log")
+  printf '%-8s rc=%-3s %4ss  %s\n' "$name" "$rc" "$dt" "$(printf '%s' "$what" | cut -c1-90)" | tee -a "$SUMMARY"
 }
+FAILED=0
 
 for s in $STEPS; do
   case $s in
@@ -91,3 +103,4 @@ cp "$LOGS/kv/kv_check.json" "$LOGS/kv/kv_check.png" "$OUT/" 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
 echo "=== summary ==="
 cat "$LOGS/gpu.txt" "$SUMMARY"
+exit "$FAILED"

@@ -71,3 +71,18 @@ def test_copies_cover_three_l2(monkeypatch):
 def test_main_without_gpu(capsys):
     assert bench.main(["--out-dir", "/nonexistent"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU host this would run the whole check")
+def test_gpu_check_all_refuses_without_a_gpu(tmp_path):
+    """No CUDA device: exit 2 with a message, nothing written as if it had run."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check_all.sh"
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(script), "wtests"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OUT": str(out), "LOGS": str(tmp_path / "logs")})
+    assert result.returncode == 2 and "no CUDA device" in result.stderr
+    assert not (out / "summary.txt").exists()
