@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # most top logprobs a request may ask for
+# stop strings are matched on every token of every choice: bounded so that one request cannot stall
+# the event loop (100k stops froze a server for 54 s) or hold gigabytes (n x stops copies)
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 256
 LOGIT_BIAS_LIMIT = 100.0  # biases are clamped to [-100, 100] (as vLLM's OpenAI layer does)
 _GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 
@@ -95,8 +99,12 @@ class SamplingParams:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}"[:300])
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):

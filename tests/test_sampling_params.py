@@ -109,3 +109,14 @@ def test_cli_flags_round_trip():
     assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.3, -0.5, 0.5)
     assert p.min_tokens == 2 and p.stop == ["a", "b"] and p.include_stop_str_in_output
     assert dataclass_from_args(SamplingParams, parser.parse_args([])) == SamplingParams()
+
+
+def test_stop_strings_are_bounded():
+    from bitserve.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    SamplingParams(stop=["x"] * MAX_STOP_STRINGS)
+    SamplingParams(stop=["y" * MAX_STOP_CHARS])
+    with pytest.raises(ValueError, match="at most"):
+        SamplingParams(stop=["x"] * (MAX_STOP_STRINGS + 1))
+    with pytest.raises(ValueError, match="at most"):
+        SamplingParams(stop=["y" * (MAX_STOP_CHARS + 1)])

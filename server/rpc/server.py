@@ -80,8 +80,10 @@ class RpcServer:
                 self.port = self.server.add_secure_port(address, creds)
             else:
                 self.port = self.server.add_insecure_port(address)
-        except RuntimeError as e:  # grpcio raises instead of returning 0 (port in use, bad address)
-            raise OSError(f"cannot listen on {address} (in use, or not an address of this machine): {e}") from None
+        except RuntimeError as e:  # grpcio raises instead of returning 0 (port in use, bad address, bad TLS files)
+            why = ("in use, not an address of this machine, or --tls-cert/--tls-key are not a valid, matching PEM "
+                   "certificate chain and key" if self.config.tls_cert else "in use, or not an address of this machine")
+            raise OSError(f"cannot listen on {address} ({why}): {e}") from None
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
