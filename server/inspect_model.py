@@ -19,10 +19,9 @@ from pathlib import Path
 from bitserve.convert_source import projection_specs
 from bitserve.engine.kv_cache import FLOAT_DTYPES as KV_FLOAT_DTYPES
 from bitserve.engine.kv_cache import QUANT_BITS, KVCacheSpec, default_block_size
-from bitserve.loader import read_json
 from bitserve.model_config import ModelConfig
 from bitserve.plugins.base import QuantLinear
-from bitserve.plugins.checkpoint import CheckpointError, CheckpointReader
+from bitserve.plugins.checkpoint import CheckpointError, CheckpointReader, read_json_object
 from bitserve.plugins.registry import FormatRegistry, UnknownFormatError
 
 KV_DTYPES = tuple(KV_FLOAT_DTYPES) + tuple(QUANT_BITS)
@@ -31,7 +30,7 @@ _SHAPE_ALIASES = {"bitllama": "llama"}
 
 
 def _read_config(folder: Path) -> dict:
-    return read_json(folder / "config.json")
+    return read_json_object(folder / "config.json")
 
 
 def _open(folder: Path):

@@ -68,10 +68,6 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
     raise CheckpointError(f"{model}: checkpoint folder does not exist")
 
 
-def read_json(path: Path) -> dict:
-    return read_json_object(path)
-
-
 def refuse_latent_bitnet(hf_config: dict, path: Path) -> None:
     """The community BitNet b1.58 reproductions (1bitLLM/bitnet_b1_58-*: ``BitnetForCausalLM``,
     ``model_type: llama``, ``weight_bits: 1``) store full-precision latent weights that their own
@@ -144,7 +140,7 @@ def load_model(
     _check_layer_count(reader, cfg.num_layers, path)
     gen_path = path / "generation_config.json"
     if path.is_dir() and gen_path.exists():
-        cfg = cfg.with_eos(token_ids(read_json(gen_path).get("eos_token_id"), f"{gen_path}: eos_token_id"))
+        cfg = cfg.with_eos(token_ids(read_json_object(gen_path).get("eos_token_id"), f"{gen_path}: eos_token_id"))
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, hf_config, dev)
 
@@ -184,7 +180,7 @@ def open_checkpoint(path: Path):
         raise CheckpointError(f"{path}: checkpoint folder does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
-    hf_config = read_json(path / "config.json")
+    hf_config = read_json_object(path / "config.json")
     qc = hf_config.get("quantization_config")
     if qc is not None and not isinstance(qc, dict):
         raise CheckpointError(f"{path / 'config.json'}: quantization_config must be an object, not {qc!r}")
