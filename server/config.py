@@ -128,7 +128,7 @@ class ServerConfig:
     metrics_port: int = field(default=9400, metadata={"help": "Prometheus /metrics port (0 = any free port, -1 = off)"})
     served_model_name: str | None = field(default=None, metadata={"help": "model name clients use (default: folder name)"})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request sets none"})
-    max_concurrent_streams: int = field(default=512, metadata={"help": "concurrent RPCs; more get RESOURCE_EXHAUSTED"})
+    max_concurrent_streams: int = field(default=512, metadata={"help": "generation calls in flight at once; more get RESOURCE_EXHAUSTED (health, reflection, Abort and GetLoad are not counted)"})
     max_message_mb: int = field(default=16, metadata={"help": "largest gRPC message, MiB"})
     keepalive_time_s: int = field(default=30, metadata={"help": "HTTP/2 keepalive ping interval"})
     keepalive_timeout_s: int = field(default=10, metadata={"help": "keepalive ping ack timeout"})

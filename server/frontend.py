@@ -18,6 +18,16 @@ from bitserve.replica import Replica
 from bitserve.sampling_params import SamplingParams
 from bitserve.tokenizer import Tokenizer
 
+# A prompt with more characters than this per token of context is refused before it is rendered or
+# tokenized: it cannot fit, and tokenizing the 4 MB a gRPC message may carry took 14-45 s of a 2-core
+# VM. Prose averages 3-5 characters per token and long whitespace or punctuation runs in code seldom
+# pass 16, so no prompt that fits comes near this.
+MAX_PROMPT_CHARS_PER_TOKEN = 64
+
+
+class PromptTooLongError(ValueError):
+    """The prompt is longer than the model's context (found before it was tokenized)."""
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -52,13 +62,27 @@ class Frontend:
 
     # -- prompts ------------------------------------------------------------------------
     def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation (ChatTemplateError for bad roles / empty messages)."""
+        """Token ids of a conversation (ChatTemplateError for bad roles / empty messages,
+        PromptTooLongError for a conversation far longer than the context)."""
+        if len(messages) > self.info.max_context:  # the template adds at least a token per message
+            raise PromptTooLongError(f"{len(messages)} messages cannot fit in this model's context of "
+                                     f"{self.info.max_context} tokens")
+        chars = sum(len(v) for m in messages if isinstance(m, dict) for v in m.values() if isinstance(v, str))
+        self._check_chars(chars)
         return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
 
     def text_prompt(self, text: str) -> list[int]:
         if not text:
             raise ValueError("prompt is empty")
+        self._check_chars(len(text))
         return self.tokenizer.encode(text)
+
+    def _check_chars(self, chars: int) -> None:
+        limit = self.info.max_context * MAX_PROMPT_CHARS_PER_TOKEN
+        if chars > limit:
+            raise PromptTooLongError(
+                f"prompt is too long: {chars} characters, and this model's context of {self.info.max_context} "
+                f"tokens takes at most {limit} (refused before tokenizing)")
 
     @staticmethod
     def new_request_id() -> str:

@@ -111,6 +111,11 @@ REQUEST_LATENCY_BUCKETS = (
     0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )
+# The /metrics endpoint serves each connection on a thread: an idle connection is closed after this
+# long, and connections past this many at once are closed unanswered (a scraper needs one or two).
+METRICS_IDLE_TIMEOUT_S = 10.0
+METRICS_MAX_CONNECTIONS = 32
+
 # Prometheus' default buckets, which grpc-prometheus uses for handling time.
 GRPC_HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -305,11 +310,35 @@ class Metrics:
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most METRICS_MAX_CONNECTIONS of them."""
+
     daemon_threads = True
     allow_reuse_address = True
 
+    def __init__(self, *args, **kwargs):
+        self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: close it rather than start one more thread
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_IDLE_TIMEOUT_S  # a connection that sends nothing this long is closed
+
     def log_message(self, format, *args):  # noqa: A002 - base-class signature
         pass
 

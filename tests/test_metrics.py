@@ -264,6 +264,41 @@ def test_serve_http_and_close(metrics, stats):
     metrics.close()  # idempotent
 
 
+def test_idle_connections_are_bounded_and_time_out(metrics, stats, monkeypatch):
+    """Idle connections neither pile up threads nor keep the endpoint from scrapers for long."""
+    import socket
+    import threading
+    import time
+
+    import bitserve.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "METRICS_MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(metrics_module._QuietHandler, "timeout", 0.5)
+    port = metrics.serve_http("127.0.0.1", 0)
+    threads_before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(12)]
+    try:
+        time.sleep(0.2)
+        assert threading.active_count() - threads_before <= 4  # one thread per admitted connection
+        closed = 0
+        for sock in idle[4:]:  # the ones past the limit were closed unanswered
+            try:
+                closed += sock.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+        assert closed == 8
+        time.sleep(0.8)  # past the idle timeout: the four admitted ones were closed too
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.status == 200
+            samples, _ = parse(resp.read())
+        assert val(samples, "bitserve_prompt_tokens_total") == stats.prompt_tokens
+        assert threading.active_count() - threads_before <= 1
+    finally:
+        for sock in idle:
+            sock.close()
+        metrics.close()
+
+
 def test_instances_do_not_share_state(stats):
     a = Metrics(make_info("a"), lambda: stats)
     b = Metrics(make_info("b"), lambda: EngineStats(prompt_tokens=1))

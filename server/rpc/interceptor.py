@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 # Health checks and reflection stay open without a token and while draining.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# The calls --max-concurrent-streams counts: the ones that generate. Abort, GetLoad and the others
+# stay open on a full server (a client can still cancel), under gRPC's own, higher cap.
+GENERATION_METHODS = frozenset(f"/bitserve.v1.ChatService/{name}"
+                               for name in ("Chat", "ChatStream", "Complete", "CompleteStream"))
 DEADLINE_SLACK_S = 0.1  # a cancel this close to the deadline is the deadline (the client timed out first)
 
 ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -48,11 +52,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         api_token: str | None = None,
         observe: Callable[[str, str, float], None] | None = None,
         observe_started: Callable[[str], None] | None = None,
+        max_calls: int | None = None,
     ):
+        """``max_calls``: generation calls (:data:`GENERATION_METHODS`) in flight at once; more get
+        RESOURCE_EXHAUSTED. Health probes, reflection, Abort and GetLoad are not counted."""
         self.is_draining = is_draining
         self.api_token = api_token
         self.observe = observe
         self.observe_started = observe_started
+        self.max_calls = max_calls
+        self.calls_in_flight = 0  # only the event loop's thread touches it
 
     def _refusal(self, method: str, context) -> tuple[grpc.StatusCode, str] | None:
         if method.startswith(OPEN_SERVICES):
@@ -65,6 +74,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             token = given[7:] if given.lower().startswith("bearer ") else metadata.get("x-api-key", "")
             if not hmac.compare_digest(token.encode(), self.api_token.encode()):
                 return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API token (metadata 'authorization: Bearer <token>')"
+        if self.max_calls is not None and method in GENERATION_METHODS and self.calls_in_flight >= self.max_calls:
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server is at its limit of {self.max_calls} concurrent calls (--max-concurrent-streams); "
+                    "retry later or on another instance")
         return None
 
     def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
@@ -80,7 +93,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
     async def _admit(self, method: str, context) -> float:
-        """Count the call, refuse it (draining, auth) or return its start time."""
+        """Count the call, refuse it (draining, auth, too many calls) or return its start time;
+        an admitted generation call holds a slot until :meth:`_release`."""
         started = time.monotonic()
         if self.observe_started:
             self.observe_started(method)
@@ -88,7 +102,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if refusal:
             self._record(method, refusal[0], started)
             await context.abort(*refusal)
+        if method in GENERATION_METHODS:
+            self.calls_in_flight += 1
         return started
+
+    def _release(self, method: str) -> None:
+        if method in GENERATION_METHODS:
+            self.calls_in_flight -= 1
 
     async def _fail(self, method: str, context, started: float, error: BaseException) -> None:
         """Record how a call ended with ``error`` and turn the error into its status code."""
@@ -117,6 +137,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     response = await inner(request, context)
                 except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 - mapped in _fail
                     await self._fail(method, context, started, e)
+                finally:
+                    self._release(method)
                 self._record(method, grpc.StatusCode.OK, started)
                 return response
 
@@ -138,6 +160,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 - mapped in _fail
                     await self._fail(method, context, started, e)
+                finally:
+                    self._release(method)
                 self._record(method, grpc.StatusCode.OK, started)
 
             return grpc.unary_stream_rpc_method_handler(

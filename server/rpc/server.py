@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 ENGINE_DOWN_LIVENESS_S = 60.0  # no engine ready for this long: the overall health (liveness) fails too
+# gRPC's own cap on calls in flight is this far above --max-concurrent-streams (which the interceptor
+# applies to the API alone): health probes and reflection still get through a full server
+OPEN_CALLS_HEADROOM = 64
 
 
 class RpcServer:
@@ -42,11 +45,12 @@ class RpcServer:
             api_token=token,
             observe=metrics.observe_rpc if metrics is not None else None,
             observe_started=metrics.observe_rpc_started if metrics is not None else None,
+            max_calls=config.max_concurrent_streams,
         )
         mb = config.max_message_mb << 20
         self.server = grpc.aio.server(
             interceptors=[interceptor],
-            maximum_concurrent_rpcs=config.max_concurrent_streams,
+            maximum_concurrent_rpcs=config.max_concurrent_streams + OPEN_CALLS_HEADROOM,
             options=[
                 ("grpc.max_send_message_length", mb),
                 ("grpc.max_receive_message_length", mb),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from bitserve.frontend import Frontend
@@ -64,18 +65,20 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return builder.build()
 
     # -- RPCs ------------------------------------------------------------------------------
+    # Rendering and tokenizing run on a worker thread: a long prompt takes a while, and the event
+    # loop meanwhile serves every other call (streams, health checks).
     async def Chat(self, request: pb.ChatRequest, context) -> pb.ChatResponse:
-        return await self._unary(request, self._chat_prompt(request))
+        return await self._unary(request, await asyncio.to_thread(self._chat_prompt, request))
 
     async def ChatStream(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.StreamEvent]:
-        async for event in self._stream(request, self._chat_prompt(request)):
+        async for event in self._stream(request, await asyncio.to_thread(self._chat_prompt, request)):
             yield event
 
     async def Complete(self, request: pb.CompletionRequest, context) -> pb.ChatResponse:
-        return await self._unary(request, self._completion_prompt(request))
+        return await self._unary(request, await asyncio.to_thread(self._completion_prompt, request))
 
     async def CompleteStream(self, request: pb.CompletionRequest, context) -> AsyncIterator[pb.StreamEvent]:
-        async for event in self._stream(request, self._completion_prompt(request)):
+        async for event in self._stream(request, await asyncio.to_thread(self._completion_prompt, request)):
             yield event
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
