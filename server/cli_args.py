@@ -47,3 +47,31 @@ def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)
+
+
+# -- argparse ``type=`` checks for scripts' plain options (a bad value is a usage error, not a traceback)
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small: it must be at least {minimum}")
+        return value
+
+    parse.__name__ = "positive int" if minimum == 1 else f"int >= {minimum}"  # argparse names it in errors
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def int_list(text: str, minimum: int = 1) -> list[int]:
+    """A comma list of integers, each at least ``minimum`` (``"1,8,32"``)."""
+    check = _int_at_least(minimum)
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("the list is empty")
+    return [check(part) for part in items]
