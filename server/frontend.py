@@ -59,6 +59,7 @@ class Frontend:
         self.on_finish = on_finish
         self._active: dict[str, RequestState] = {}
         self._core_ids: set[str] = set()  # engine request ids of the active requests' choices
+        self._abort_requested: set[str] = set()  # active requests abort() was called for
 
     # -- prompts ------------------------------------------------------------------------
     def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -132,6 +133,10 @@ class Frontend:
                 completion, abort_core = state.process(item)
                 if abort_core:
                     self.replica.abort(item.request_id, FinishReason.STOP, completion.stop_reason)
+                elif request_id in self._abort_requested and not item.finished:
+                    # a choice the replica had not received yet when abort() ran (the n > 1 pumps
+                    # start a turn of the loop later): its first output is the first chance
+                    self.replica.abort(item.request_id)
                 if completion is None:
                     continue
                 if completion.finished and self.on_finish is not None:
@@ -144,6 +149,7 @@ class Frontend:
             raise
         finally:
             self._active.pop(request_id, None)
+            self._abort_requested.discard(request_id)
             self._core_ids.difference_update(state.choices)
             if not refused and self.on_finish is not None:
                 for final in state.abort_all():  # the client left (cancel, deadline, disconnect)
@@ -183,6 +189,7 @@ class Frontend:
         state = self._active.get(request_id)
         if state is None:
             return False
+        self._abort_requested.add(request_id)
         for cid in state.choices:
             self.replica.abort(cid)
         return True

@@ -526,3 +526,59 @@ def test_prefix_cache_stats_count_each_admission_once(tiny_model):
     assert steps > 2  # it waited while "big" ran
     assert after.prefix_cache_queries - before.prefix_cache_queries == len(waiter) - 1
     assert after.prefix_cache_hits - before.prefix_cache_hits == 8
+
+
+def test_abort_right_after_an_n_request_starts_stops_every_choice(tiny_model):
+    """Frontend.abort() in the turn of the loop after generate() started an n > 1 request (its choice
+    pumps have not handed the choices to the replica yet) still aborts every choice."""
+    import time
+
+    from bitserve.frontend import Frontend
+    from bitserve.replica import LocalReplica
+
+    llm = make_llm(tiny_model)
+    replica = LocalReplica(AsyncEngine(llm.core, gil_switch_interval_s=None))
+    frontend = Frontend(llm.tokenizer, replica, None)
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=60, ignore_eos=True)
+
+    async def run():
+        agen = frontend.generate("quick", [5, 6, 7, 8], params)
+        first = asyncio.ensure_future(agen.__anext__())
+        await asyncio.sleep(0)  # the request is active; its pumps start on the next turn
+        assert frontend.abort("quick")
+        deltas = [await first] + [d async for d in agen]
+        return {d.index: d for d in deltas if d.finished}
+
+    try:
+        ends = asyncio.run(run())
+        assert sorted(ends) == [0, 1, 2]
+        assert all(d.finish_reason == FinishReason.ABORT and d.num_output_tokens < 60 for d in ends.values())
+        for _ in range(100):
+            if not llm.core.has_unfinished():
+                break
+            time.sleep(0.02)
+        assert not llm.core.has_unfinished() and all_blocks_free(llm)
+    finally:
+        replica.shutdown()
+
+
+def test_prompt_tokens_counted_once_prefilled(tiny_model):
+    """stats().prompt_tokens counts a prompt when its prefill completes: never for a request aborted
+    while it waits, once for a request preempted and recomputed."""
+    llm = make_llm(tiny_model, num_kv_blocks=12, max_model_len=48, enable_prefix_caching=False)
+    core = llm.core
+    long_params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    a, b = random_prompts(2, seed=11, lo=12, hi=12)
+    core.add_request(EngineRequest("a", a, long_params))
+    core.add_request(EngineRequest("b", b, long_params))
+    assert core.stats().prompt_tokens == 0  # queued is not prefilled
+    waiting = random_prompts(1, seed=12, lo=28, hi=28)[0]
+    core.add_request(EngineRequest("w", waiting, long_params))
+    core.step()
+    assert core.stats().num_waiting == 1  # 12 + 12 + 28 tokens do not fit in 12 blocks of 4
+    core.abort("w")
+    while core.has_unfinished():
+        core.step()
+    stats = core.stats()
+    assert stats.num_preemptions > 0  # a and b outgrow 12 blocks of 4 tokens together
+    assert stats.prompt_tokens == len(a) + len(b)

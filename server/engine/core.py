@@ -239,7 +239,6 @@ class EngineCore:
             cache_salt=req.cache_salt,
         )
         self.scheduler.add(request)
-        self._prompt_tokens += len(request.prompt_token_ids)
         generator = None if req.params.greedy else make_generator(req.params.seed, self.default_seed, req.sample_index)
         self._states[req.request_id] = SamplingState(
             params=req.params,
@@ -284,8 +283,9 @@ class EngineCore:
             token = result.token_id
             req.output_token_ids.append(token)
             timings = req.timings
-            if timings.first_token is None:
+            if timings.first_token is None:  # its prefill is complete: count its prompt (once, like vLLM)
                 timings.first_token = now
+                self._prompt_tokens += len(req.prompt_token_ids)
             timings.last_token = now
             stop = scheduler.check_stop(req, token)
             if stop is None:
