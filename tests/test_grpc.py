@@ -402,12 +402,15 @@ def test_every_cancelled_stream_is_counted_once():
 
         await asyncio.gather(*[cancel_after_one() for _ in range(150)], *[time_out() for _ in range(20)])
         for _ in range(100):
-            if sum(handled.values()) == 170:
+            if sum(handled.values()) == sum(started.values()) >= 165:
                 break
             await asyncio.sleep(0.05)
         await channel.close()
         await server.stop(0)
 
     asyncio.run(main())
-    assert sum(started.values()) == 170
-    assert handled == {"CANCELLED": 150, "DEADLINE_EXCEEDED": 20}
+    # on a loaded machine a deadline may pass before the server starts the call: it is then never
+    # seen (started), and not recorded either
+    timed_out = sum(started.values()) - 150
+    assert 15 <= timed_out <= 20
+    assert handled == {"CANCELLED": 150, "DEADLINE_EXCEEDED": timed_out}

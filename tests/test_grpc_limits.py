@@ -116,3 +116,33 @@ def test_tokenizing_does_not_block_the_event_loop(server, monkeypatch):
     finally:
         release.set()
     assert pending.result(timeout=30).usage.completion_tokens == 3
+
+
+def test_an_error_after_the_client_left_is_recorded_as_its_cancel():
+    """A refusal (queue full) that comes as the client's deadline passes is not sent (the call is
+    over, and grpc would log an error for the abort): it is recorded as DEADLINE_EXCEEDED."""
+    import asyncio
+
+    from bitserve.engine.scheduler import QueueFullError
+    from bitserve.rpc.interceptor import ServerInterceptor
+
+    seen = []
+
+    class FinishedContext:
+        aborted = False
+
+        def done(self):
+            return True
+
+        def time_remaining(self):
+            return 0.0
+
+        async def abort(self, code, message):
+            self.aborted = True
+
+    interceptor = ServerInterceptor(is_draining=lambda: False, observe=lambda m, c, s: seen.append(c))
+    context = FinishedContext()
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(interceptor._fail("/bitserve.v1.ChatService/Chat", context, time.monotonic(),
+                                      QueueFullError("full")))
+    assert seen == ["DEADLINE_EXCEEDED"] and not context.aborted

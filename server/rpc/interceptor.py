@@ -120,6 +120,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         code, message = status_for(error)
         if code == grpc.StatusCode.INTERNAL:
             log.error("%s failed", method, exc_info=error)
+        if context.done():  # the client left (deadline, cancel) as the error came: nobody gets a status
+            self._record(method, self._cancel_code(context), started)
+            raise asyncio.CancelledError()
         self._record(method, code, started)
         await context.abort(code, message)
 
