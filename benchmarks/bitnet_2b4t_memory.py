@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bitserve.cli_args import positive_int
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench-results" / "bitnet_2b4t_memory.json"
 
@@ -393,11 +395,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", help="where to write the checkpoint (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint, and reuse one already in --workdir")
-    ap.add_argument("--layers", type=int, default=LAYERS, help="number of decoder layers (30 = real 2B4T)")
+    ap.add_argument("--layers", type=positive_int, default=LAYERS, help="number of decoder layers (30 = real 2B4T)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in the measuring process")
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads in the measuring process")
+    ap.add_argument("--prompt-len", type=positive_int, default=16)
+    ap.add_argument("--decode-steps", type=positive_int, default=8)
     ap.add_argument("--profile", action="store_true", help="profile one extra decode step (torch profiler)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results path")
     ap.add_argument("--child", help=argparse.SUPPRESS)

@@ -17,6 +17,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from bitserve.cli_args import non_negative_int, positive_int
 from bitserve import LLM, SamplingParams
 from bitserve.demo import DEMO_MODEL_PATH
 from bitserve.demo.task import check, make_questions
@@ -24,12 +25,12 @@ from bitserve.demo.task import check, make_questions
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=600,
+    ap.add_argument("--n", type=positive_int, default=600,
                     help="held-out questions, at most 1080 (the mul skill has 180 distinct ones; default: %(default)s)")
     ap.add_argument("--seed", type=int, default=2024, help="question seed (default: %(default)s)")
     ap.add_argument("--model", default=str(DEMO_MODEL_PATH), help="model folder (default: the bundled demo model)")
-    ap.add_argument("--batch", type=int, default=100, help="questions per LLM.chat call (default: %(default)s)")
-    ap.add_argument("--show-errors", type=int, default=10, help="print this many wrong answers")
+    ap.add_argument("--batch", type=positive_int, default=100, help="questions per LLM.chat call (default: %(default)s)")
+    ap.add_argument("--show-errors", type=non_negative_int, default=10, help="print this many wrong answers")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (to compare)")
     args = ap.parse_args(argv)

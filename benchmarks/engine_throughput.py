@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bitserve.cli_args import int_list, positive_int
+
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # transformers' BitNet helpers are torch.compile-decorated
 
 import torch  # noqa: E402
@@ -366,14 +368,14 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="demo,random1024", help="comma list of: demo, random1024")
     ap.add_argument("--concurrency", default=None, help="comma list (default 1,8,32,64; --quick: 1,8,32)")
     ap.add_argument("--quick", action="store_true", help="smaller run: C in 1,8,32, half the tokens, 2 HF requests")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="bitserve dtype")
-    ap.add_argument("--demo-max-tokens", type=int, default=64)
-    ap.add_argument("--random-max-tokens", type=int, default=32)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--hf-requests", type=int, default=4,
+    ap.add_argument("--demo-max-tokens", type=positive_int, default=64)
+    ap.add_argument("--random-max-tokens", type=positive_int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
+    ap.add_argument("--hf-requests", type=positive_int, default=4,
                     help="transformers requests timed (one at a time, interleaved with the engine runs)")
-    ap.add_argument("--repeats", type=int, default=1, help="engine runs per concurrency (best kept)")
+    ap.add_argument("--repeats", type=positive_int, default=1, help="engine runs per concurrency (best kept)")
     ap.add_argument("--demo-path", default=None, help="demo model folder (default: bitserve.demo.DEMO_MODEL_PATH)")
     ap.add_argument("--workdir", default=None, help="where the random checkpoint goes (reused if complete); "
                                                      "default: a temporary folder removed at exit")
@@ -381,7 +383,10 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=str(DEFAULT_PLOT), help="PNG plot path")
     args = ap.parse_args(argv)
 
-    concurrencies = [int(x) for x in (args.concurrency or ("1,8,32" if args.quick else "1,8,32,64")).split(",")]
+    try:
+        concurrencies = int_list(args.concurrency or ("1,8,32" if args.quick else "1,8,32,64"))
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"--concurrency: {e}")
     if args.quick:
         args.demo_max_tokens //= 2
         args.random_max_tokens //= 2

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bitserve.cli_args import positive_int
 from bitserve import LLM, SamplingParams
 from bitserve.converters import convert_checkpoint
 from bitserve.demo import DEMO_MODEL_PATH
@@ -48,7 +49,8 @@ ROWS = [
     Row("gguf I2_S", "lossless", "convert --to gguf-i2_s"),
     Row("dual_binary (from ternary)", "lossless", "convert --to dual_binary"),
     Row("fakequant (dense file of ternary values)", "lossless weights", "convert --to dense, detected"),
-    Row("dense bf16 (no int8 activations)", "dequantized", "convert --to dense", "dense"),
+    # the file holds bf16; this CPU run holds every model in fp32, so its bits per weight read 32
+    Row("dense (bf16 file, fp32 here; no int8 activations)", "dequantized", "convert --to dense", "dense"),
     Row("bitnet PTQ (absmean of dequantized)", "post-training", "dense -> convert --to bitnet"),
     Row("dual_binary PTQ (DB-LLM FDB)", "post-training", "dense -> convert --to dual_binary"),
     Row("onebit PTQ (SVID)", "post-training", "dense -> convert --to onebit"),
@@ -130,9 +132,9 @@ def write_png(records: list[dict], path: Path) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=200, help="held-out questions per format (default: %(default)s)")
+    ap.add_argument("--n", type=positive_int, default=200, help="held-out questions per format (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=2024)
-    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--batch", type=positive_int, default=100)
     ap.add_argument("--out", default="bench-results/formats", help="where the JSON, PNG and checkpoints go")
     ap.add_argument("--only", default=None, help="comma list of row-label prefixes to run")
     args = ap.parse_args(argv)
@@ -145,7 +147,12 @@ def main(argv=None) -> int:
     dense = work / "dense"
     convert_checkpoint(DEMO_MODEL_PATH, dense, "dense", progress=False)
 
-    rows = [r for r in ROWS if not args.only or any(r.label.startswith(p) for p in args.only.split(","))]
+    prefixes = [p.strip() for p in (args.only or "").split(",") if p.strip()]
+    unmatched = [p for p in prefixes if not any(r.label.startswith(p) for r in ROWS)]
+    if unmatched:
+        ap.error(f"--only {', '.join(unmatched)}: no row label starts with it; the rows are: "
+                 + "; ".join(r.label for r in ROWS))
+    rows = [r for r in ROWS if not prefixes or any(r.label.startswith(p) for p in prefixes)]
     records, reference = [], None
     for row in rows:
         t0 = time.time()

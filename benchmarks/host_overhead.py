@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from bitserve.cli_args import positive_int
+
 WEIGHT_BYTES = 1.18e9  # 2B4T, ternary at 2 bits + bf16 LM head (TARGETS.md)
 KV_BYTES_PER_TOKEN = 76.8e3  # bf16 KV of 2B4T
 H100_BYTES_PER_S = 3.35e12
@@ -146,9 +148,9 @@ def measure_serving(llm_cls, batch: int, switch_s: float | None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,8,32,64,128,256")
-    ap.add_argument("--steps", type=int, default=25, help="timed steps per pass (the best of --reps passes)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--context", type=int, default=1024, help="context per sequence for the GPU floor column")
+    ap.add_argument("--steps", type=positive_int, default=25, help="timed steps per pass (the best of --reps passes)")
+    ap.add_argument("--reps", type=positive_int, default=3)
+    ap.add_argument("--context", type=positive_int, default=1024, help="context per sequence for the GPU floor column")
     ap.add_argument("--serving", action="store_true",
                     help="also time the serving path (AsyncEngine + Frontend, one coroutine per stream) at "
                          "Python's default GIL switch interval and at the engine's")

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 
+SUPPORTED_ARCHS = (80, 86, 89, 90)  # the kernels' int8 tl.dot needs sm_80+; ptxas here knows these
 SHAPES_2B4T = [("qkv", 3840, 2560), ("q|o", 2560, 2560), ("k|v", 640, 2560), ("gate_up", 13824, 2560),
                ("down", 2560, 6912)]
 
@@ -188,7 +189,8 @@ def _fmt_loads(loads: dict | None) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (80 = A100, 90 = H100/H200)")
+    ap.add_argument("--arch", type=int, default=90, choices=SUPPORTED_ARCHS,
+                    help="CUDA compute capability x10 (80 = A100, 90 = H100/H200)")
     ap.add_argument("--quick", action="store_true", help="only the qkv and gate_up shapes")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)

@@ -26,8 +26,10 @@ import time
 import torch
 
 from bitserve import LLM, SamplingParams
+from bitserve.cli_args import non_negative_int, positive_int
 from bitserve.demo import DEMO_MODEL_PATH
 from bitserve.demo.task import check, make_questions
+from bitserve.engine.kv_cache import canonical_kv_dtype
 from bitserve.engine.kv_layouts import StepBatch
 from bitserve.engine.model_runner import PagedAttention
 
@@ -97,23 +99,31 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEMO_MODEL_PATH))
     ap.add_argument("--dtypes", default="auto,int8,int4,int2")
-    ap.add_argument("--n", type=int, default=600, help="held-out questions for accuracy")
-    ap.add_argument("--ppl-n", type=int, default=300, help="held-out questions for perplexity")
+    ap.add_argument("--n", type=positive_int, default=600, help="held-out questions for accuracy")
+    ap.add_argument("--ppl-n", type=positive_int, default=300, help="held-out questions for perplexity")
     ap.add_argument("--seed", type=int, default=2024)
-    ap.add_argument("--block-size", type=int, default=None, help="override the per-dtype default block size")
+    ap.add_argument("--block-size", type=positive_int, default=None, help="override the per-dtype default block size")
     ap.add_argument("--pre-rope-keys", action="store_true", help="int4/int2: quantize keys before RoPE")
-    ap.add_argument("--sink-tokens", type=int, default=0, help="int4/int2: first tokens kept in full precision")
-    ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--sink-tokens", type=non_negative_int, default=0, help="int4/int2: first tokens kept in full precision")
+    ap.add_argument("--batch", type=positive_int, default=100)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes:
+        ap.error("--dtypes: the list is empty")
+    for dtype in dtypes:
+        try:
+            canonical_kv_dtype(dtype, torch.float32)
+        except ValueError as e:
+            ap.error(f"--dtypes: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     questions = make_questions(args.n, seed=args.seed, split="test")
     ppl_questions = make_questions(args.ppl_n, seed=args.seed + 1, split="test")
     rows = []
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         t0 = time.time()
         extra = {}
         if dtype in ("int4", "int2"):

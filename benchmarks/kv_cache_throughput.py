@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from bitserve.cli_args import positive_int
 from bitserve.engine.kv_cache import KVCacheSpec, PagedKVCache, canonical_kv_dtype, default_block_size
 from bitserve.engine.kv_layouts import StepBatch
 
@@ -98,19 +99,19 @@ def decode_steps(cache: PagedKVCache, tables, args, device, model_dtype) -> list
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", type=int, default=32)
-    ap.add_argument("--context", type=int, default=2048, help="tokens already cached per sequence")
-    ap.add_argument("--steps", type=int, default=6, help="timed decode steps (after one warm-up)")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=20)
-    ap.add_argument("--kv-heads", type=int, default=5)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--block-size", type=int, default=None, help="default: 16 (bf16/int8), 64 (int4/int2)")
+    ap.add_argument("--seqs", type=positive_int, default=32)
+    ap.add_argument("--context", type=positive_int, default=2048, help="tokens already cached per sequence")
+    ap.add_argument("--steps", type=positive_int, default=6, help="timed decode steps (after one warm-up)")
+    ap.add_argument("--layers", type=positive_int, default=2)
+    ap.add_argument("--heads", type=positive_int, default=20)
+    ap.add_argument("--kv-heads", type=positive_int, default=5)
+    ap.add_argument("--head-dim", type=positive_int, default=128)
+    ap.add_argument("--block-size", type=positive_int, default=None, help="default: 16 (bf16/int8), 64 (int4/int2)")
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--model-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--fill-chunk", type=int, default=256, help="tokens per sequence per fill step")
+    ap.add_argument("--fill-chunk", type=positive_int, default=256, help="tokens per sequence per fill step")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
     if args.threads:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from kv_cache_throughput import build_cache, make_batch  # noqa: E402
 
+from bitserve.cli_args import positive_int
 from bitserve.kernels import kv_attention, kv_dispatch, kv_reference  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 20, 5, 128
@@ -282,18 +283,18 @@ def plot_e2e(report: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/bitserve_kv_check")
-    ap.add_argument("--seqs", type=int, default=32)
-    ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8, help="layers to rotate over in kernel timings")
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--seqs", type=positive_int, default=32)
+    ap.add_argument("--context", type=positive_int, default=2048)
+    ap.add_argument("--prefill", type=positive_int, default=512)
+    ap.add_argument("--layers", type=positive_int, default=8, help="layers to rotate over in kernel timings")
+    ap.add_argument("--iters", type=positive_int, default=30)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
-    ap.add_argument("--e2e-layers", type=int, default=30)
-    ap.add_argument("--e2e-context", type=int, default=1024)
-    ap.add_argument("--e2e-steps", type=int, default=32)
-    ap.add_argument("--e2e-chunk", type=int, default=4096)
-    ap.add_argument("--e2e-kv-mb", type=int, default=16384)
+    ap.add_argument("--e2e-layers", type=positive_int, default=30)
+    ap.add_argument("--e2e-context", type=positive_int, default=1024)
+    ap.add_argument("--e2e-steps", type=positive_int, default=32)
+    ap.add_argument("--e2e-chunk", type=positive_int, default=4096)
+    ap.add_argument("--e2e-kv-mb", type=positive_int, default=16384)
     ap.add_argument("--workdir", default="/tmp/bitserve_kv_check_ckpt")
     ap.add_argument("--e2e-model", help="use this checkpoint instead of a random 2B4T one")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (needs TRITON_INTERPRET=1 and BITSERVE_KV_TRITON=1)")

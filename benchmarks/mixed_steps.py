@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from bitserve.cli_args import non_negative_int, positive_int
+
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("eager", "decode", "piecewise")
 
@@ -172,17 +174,17 @@ def plot(report: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="checkpoint folder, 'demo', or empty: a random 2B4T")
-    ap.add_argument("--layers", type=int, default=30, help="layers of the random 2B4T")
+    ap.add_argument("--layers", type=positive_int, default=30, help="layers of the random 2B4T")
     ap.add_argument("--workdir", default="/tmp/bitserve_kv_check_ckpt")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seqs", type=int, default=32)
-    ap.add_argument("--prompt", type=int, default=200)
-    ap.add_argument("--output", type=int, default=64)
-    ap.add_argument("--chunk", type=int, default=256, help="max_num_batched_tokens")
-    ap.add_argument("--piecewise-tokens", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--kv-mb", type=int, default=4096, help="KV-cache budget of each engine (MiB)")
+    ap.add_argument("--seqs", type=positive_int, default=32)
+    ap.add_argument("--prompt", type=positive_int, default=200)
+    ap.add_argument("--output", type=positive_int, default=64)
+    ap.add_argument("--chunk", type=positive_int, default=256, help="max_num_batched_tokens")
+    ap.add_argument("--piecewise-tokens", type=positive_int, default=256)
+    ap.add_argument("--steps", type=positive_int, default=200)
+    ap.add_argument("--warmup", type=non_negative_int, default=20)
+    ap.add_argument("--kv-mb", type=positive_int, default=4096, help="KV-cache budget of each engine (MiB)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--emulate", action="store_true", help="CPU stand-ins for the graph captures")
     ap.add_argument("--out", default="/tmp/bitserve_mixed_steps")

@@ -16,14 +16,16 @@ import argparse
 
 import torch
 
+from bitserve.cli_args import positive_int
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--op", default="w2a8", choices=("w2a8", "w2a16"))
-    ap.add_argument("--n", type=int, default=3840)
-    ap.add_argument("--k", type=int, default=2560)
-    ap.add_argument("--m", type=int, default=1)
-    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--n", type=positive_int, default=3840)
+    ap.add_argument("--k", type=positive_int, default=2560)
+    ap.add_argument("--m", type=positive_int, default=1)
+    ap.add_argument("--calls", type=positive_int, default=5)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_linear needs a CUDA device")

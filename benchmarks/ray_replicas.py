@@ -31,11 +31,14 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bitserve.cli_args import int_list, positive_int
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -93,32 +96,12 @@ def ttft(app, prompts: list[list[int]]) -> dict:
             "p90_ms": round(1000 * times[int(0.9 * (len(times) - 1))], 2), "n": len(times)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("demo", "random1024"), default="demo")
-    parser.add_argument("--workdir", help="where random1024 is written (default: a temporary folder)")
-    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--prompt-len", default="16,48", help="min,max prompt tokens")
-    parser.add_argument("--ttft-requests", type=int, default=40)
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
-    args = parser.parse_args(argv)
-
+def measure(args, path, vocab: int, lo: int, hi: int) -> int:
+    """The three configurations on the model at ``path``; prints the table, writes the JSON."""
     from bitserve.app import build_app
     from bitserve.config import EngineConfig, ModelLoadConfig, ReplicaConfig
-    from bitserve.demo import DEMO_MODEL_PATH
     from bitserve.replica_ray_cluster import RaySession
 
-    if args.model == "demo":
-        path, vocab = DEMO_MODEL_PATH, 384
-    else:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from engine_throughput import RANDOM1024, make_random1024
-
-        path = make_random1024(Path(args.workdir or tempfile.mkdtemp(prefix="bitserve-ray-bench-")))
-        vocab = RANDOM1024["vocab_size"]
-    lo, hi = map(int, args.prompt_len.split(","))
     prompts = random_prompts(vocab, args.requests, lo, hi, seed=0)
     ttft_prompts = random_prompts(vocab, args.ttft_requests, lo, hi, seed=1)
     load = ModelLoadConfig(model=str(path), device="cpu")
@@ -165,6 +148,41 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         log(f"wrote {args.out}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("demo", "random1024"), default="demo")
+    parser.add_argument("--workdir", help="where random1024 is written (default: a temporary folder, removed at exit)")
+    parser.add_argument("--num-cpus", type=positive_int, default=2, help="CPUs of the local Ray instance")
+    parser.add_argument("--requests", type=positive_int, default=64)
+    parser.add_argument("--max-tokens", type=positive_int, default=64)
+    parser.add_argument("--prompt-len", default="16,48", help="min,max prompt tokens")
+    parser.add_argument("--ttft-requests", type=positive_int, default=40)
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    args = parser.parse_args(argv)
+    try:
+        lo, hi = int_list(args.prompt_len)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        parser.error(f"--prompt-len must be 'min,max' prompt tokens, both >= 1: {e}")
+    if lo > hi:
+        parser.error(f"--prompt-len: min {lo} is above max {hi}")
+
+    from bitserve.demo import DEMO_MODEL_PATH
+
+    if args.model == "demo":
+        return measure(args, DEMO_MODEL_PATH, 384, lo, hi)
+    else:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from engine_throughput import RANDOM1024, make_random1024
+
+        tmp = None if args.workdir else tempfile.mkdtemp(prefix="bitserve-ray-bench-")
+        try:
+            path = make_random1024(Path(args.workdir or tmp))
+            return measure(args, path, RANDOM1024["vocab_size"], lo, hi)
+        finally:
+            if tmp is not None:  # the checkpoint written for this run only
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ MS = [1, 8, 32, 128, 512]
 HEAD = ("2b4t.lm_head", 128256, 2560)
 ROTATE_BYTES_FACTOR = 3  # rotate through >= 3x L2 of distinct buffers
 MAX_COPIES = 512
+OPS = ("w2a8", "w2a16", "binary", "dual", "int8head", "pointwise")  # what --ops may name
 
 
 def _l2_bytes() -> int:
@@ -535,11 +536,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default=os.environ.get("OUT", "bench-results"),
                    help="where bench.json / bench.png go (default: $OUT, else bench-results/)")
-    p.add_argument("--ops", default="w2a8,w2a16,binary,dual,int8head,pointwise")
+    p.add_argument("--ops", default=",".join(OPS), help="comma list (default: all)")
     p.add_argument("--quick", action="store_true", help="2B4T shapes, M in {1, 32, 512}, no forced paths")
     p.add_argument("--sweep", action="store_true", help="with --quick: add the GEMV config / GEMV-vs-GEMM sweep")
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new measurements after this")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.ops.split(",")) - set(OPS))
+    if unknown:
+        p.error(f"--ops: unknown {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    if not args.budget_s > 0:
+        p.error(f"--budget-s must be > 0, got {args.budget_s}")
     if not torch.cuda.is_available():
         print("bench needs a CUDA device", file=sys.stderr)
         return 2
