@@ -17,8 +17,8 @@ import time
 
 from tqdm.auto import tqdm
 
-from bitserve.cli_args import non_negative_int, positive_int
 from bitserve import LLM, SamplingParams
+from bitserve.cli_args import non_negative_int, positive_int
 from bitserve.demo import DEMO_MODEL_PATH
 from bitserve.demo.task import check, make_questions
 
@@ -35,7 +35,10 @@ def main(argv=None) -> int:
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (to compare)")
     args = ap.parse_args(argv)
 
-    questions = make_questions(args.n, seed=args.seed, split="test")
+    try:
+        questions = make_questions(args.n, seed=args.seed, split="test")
+    except ValueError as e:  # more questions than the test split holds
+        ap.error(f"--n {args.n}: {e}")
     t0 = time.time()
     llm = LLM(args.model, enforce_eager=args.enforce_eager)
     load_s = time.time() - t0

@@ -125,7 +125,19 @@ def demo_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
                              add_special_tokens=False) for q in qs]
 
 
-def random_prompts(vocab: int, n: int, seed: int, lo: int = 32, hi: int = 64) -> list[list[int]]:
+def longest_demo_prompt(path: Path) -> int:
+    """Tokens of the longest prompt :func:`demo_prompts` makes: the longest of the whole test split
+    (1082 questions, among them the longest phrasing: a count question of 8 letters)."""
+    from bitserve.tokenizer import Tokenizer
+
+    return max(map(len, demo_prompts(Tokenizer(path), 1082, seed=0)))
+
+
+RANDOM_PROMPT_LEN = (32, 64)  # tokens of random1024's prompts (min, max)
+
+
+def random_prompts(vocab: int, n: int, seed: int, lo: int = RANDOM_PROMPT_LEN[0],
+                   hi: int = RANDOM_PROMPT_LEN[1]) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
@@ -366,7 +378,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="demo,random1024", help="comma list of: demo, random1024")
-    ap.add_argument("--concurrency", default=None, help="comma list (default 1,8,32,64; --quick: 1,8,32)")
+    ap.add_argument("--concurrency", type=int_list, default=None,
+                    help="comma list (default 1,8,32,64; --quick: 1,8,32)")
     ap.add_argument("--quick", action="store_true", help="smaller run: C in 1,8,32, half the tokens, 2 HF requests")
     ap.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="bitserve dtype")
@@ -383,21 +396,35 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=str(DEFAULT_PLOT), help="PNG plot path")
     args = ap.parse_args(argv)
 
-    try:
-        concurrencies = int_list(args.concurrency or ("1,8,32" if args.quick else "1,8,32,64"))
-    except argparse.ArgumentTypeError as e:
-        ap.error(f"--concurrency: {e}")
+    concurrencies = args.concurrency or ([1, 8, 32] if args.quick else [1, 8, 32, 64])
     if args.quick:
-        args.demo_max_tokens //= 2
-        args.random_max_tokens //= 2
+        args.demo_max_tokens = max(1, args.demo_max_tokens // 2)
+        args.random_max_tokens = max(1, args.random_max_tokens // 2)
         args.hf_requests = min(args.hf_requests, 2)
-    torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(models) - {"demo", "random1024"}
-    if unknown:
-        ap.error(f"unknown model(s) {sorted(unknown)}")
+    if unknown or not models:
+        ap.error(f"--models: unknown {', '.join(sorted(unknown))}; valid: demo, random1024" if unknown
+                 else "--models: the list is empty; valid: demo, random1024")
 
     from bitserve.demo import DEMO_MODEL_PATH
+
+    # prompt + max_tokens must fit the model's context (the engine refuses the request otherwise)
+    halved = " after --quick halves it" if args.quick else ""
+    longest, context = RANDOM_PROMPT_LEN[1], RANDOM1024["max_position_embeddings"]
+    if "random1024" in models and longest + args.random_max_tokens > context:
+        ap.error(f"--random-max-tokens: at most {context - longest} (prompts of up to {longest} tokens, "
+                 f"{context} positions){halved}")
+    demo_path = Path(args.demo_path) if args.demo_path else DEMO_MODEL_PATH
+    if "demo" in models and (demo_path / "config.json").exists():
+        if max(concurrencies + [args.hf_requests - 1]) > 1082:
+            ap.error("--concurrency/--hf-requests: the demo's test split holds 1082 questions")
+        context = json.loads((demo_path / "config.json").read_text()).get("max_position_embeddings")
+        longest = longest_demo_prompt(demo_path) if context else 0
+        if context and longest + args.demo_max_tokens > context:
+            ap.error(f"--demo-max-tokens: at most {context - longest} (prompts of up to {longest} tokens, "
+                     f"{context} positions){halved}")
+    torch.set_num_threads(args.threads)
 
     tmp = None
     if args.workdir:
@@ -411,7 +438,7 @@ def main(argv=None) -> int:
     try:
         for name in models:
             if name == "demo":
-                path = Path(args.demo_path) if args.demo_path else DEMO_MODEL_PATH
+                path = demo_path
                 if not (path / "config.json").exists():
                     msg = f"demo model not found ({path / 'config.json'} does not exist): skipped"
                     log(f"[demo] {msg}")

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from bitserve.cli_args import positive_int
 from bitserve import LLM, SamplingParams
+from bitserve.cli_args import positive_int
 from bitserve.converters import convert_checkpoint
 from bitserve.demo import DEMO_MODEL_PATH
 from bitserve.demo.task import check, make_questions
@@ -138,21 +138,27 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench-results/formats", help="where the JSON, PNG and checkpoints go")
     ap.add_argument("--only", default=None, help="comma list of row-label prefixes to run")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    work = out / "checkpoints"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    questions = make_questions(args.n, seed=args.seed, split="test")
-    dense = work / "dense"
-    convert_checkpoint(DEMO_MODEL_PATH, dense, "dense", progress=False)
-
+    # every check before any work (the checkpoint folder under --out is emptied below)
     prefixes = [p.strip() for p in (args.only or "").split(",") if p.strip()]
+    if args.only is not None and not prefixes:
+        ap.error("--only: the list is empty")
     unmatched = [p for p in prefixes if not any(r.label.startswith(p) for r in ROWS)]
     if unmatched:
         ap.error(f"--only {', '.join(unmatched)}: no row label starts with it; the rows are: "
                  + "; ".join(r.label for r in ROWS))
     rows = [r for r in ROWS if not prefixes or any(r.label.startswith(p) for p in prefixes)]
+    try:
+        questions = make_questions(args.n, seed=args.seed, split="test")
+    except ValueError as e:  # more questions than the test split holds
+        ap.error(f"--n {args.n}: {e}")
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    work = out / "checkpoints"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    dense = work / "dense"
+    convert_checkpoint(DEMO_MODEL_PATH, dense, "dense", progress=False)
+
     records, reference = [], None
     for row in rows:
         t0 = time.time()

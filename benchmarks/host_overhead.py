@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from bitserve.cli_args import positive_int
+from bitserve.cli_args import int_list, non_negative_int, positive_int
 
 WEIGHT_BYTES = 1.18e9  # 2B4T, ternary at 2 bits + bf16 LM head (TARGETS.md)
 KV_BYTES_PER_TOKEN = 76.8e3  # bf16 KV of 2B4T
@@ -48,6 +48,10 @@ class NoReplayCapture:
     def capture(self, fn):
         out = fn()
         return (lambda: None), out
+
+
+class ContextTooShort(ValueError):
+    """--steps x --reps decode steps do not fit the demo model's context."""
 
 
 def floor_ms(batch: int, context: int) -> float:
@@ -71,8 +75,9 @@ def measure(llm_cls, batch: int, steps: int, reps: int) -> dict:
     while core.stats().num_running < batch or core.runner.graphs.num_replays == 0:  # prefill (real model)
         engine.step()
     if (1 + 2 * reps) * steps > budget - 4:
-        raise SystemExit(f"--steps {steps} x {1 + 2 * reps} passes needs a longer context than the demo "
-                         f"model's {llm.max_model_len} tokens")
+        raise ContextTooShort(f"--steps {steps} x {1 + 2 * reps} passes (--reps {reps}) needs a longer context "
+                              f"than the demo model's {llm.max_model_len} tokens: at most "
+                              f"{(budget - 4) // (1 + 2 * reps)} steps")
     row = {"batch": batch}
     for label, fn in (("core_ms", core.step), ("engine_ms", engine.step)):
         for _ in range(steps // 4 + 1):
@@ -147,28 +152,26 @@ def measure_serving(llm_cls, batch: int, switch_s: float | None) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,8,32,64,128,256")
+    ap.add_argument("--batches", type=int_list, default="1,8,32,64,128,256", help="comma list of batch sizes")
     ap.add_argument("--steps", type=positive_int, default=25, help="timed steps per pass (the best of --reps passes)")
     ap.add_argument("--reps", type=positive_int, default=3)
-    ap.add_argument("--context", type=positive_int, default=1024, help="context per sequence for the GPU floor column")
+    ap.add_argument("--context", type=non_negative_int, default=1024, help="context per sequence for the GPU floor column")
     ap.add_argument("--serving", action="store_true",
                     help="also time the serving path (AsyncEngine + Frontend, one coroutine per stream) at "
                          "Python's default GIL switch interval and at the engine's")
     ap.add_argument("--out", default="bench-results")
     args = ap.parse_args(argv)
-    try:
-        batches = [int(b) for b in args.batches.split(",") if b]
-    except ValueError:
-        ap.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if not batches or min(batches) < 1:
-        ap.error("--batches needs at least one batch size >= 1")
+    batches = args.batches
     torch.set_num_threads(1)
     from bitserve import LLM
 
     rows = []
     for b in batches:
         print(f"batch {b} ...", file=sys.stderr, flush=True)
-        row = measure(LLM, b, args.steps, args.reps)
+        try:
+            row = measure(LLM, b, args.steps, args.reps)
+        except ContextTooShort as e:  # raised before any timing (the first batch)
+            ap.error(str(e))
         row["floor_ms"] = floor_ms(b, args.context)
         row["host_share"] = row["core_ms"] / (row["core_ms"] + row["floor_ms"])
         rows.append(row)

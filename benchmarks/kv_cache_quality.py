@@ -29,7 +29,7 @@ from bitserve import LLM, SamplingParams
 from bitserve.cli_args import non_negative_int, positive_int
 from bitserve.demo import DEMO_MODEL_PATH
 from bitserve.demo.task import check, make_questions
-from bitserve.engine.kv_cache import canonical_kv_dtype
+from bitserve.engine.kv_cache import canonical_kv_dtype, default_block_size
 from bitserve.engine.kv_layouts import StepBatch
 from bitserve.engine.model_runner import PagedAttention
 
@@ -117,11 +117,21 @@ def main(argv=None) -> int:
             canonical_kv_dtype(dtype, torch.float32)
         except ValueError as e:
             ap.error(f"--dtypes: {e}")
+    for dtype in ("int4", "int2"):  # their sink tokens live in each block (KVCacheSpec)
+        block = args.block_size or default_block_size(dtype)
+        if dtype in dtypes and args.sink_tokens > block:
+            ap.error(f"--sink-tokens {args.sink_tokens}: at most the {dtype} block size ({block}, --block-size)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    questions = make_questions(args.n, seed=args.seed, split="test")
-    ppl_questions = make_questions(args.ppl_n, seed=args.seed + 1, split="test")
+    try:
+        questions = make_questions(args.n, seed=args.seed, split="test")
+    except ValueError as e:  # more questions than the test split holds
+        ap.error(f"--n {args.n}: {e}")
+    try:
+        ppl_questions = make_questions(args.ppl_n, seed=args.seed + 1, split="test")
+    except ValueError as e:
+        ap.error(f"--ppl-n {args.ppl_n}: {e}")
     rows = []
     for dtype in dtypes:
         t0 = time.time()

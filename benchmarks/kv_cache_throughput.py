@@ -26,7 +26,7 @@ import time
 import torch
 
 from bitserve.cli_args import positive_int
-from bitserve.engine.kv_cache import KVCacheSpec, PagedKVCache, canonical_kv_dtype, default_block_size
+from bitserve.engine.kv_cache import QUANT_BITS, KVCacheSpec, PagedKVCache, canonical_kv_dtype, default_block_size
 from bitserve.engine.kv_layouts import StepBatch
 
 DTYPES = ("bf16", "int8", "int4", "int2")
@@ -116,16 +116,29 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        ap.error(f"--device {args.device!r}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: this machine has no CUDA device")
-    for name in ("steps", "seqs"):
-        if getattr(args, name, 1) < 1:
-            ap.error(f"--{name} must be >= 1")
     model_dtype = getattr(torch, args.model_dtype)
+    if args.heads % args.kv_heads:
+        ap.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes:
+        ap.error("--dtypes: the list is empty")
+    for dtype in dtypes:
+        try:
+            kv = canonical_kv_dtype(dtype, model_dtype)
+        except ValueError as e:
+            ap.error(f"--dtypes: {e}")
+        if kv in QUANT_BITS and args.head_dim % (8 // QUANT_BITS[kv]):
+            ap.error(f"--head-dim {args.head_dim}: {kv} packs {8 // QUANT_BITS[kv]} values per byte, so it must "
+                     f"be a multiple of {8 // QUANT_BITS[kv]}")
 
     rows = []
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         t0 = time.perf_counter()
         cache, tables = build_cache(dtype, args, device, model_dtype)
         fill_s = time.perf_counter() - t0

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from kv_cache_throughput import build_cache, make_batch  # noqa: E402
 
-from bitserve.cli_args import positive_int
+from bitserve.cli_args import positive_int  # noqa: E402
 from bitserve.kernels import kv_attention, kv_dispatch, kv_reference  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 20, 5, 128
@@ -297,11 +297,14 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-kv-mb", type=positive_int, default=16384)
     ap.add_argument("--workdir", default="/tmp/bitserve_kv_check_ckpt")
     ap.add_argument("--e2e-model", help="use this checkpoint instead of a random 2B4T one")
-    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (needs TRITON_INTERPRET=1 and BITSERVE_KV_TRITON=1)")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of the script (needs TRITON_INTERPRET=1 and BITSERVE_KV_TRITON=1)")
     ap.add_argument("--quick", action="store_true", help="8 seqs x 1024, 10 iters, 4 e2e layers")
     args = ap.parse_args(argv)
     if args.quick:
         args.seqs, args.context, args.iters, args.e2e_layers, args.e2e_context = 8, 1024, 10, 4, 512
+    if args.prefill > args.context:  # the prefill chunk ends the cached context
+        ap.error(f"--prefill {args.prefill} must be at most --context {args.context}"
+                 + (" (--quick sets --context 1024)" if args.quick else ""))
     if args.device == "cuda" and not torch.cuda.is_available():
         print("kv_gpu_check: no CUDA device", file=sys.stderr)
         return 2

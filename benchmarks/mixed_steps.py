@@ -192,7 +192,11 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
-        ap.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+        ap.error(f"--modes: unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    if not modes:
+        ap.error(f"--modes: the list is empty; choose from {', '.join(MODES)}")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        ap.error(f"--device {args.device!r}: cpu or cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device; use --device cpu --emulate")
     folder, loaded = load(args)

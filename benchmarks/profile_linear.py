@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=positive_int, default=1)
     ap.add_argument("--calls", type=positive_int, default=5)
     args = ap.parse_args(argv)
+    if args.k % 4:
+        ap.error(f"--k {args.k}: the packed ternary layout needs a multiple of 4")
     if not torch.cuda.is_available():
         print("profile_linear needs a CUDA device")
         return 2

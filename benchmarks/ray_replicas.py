@@ -154,35 +154,44 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("demo", "random1024"), default="demo")
     parser.add_argument("--workdir", help="where random1024 is written (default: a temporary folder, removed at exit)")
-    parser.add_argument("--num-cpus", type=positive_int, default=2, help="CPUs of the local Ray instance")
+    parser.add_argument("--num-cpus", type=positive_int, default=2,
+                        help="CPUs of the local Ray instance (at least 2: each of the 2 replicas reserves one)")
     parser.add_argument("--requests", type=positive_int, default=64)
     parser.add_argument("--max-tokens", type=positive_int, default=64)
-    parser.add_argument("--prompt-len", default="16,48", help="min,max prompt tokens")
+    parser.add_argument("--prompt-len", type=int_list, default="16,48", help="min,max prompt tokens")
     parser.add_argument("--ttft-requests", type=positive_int, default=40)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
-    try:
-        lo, hi = int_list(args.prompt_len)
-    except (argparse.ArgumentTypeError, ValueError) as e:
-        parser.error(f"--prompt-len must be 'min,max' prompt tokens, both >= 1: {e}")
+    if len(args.prompt_len) != 2:
+        parser.error(f"--prompt-len must be 'min,max' prompt tokens, got {len(args.prompt_len)} number(s)")
+    lo, hi = args.prompt_len
     if lo > hi:
         parser.error(f"--prompt-len: min {lo} is above max {hi}")
+    if args.num_cpus < 2:  # the 2-replica configuration would wait for a second CPU forever
+        parser.error(f"--num-cpus {args.num_cpus}: at least 2 (each of the 2 Ray replicas reserves one CPU)")
 
     from bitserve.demo import DEMO_MODEL_PATH
 
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from engine_throughput import RANDOM1024, make_random1024
+
+    if args.model == "demo":
+        context = json.loads((Path(DEMO_MODEL_PATH) / "config.json").read_text())["max_position_embeddings"]
+    else:
+        context = RANDOM1024["max_position_embeddings"]
+    if hi + args.max_tokens > context:  # the engine refuses such a request
+        parser.error(f"--prompt-len max {hi} + --max-tokens {args.max_tokens} exceed the {args.model} model's "
+                     f"context of {context} tokens")
+
     if args.model == "demo":
         return measure(args, DEMO_MODEL_PATH, 384, lo, hi)
-    else:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from engine_throughput import RANDOM1024, make_random1024
-
-        tmp = None if args.workdir else tempfile.mkdtemp(prefix="bitserve-ray-bench-")
-        try:
-            path = make_random1024(Path(args.workdir or tmp))
-            return measure(args, path, RANDOM1024["vocab_size"], lo, hi)
-        finally:
-            if tmp is not None:  # the checkpoint written for this run only
-                shutil.rmtree(tmp, ignore_errors=True)
+    tmp = None if args.workdir else tempfile.mkdtemp(prefix="bitserve-ray-bench-")
+    try:
+        path = make_random1024(Path(args.workdir or tmp))
+        return measure(args, path, RANDOM1024["vocab_size"], lo, hi)
+    finally:
+        if tmp is not None:  # the checkpoint written for this run only
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -543,7 +543,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     unknown = sorted(set(args.ops.split(",")) - set(OPS))
     if unknown:
-        p.error(f"--ops: unknown {', '.join(unknown)}; choose from {', '.join(OPS)}")
+        p.error(f"--ops: unknown {', '.join(repr(u) for u in unknown)}; choose from {', '.join(OPS)}")
     if not args.budget_s > 0:
         p.error(f"--budget-s must be > 0, got {args.budget_s}")
     if not torch.cuda.is_available():

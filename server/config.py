@@ -18,7 +18,7 @@ class ModelLoadConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when available)"})
     revision: str | None = field(default=None, metadata={"help": "Hugging Face revision when model is a repo id"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length cap (default: the model's)"})
-    seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
+    seed: int = field(default=0, metadata={"help": "seeds the per-request seeds of requests that set none (each gets its own; a fresh run repeats)"})
     int8_lm_head: bool = field(default=False, metadata={
         "help": "quantize the LM head to int8 per row at load (half its bytes; logits move slightly)"})
 

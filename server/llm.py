@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import numbers
 
 from dataclasses import fields
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 from bitserve.config import EngineConfig, ModelLoadConfig
 from bitserve.demo import DEMO_MODEL_PATH
 from bitserve.app import build_core, load_serving_model
-from bitserve.engine.core import on_device
+from bitserve.engine.core import EngineRequest, on_device
 from bitserve.engine.llm_engine import LLMEngine
 from bitserve.engine.output_processor import CompletionDelta
 from bitserve.engine.request import FinishReason
@@ -76,24 +77,29 @@ class LLM:
         param_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(param_list) != len(prompts):
             raise ValueError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts")
-        ids = []
+        ids = [str(self._counter + i) for i in range(len(prompts))]
+        for rid, (_, prompt_ids), p in zip(ids, prompts, param_list):  # refuse a bad one before any runs
+            self.core.validate(EngineRequest(rid, prompt_ids, p))
+        self._counter += len(prompts)
+        results = {rid: RequestOutput(text, prompt_ids, [CompletionOutput(i, "", [], "") for i in range(p.n)])
+                   for rid, (text, prompt_ids), p in zip(ids, prompts, param_list)}
+        # fed as the waiting queue (--max-queue) has room: a batch may be any size
+        pending = collections.deque(zip(ids, prompts, param_list))
+        max_queue = self.core.config.max_queue
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
         try:
-            for (_, prompt_ids), p in zip(prompts, param_list):
-                rid = str(self._counter)
-                self._counter += 1
-                self.engine.add_request(rid, prompt_ids, p)
-                ids.append(rid)
-        except Exception:
+            while pending or self.engine.has_unfinished():
+                while pending and self.core.stats().num_waiting + pending[0][2].n <= max_queue:
+                    rid, (_, prompt_ids), p = pending.popleft()
+                    self.engine.add_request(rid, prompt_ids, p)
+                for delta in self.engine.step():
+                    self._accumulate(results[delta.request_id], delta, bar)
+        except BaseException:  # interrupted (Ctrl-C) or failed: nothing stays queued
             for rid in ids:
                 self.engine.abort(rid)
             raise
-        results = {rid: RequestOutput(text, prompt_ids, [CompletionOutput(i, "", [], "") for i in range(p.n)])
-                   for rid, (text, prompt_ids), p in zip(ids, prompts, param_list)}
-        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
-        while self.engine.has_unfinished():
-            for delta in self.engine.step():
-                self._accumulate(results[delta.request_id], delta, bar)
-        bar.close()
+        finally:
+            bar.close()
         return [results[rid] for rid in ids]
 
     @staticmethod

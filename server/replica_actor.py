@@ -72,13 +72,16 @@ class EngineActor:
 
     def __init__(self, load_cfg: ModelLoadConfig, engine_cfg: EngineConfig):
         from bitserve.app import build_core, load_serving_model, model_info
+        from bitserve.engine.sampler import derive_seed
 
         started = time.monotonic()
         model = load_serving_model(load_cfg, progress=False)
-        core = build_core(model, engine_cfg, load_cfg.seed)
+        incarnation = uuid.uuid4()
+        # each replica (and each restart of one) draws other seeds for unseeded requests than its peers
+        core = build_core(model, engine_cfg, derive_seed(load_cfg.seed, 0, incarnation.int))
         warm_up(core, model.tokenizer.encode("warm up"))
         self._engine = AsyncEngine(core)
-        self._boot = dict(incarnation=uuid.uuid4().hex, pid=os.getpid(), node=socket.gethostname(),
+        self._boot = dict(incarnation=incarnation.hex, pid=os.getpid(), node=socket.gethostname(),
                           info=model_info(model, core, ""), limits=EngineLimits.of(core))
         self._outboxes: dict[str, asyncio.Queue] = {}  # connection -> its events
         self._live: dict[str, tuple[str, asyncio.Task]] = {}  # request id -> (connection, task moving its deltas)

@@ -127,6 +127,22 @@ def test_seeded_sampling_independent_of_batch(tiny_model):
     assert other_seed != alone
 
 
+def test_unseeded_requests_each_draw_their_own_samples(tiny_model):
+    """Requests without a seed are not one another's copies (vLLM draws them from a global RNG); a
+    fresh engine with the same --seed repeats its run."""
+    prompt = random_prompts(1, seed=6)[0]
+    params = SamplingParams(temperature=4.0, max_tokens=8, ignore_eos=True)
+    first = [o.token_ids for o in make_llm(tiny_model).generate([prompt] * 12, params)]
+    assert len({tuple(t) for t in first}) >= 10  # 12 draws of 8 near-uniform tokens each
+    llm = make_llm(tiny_model)
+    again = [o.token_ids for o in llm.generate([prompt] * 12, params)]
+    assert again == first  # same seed, same order of requests
+    later = [o.token_ids for o in llm.generate([prompt] * 12, params)]
+    assert later != first  # the next requests of a run draw new seeds
+    seeded = SamplingParams(temperature=4.0, max_tokens=8, ignore_eos=True, seed=3)
+    assert len({tuple(o.token_ids) for o in llm.generate([prompt] * 3, seeded)}) == 1
+
+
 def test_n_samples_differ_and_share_prompt(tiny_model):
     llm = make_llm(tiny_model)
     out = llm.generate([random_prompts(1, seed=8, lo=20, hi=20)[0]],
@@ -582,3 +598,19 @@ def test_prompt_tokens_counted_once_prefilled(tiny_model):
     stats = core.stats()
     assert stats.num_preemptions > 0  # a and b outgrow 12 blocks of 4 tokens together
     assert stats.prompt_tokens == len(a) + len(b)
+
+
+def test_offline_batch_larger_than_the_queue(tiny_model):
+    """LLM.generate feeds the engine as its waiting queue has room: a batch may outnumber --max-queue
+    (counting every choice), and gives what a roomy queue gives; a bad prompt anywhere in the batch
+    is refused before anything runs."""
+    prompts = random_prompts(11, seed=21)
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=5, ignore_eos=True)
+    small = make_llm(tiny_model, max_queue=4, max_num_seqs=2)
+    got = small.generate(prompts, params)
+    want = make_llm(tiny_model).generate(prompts, params)
+    assert [[o.token_ids for o in r.outputs] for r in got] == [[o.token_ids for o in r.outputs] for r in want]
+    assert all(len(o.token_ids) == 5 for r in got for o in r.outputs)
+    with pytest.raises(ValueError, match="out of range"):
+        small.generate(prompts[:3] + [[5, 10_000]], params)
+    assert not small.engine.has_unfinished() and all_blocks_free(small)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -135,6 +136,9 @@ class EngineCore:
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.default_seed = default_seed
+        # requests that set no seed each get one from this stream: their samples differ from one
+        # another (as vLLM's global RNG makes them), and a run from a fresh start repeats
+        self._unseeded = random.Random(default_seed)
         kv_dtype = canonical_kv_dtype(config.kv_cache_dtype, model.dtype)
         want_graphs = not config.enforce_eager and (graph_capture is not None or device.type == "cuda")
         block_size = config.block_size or default_block_size(kv_dtype)
@@ -239,7 +243,10 @@ class EngineCore:
             cache_salt=req.cache_salt,
         )
         self.scheduler.add(request)
-        generator = None if req.params.greedy else make_generator(req.params.seed, self.default_seed, req.sample_index)
+        generator = None
+        if not req.params.greedy:
+            seed = req.params.seed if req.params.seed is not None else self._unseeded.getrandbits(64)
+            generator = make_generator(seed, self.default_seed, req.sample_index)
         self._states[req.request_id] = SamplingState(
             params=req.params,
             prompt_token_ids=request.prompt_token_ids,

@@ -68,7 +68,8 @@ def _splitmix64(x: int) -> int:
 def derive_seed(seed: int | None, default_seed: int, sample_index: int = 0) -> int:
     """The 64-bit seed of sample ``sample_index`` of a request.
 
-    Sample 0 uses ``seed`` itself (``default_seed`` when the request has none),
+    Sample 0 uses ``seed`` itself (``default_seed`` when there is none; the engine
+    gives every request that sets no seed its own),
     so n=1 matches ``torch.Generator().manual_seed(seed)``; sample i > 0 uses a
     splitmix64 hash of (seed, i), so the streams of one request are distinct
     and do not coincide with another request's ``seed + i``.
