@@ -19,7 +19,7 @@ from bitserve.sampling_params import SamplingParams
 from bitserve.tokenizer import Tokenizer
 
 # A prompt with more characters than this per token of context is refused before it is rendered or
-# tokenized: it cannot fit, and tokenizing the 4 MB a gRPC message may carry took 14-45 s of a 2-core
+# tokenized: it cannot fit, and tokenizing megabytes (a gRPC message may carry 16 MB) took 14-45 s of a 2-core
 # VM. Prose averages 3-5 characters per token and long whitespace or punctuation runs in code seldom
 # pass 16, so no prompt that fits comes near this.
 MAX_PROMPT_CHARS_PER_TOKEN = 64
