@@ -188,7 +188,7 @@ class Tokenizer:
             )
         except ChatTemplateError:
             raise
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError) as e:  # TypeError: the template's operations on a message's values
             raise ChatTemplateError(f"chat template failed: {e}") from e
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:

@@ -173,6 +173,14 @@ def test_template_syntax_error(tmp_path, tokenizer_json):
         ours.apply_chat_template(CONVERSATIONS[0])
 
 
+def test_template_type_error_is_chat_template_error(tmp_path, tokenizer_json):
+    """A template whose operations fail on a message's values (here: text + number) refuses the
+    conversation like any template error (INVALID_ARGUMENT over gRPC), not as a server fault."""
+    ours = Tokenizer(_folder(tmp_path, tokenizer_json, "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}"))
+    with pytest.raises(ChatTemplateError, match="chat template failed"):
+        ours.apply_chat_template(CONVERSATIONS[0])
+
+
 def test_bad_messages(tmp_path, tokenizer_json):
     ours = Tokenizer(_folder(tmp_path, tokenizer_json, LLAMA3))
     with pytest.raises(ChatTemplateError, match="robot"):

@@ -101,24 +101,36 @@ def stream_events(delta: CompletionDelta, model: str, tokenizer) -> list[pb.Stre
 
 
 class ResponseBuilder:
-    """Accumulates deltas into a unary ChatResponse."""
+    """Accumulates deltas into a unary ChatResponse.
 
-    def __init__(self, request_id: str, model: str, n: int):
+    A choice's message is made at its first delta (not ``n`` of them up front: ``n`` is checked by
+    the engine after the builder exists). ``error`` is the engine's reason when it failed a choice.
+    """
+
+    def __init__(self, request_id: str, model: str):
         self.response = pb.ChatResponse(request_id=request_id, model=model)
-        self.response.choices.extend(pb.Choice(index=i) for i in range(n))
+        self.choices: dict[int, pb.Choice] = {}
+        self.error: str | None = None
 
     def add(self, delta: CompletionDelta, tokenizer) -> None:
-        choice = self.response.choices[delta.index]
+        choice = self.choices.get(delta.index)
+        if choice is None:
+            choice = self.choices[delta.index] = pb.Choice(index=delta.index)
         choice.text += delta.text
         choice.token_ids.extend(delta.token_ids)
         choice.logprobs.extend(token_logprobs(delta, tokenizer))
         if delta.finished:
             for key, value in finish_fields(delta).items():
-                if key != "error":
+                if key == "error":
+                    self.error = self.error or value
+                else:
                     setattr(choice, key, value)
+            if delta.finish_reason == FinishReason.ERROR and self.error is None:
+                self.error = "the engine failed the request"
             choice.usage.CopyFrom(usage(delta))
 
     def build(self) -> pb.ChatResponse:
+        self.response.choices.extend(self.choices[i] for i in sorted(self.choices))
         total = self.response.usage
         for c in self.response.choices:
             total.prompt_tokens = c.usage.prompt_tokens

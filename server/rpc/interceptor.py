@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 from typing import Callable
@@ -16,7 +17,7 @@ import grpc
 
 from bitserve.engine.async_engine import EngineDeadError
 from bitserve.engine.scheduler import QueueFullError
-from bitserve.rpc.servicer import ModelNotFoundError
+from bitserve.rpc.servicer import ModelNotFoundError, RequestFailedError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # also ChatTemplateError
-    (TypeError, grpc.StatusCode.INVALID_ARGUMENT),
+    (RequestFailedError, grpc.StatusCode.INTERNAL),  # the engine's reason (already logged by the engine)
 ]
 
 
@@ -118,7 +119,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(error, grpc.aio.AbortError):
             raise error
         code, message = status_for(error)
-        if code == grpc.StatusCode.INTERNAL:
+        if code == grpc.StatusCode.INTERNAL and not isinstance(error, RequestFailedError):
             log.error("%s failed", method, exc_info=error)
         if context.done():  # the client left (deadline, cancel) as the error came: nobody gets a status
             self._record(method, self._cancel_code(context), started)
@@ -147,6 +148,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):
+            # a coroutine that writes with context.write (grpc's health Watch): wrapped like a unary call
+            inner_writer = handler.unary_stream
+
+            async def writer(request, context):
+                started = await self._admit(method, context)
+                try:
+                    await inner_writer(request, context)
+                except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 - mapped in _fail
+                    await self._fail(method, context, started, e)
+                finally:
+                    self._release(method)
+                self._record(method, grpc.StatusCode.OK, started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                writer, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream

@@ -15,6 +15,11 @@ class ModelNotFoundError(LookupError):
     """The request names a model this server does not serve."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed a unary request (a step raised): the call ends with INTERNAL and this
+    message, not OK with a half-made answer. Streams report it in the choice's end event."""
+
+
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, frontend: Frontend, default_max_tokens: int = 256):
         self.frontend = frontend
@@ -58,10 +63,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def _unary(self, request, prompt: list[int]) -> pb.ChatResponse:
         params = self._params(request.sampling, len(prompt))
         request_id = request.request_id or self.frontend.new_request_id()
-        builder = convert.ResponseBuilder(request_id, self.model_name, params.n)
+        builder = convert.ResponseBuilder(request_id, self.model_name)
         async for delta in self.frontend.generate(request_id, prompt, params, request.priority,
                                                   request.cache_salt or None):
             builder.add(delta, self.frontend.tokenizer)
+        if builder.error is not None:
+            raise RequestFailedError(f"the engine failed this request: {builder.error}")
         return builder.build()
 
     # -- RPCs ------------------------------------------------------------------------------
