@@ -13,7 +13,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from bitserve.engine.core import EngineRequest, TokenDelta
 from bitserve.engine.output_processor import CompletionDelta, RequestState
-from bitserve.engine.request import FinishReason
+from bitserve.engine.request import FinishReason, RequestIdInUseError
 from bitserve.replica import Replica
 from bitserve.sampling_params import SamplingParams
 from bitserve.tokenizer import Tokenizer
@@ -109,7 +109,7 @@ class Frontend:
         iterator early aborts every choice and frees their KV blocks.
         """
         if request_id in self._active:
-            raise ValueError(f"request_id '{request_id}' is already in use")
+            raise RequestIdInUseError(f"request_id '{request_id}' is already in use")
         # every choice has the same prompt and parameters: checking one checks all (before the
         # detokenizers decode the prompt's tail)
         self.replica.validate(EngineRequest(request_id, prompt_token_ids, params, priority, cache_salt))
@@ -119,7 +119,7 @@ class Frontend:
         # keeps a refused request from aborting what it does not own
         taken = [cid for cid in state.choices if cid in self._core_ids]
         if taken:
-            raise ValueError(f"request_id '{request_id}' is already in use (as '{taken[0]}')")
+            raise RequestIdInUseError(f"request_id '{request_id}' is already in use (as '{taken[0]}')")
         self._active[request_id] = state
         self._core_ids.update(state.choices)
         tasks: list[asyncio.Task] = []

@@ -28,7 +28,7 @@ from typing import AsyncIterator
 from bitserve.config import EngineConfig, ModelLoadConfig
 from bitserve.engine.async_engine import AsyncEngine
 from bitserve.engine.core import EngineCore, EngineRequest, EngineStats, TokenDelta
-from bitserve.engine.request import FinishReason
+from bitserve.engine.request import FinishReason, RequestIdInUseError
 from bitserve.frontend import ModelInfo
 from bitserve.engine.limits import EngineLimits
 from bitserve.sampling_params import SamplingParams
@@ -138,7 +138,7 @@ class EngineActor:
             raise ConnectionError(f"connection '{connection}' is not open on this replica (it restarted?)")
         rid = request.request_id
         if rid in self._live:
-            raise ValueError(f"request_id '{rid}' is already in use")
+            raise RequestIdInUseError(f"request_id '{rid}' is already in use")
         early = self._aborted.pop(rid, None)
         if early is not None:  # the abort overtook the request
             outbox.put_nowait(TokenDelta(rid, [], finish_reason=early[0], stop_reason=early[1],

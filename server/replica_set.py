@@ -29,7 +29,7 @@ from typing import AsyncIterator, Callable, Protocol, Sequence
 
 from bitserve.engine.async_engine import EngineDeadError
 from bitserve.engine.core import EngineRequest, EngineStats, TokenDelta
-from bitserve.engine.request import FinishReason
+from bitserve.engine.request import FinishReason, RequestIdInUseError
 from bitserve.engine.limits import EngineLimits
 from bitserve.router import Router, RouterPolicy
 
@@ -138,7 +138,7 @@ class ReplicaSet:
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
         rid = request.request_id
         if rid in self._owner or rid in self._waiting:
-            raise ValueError(f"request_id '{rid}' is already in use")
+            raise RequestIdInUseError(f"request_id '{rid}' is already in use")
         failed: list[tuple[str, str | None]] = []
         try:
             while True:

@@ -196,6 +196,25 @@ def test_huge_n_is_refused_at_once(server):
     assert [c.index for c in reply.choices] == [0, 1, 2]
 
 
+def test_request_id_in_flight_is_already_exists(server):
+    """A second call with the id of a request still in flight is ALREADY_EXISTS (and leaves the
+    first alone); once the first has finished, the id is free again."""
+    stub = server.stub()
+    first = chat_request("long", max_tokens=40, ignore_eos=True, temperature=0.0)
+    first.request_id = "dup-id"
+    stream = stub.ChatStream(first, timeout=60)
+    next(stream)
+    second = chat_request("x", max_tokens=2)
+    second.request_id = "dup-id"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Chat(second, timeout=30)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "dup-id" in err.value.details()
+    rest = list(stream)
+    assert rest[-1].end.finish_reason == pb.FINISH_REASON_LENGTH
+    assert stub.Chat(second, timeout=30).request_id == "dup-id"
+    wait_all_blocks_free(stub)
+
+
 def test_engine_failure_is_internal_for_unary_and_ends_streams_with_the_reason(server):
     """A failed engine step ends its requests: a unary call gets INTERNAL with the engine's reason
     (not OK with an empty answer), a stream an end event with FINISH_REASON_ERROR and the reason."""

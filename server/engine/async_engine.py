@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from typing import AsyncIterator
 
 from bitserve.engine.core import EngineCore, EngineRequest, EngineStats, TokenDelta
-from bitserve.engine.request import FinishReason
+from bitserve.engine.request import FinishReason, RequestIdInUseError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request.request_id in self._streams:
-                raise ValueError(f"request_id '{request.request_id}' is already in use")
+                raise RequestIdInUseError(f"request_id '{request.request_id}' is already in use")
             self._streams[request.request_id] = (loop, stream)
         finished = False
         try:

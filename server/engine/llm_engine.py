@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bitserve.engine.core import EngineCore, EngineRequest, EngineStats
 from bitserve.engine.output_processor import CompletionDelta, RequestState
-from bitserve.engine.request import FinishReason
+from bitserve.engine.request import FinishReason, RequestIdInUseError
 from bitserve.sampling_params import SamplingParams
 from bitserve.tokenizer import Tokenizer
 
@@ -19,7 +19,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, cache_salt: str | None = None) -> None:
         if request_id in self._requests:
-            raise ValueError(f"request_id '{request_id}' is already in use")
+            raise RequestIdInUseError(f"request_id '{request_id}' is already in use")
         # validate before RequestState: its detokenizer decodes the prompt and would fail on bad ids
         self.core.validate(EngineRequest(request_id, prompt_token_ids, params, priority, cache_salt))
         state = RequestState(request_id, prompt_token_ids, params, self.tokenizer)

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from bitserve.sampling_params import SamplingParams
 
 
+class RequestIdInUseError(ValueError):
+    """A new request reuses the id of one still in flight (gRPC: ALREADY_EXISTS)."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

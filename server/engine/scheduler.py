@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from bitserve.engine.block_manager import BlockManager, block_hashes
-from bitserve.engine.request import FinishReason, Request, RequestStatus
+from bitserve.engine.request import FinishReason, Request, RequestIdInUseError, RequestStatus
 
 
 class QueueFullError(RuntimeError):
@@ -124,7 +124,7 @@ class Scheduler:
     # -- admission / removal --------------------------------------------------------
     def add(self, req: Request) -> None:
         if req.request_id in self.requests:
-            raise ValueError(f"request_id '{req.request_id}' is already in use")
+            raise RequestIdInUseError(f"request_id '{req.request_id}' is already in use")
         if len(self.waiting) >= self.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests); retry later")
         req.arrival_order = self._arrivals

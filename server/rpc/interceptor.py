@@ -16,6 +16,7 @@ from typing import Callable
 import grpc
 
 from bitserve.engine.async_engine import EngineDeadError
+from bitserve.engine.request import RequestIdInUseError
 from bitserve.engine.scheduler import QueueFullError
 from bitserve.rpc.servicer import ModelNotFoundError, RequestFailedError
 
@@ -33,6 +34,7 @@ ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
+    (RequestIdInUseError, grpc.StatusCode.ALREADY_EXISTS),  # before ValueError, its base
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # also ChatTemplateError
     (RequestFailedError, grpc.StatusCode.INTERNAL),  # the engine's reason (already logged by the engine)
 ]
