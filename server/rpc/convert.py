@@ -132,11 +132,17 @@ class ResponseBuilder:
     def build(self) -> pb.ChatResponse:
         self.response.choices.extend(self.choices[i] for i in sorted(self.choices))
         total = self.response.usage
-        for c in self.response.choices:
-            total.prompt_tokens = c.usage.prompt_tokens
-            total.cached_tokens = max(total.cached_tokens, c.usage.cached_tokens)
-            total.completion_tokens += c.usage.completion_tokens
-            total.e2e_time_s = max(total.e2e_time_s, c.usage.e2e_time_s)
+        choices = [c.usage for c in self.response.choices]
+        if choices:
+            total.prompt_tokens = choices[0].prompt_tokens
+            total.cached_tokens = max(u.cached_tokens for u in choices)
+            total.completion_tokens = sum(u.completion_tokens for u in choices)
+            # the request's times: its first choice scheduled and its first token; its longest decode
+            # and end to end (one choice: that choice's times)
+            total.queue_time_s = min(u.queue_time_s for u in choices)
+            total.ttft_s = min(u.ttft_s for u in choices)
+            total.decode_time_s = max(u.decode_time_s for u in choices)
+            total.e2e_time_s = max(u.e2e_time_s for u in choices)
         return self.response
 
 
