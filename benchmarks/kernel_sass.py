@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What each weight kernel (and the element-wise kernels between them) compiles to on a real GPU, without one: a static survey of the SASS.
+"""What each weight kernel (and the element-wise and KV-cache kernels between them) compiles to on a real GPU, without one: a static survey of the SASS.
 
     python benchmarks/kernel_sass.py [--arch 90] [--quick] [--json FILE]
 
@@ -119,6 +119,7 @@ def _cases(quick: bool, arch: int):
         yield "pointwise", "rmsnorm", 2560, 2560, m, "auto", norm_call(m)
         yield "pointwise", "add_rmsnorm", 2560, 2560, m, "residual", norm_call(m, residual=True)
         yield "pointwise", "layernorm|qkv", 3840, 3840, m, "auto", parts_call(m)
+    yield from _kv_cases()
     # the launch configs kernels/bench.py --sweep tries on a GPU, so that none of them fails there
     from bitserve.kernels.bench import DP4A_SWEEP, config_label
 
@@ -128,6 +129,95 @@ def _cases(quick: bool, arch: int):
     for bn, bw, w in DP4A_SWEEP:
         cfg = {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": w, "num_stages": 1}
         yield "w2a8", name, n, k, 1, "dp4a/" + config_label(cfg), ternary_call(n, k, 1, "dp4a", True, cfg)
+
+
+# the KV-cache kernels (kernels/kv_quant.py, kernels/kv_attention.py) at 2B4T's attention shapes: 20 query
+# heads, 5 KV heads of 128; blocks of 16 tokens (bf16, int8) or 64 (int4/int2, the engine's defaults)
+KV_HEADS, KV_GROUP, KV_DIM, KV_BLOCKS = 5, 4, 128, 64
+KV_KINDS = (("bf16", "float", 16, 16), ("int8", "int8", 8, 16), ("int4", "intn", 4, 64), ("int2", "intn", 2, 64))
+
+
+def _kv_layer(kind: str, bits: int, block: int, sinks: int = 0):
+    """A zero-filled KV layer of one kind (compiled, never run: the contents do not matter)."""
+    import torch
+
+    from bitserve.kernels.kv_reference import KVLayer
+
+    shape = (KV_BLOCKS, block, KV_HEADS, KV_DIM)
+    if kind == "float":
+        return KVLayer("float", torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+    if kind == "int8":
+        scales = lambda: torch.zeros(KV_BLOCKS, block, KV_HEADS, dtype=torch.float16)  # noqa: E731
+        return KVLayer("int8", torch.zeros(shape, dtype=torch.int8), torch.zeros(shape, dtype=torch.int8), 8,
+                       k_scale=scales(), v_scale=scales())
+    packed = (KV_BLOCKS, block, KV_HEADS, KV_DIM * bits // 8)
+    per_channel = lambda: torch.zeros(KV_BLOCKS, KV_HEADS, KV_DIM, dtype=torch.float16)  # noqa: E731
+    per_token = lambda: torch.zeros(KV_BLOCKS, block, KV_HEADS, dtype=torch.float16)  # noqa: E731
+    sink = (lambda: torch.zeros(KV_BLOCKS, sinks, KV_HEADS, KV_DIM, dtype=torch.bfloat16)) if sinks else (lambda: None)
+    return KVLayer("intn", torch.zeros(packed, dtype=torch.uint8), torch.zeros(packed, dtype=torch.uint8), bits,
+                   per_channel(), per_channel(), per_token(), per_token(),
+                   torch.zeros(8, block, KV_HEADS, KV_DIM, dtype=torch.bfloat16), sink(), sink())
+
+
+def _kv_meta(seqs: list[tuple[int, int]], block: int, rope: bool = False):
+    """(queries, AttnMeta) of a step whose sequences hold ``context`` tokens, ``new`` of them this step."""
+    import torch
+
+    from bitserve.kernels.kv_reference import AttnMeta
+
+    width = max(-(-n // block) for n, _ in seqs)
+    qsl = [0]
+    for _, new in seqs:
+        qsl.append(qsl[-1] + new)
+    lens = [n for n, _ in seqs]
+    t = qsl[-1]
+    cos = torch.zeros(max(lens), KV_DIM, dtype=torch.bfloat16) if rope else None
+    meta = AttnMeta(torch.zeros(len(seqs), width, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+                    torch.tensor(qsl, dtype=torch.int32), lens, qsl, torch.zeros(len(seqs), dtype=torch.int32),
+                    torch.zeros(t, KV_HEADS, KV_DIM, dtype=torch.bfloat16), cos, cos)
+    return torch.zeros(t, KV_HEADS * KV_GROUP, KV_DIM, dtype=torch.bfloat16), meta
+
+
+def _kv_cases():
+    """Survey rows of the KV kernels: writes, decode (with and without split reduction) and prefill
+    attention for every cache dtype, and the int-n variants (attention sinks, pre-RoPE keys)."""
+    import torch
+
+    from bitserve.kernels import kv_attention, kv_quant
+
+    def write_call(kind, bits, block):
+        layer = _kv_layer(kind, bits, block)
+        rows = torch.zeros(16, KV_HEADS, KV_DIM, dtype=torch.bfloat16)
+        slots = torch.zeros(16, dtype=torch.int64)
+        if kind == "float":
+            return lambda: kv_quant.write_kv_float(rows, rows, layer, slots)
+        if kind == "int8":
+            return lambda: kv_quant.write_kv_int8(rows, rows, layer, slots)
+        idx = torch.zeros(2, dtype=torch.int64)
+        fin = torch.zeros(2, dtype=torch.int32)
+
+        def intn():
+            kv_quant.write_v_intn(rows, layer, slots)
+            kv_quant.finalize_k_intn(rows, layer, idx, fin, fin, idx)
+        return intn
+
+    def attention_call(kind, bits, block, seqs, splits=None, sinks=0, rope=False):
+        layer = _kv_layer(kind, bits, block, sinks)
+        q, meta = _kv_meta(seqs, block, rope)
+        return lambda: kv_attention.paged_attention(q, layer, meta, splits=splits)
+
+    context = 2048
+    for label, kind, bits, block in KV_KINDS:
+        n = KV_HEADS * KV_GROUP * KV_DIM
+        yield "kv", label, n, KV_DIM, 16, "write", write_call(kind, bits, block)
+        yield "kv", label, n, context, 8, "decode", attention_call(kind, bits, block, [(context, 1)] * 8, splits=1)
+        yield "kv", label, n, context, 8, "decode/split", attention_call(kind, bits, block, [(context, 1)] * 8, splits=4)
+        yield "kv", label, n, context, 512, "prefill", attention_call(kind, bits, block, [(context, 512)])
+        if kind == "intn":
+            yield "kv", label, n, context, 8, "decode/sinks", attention_call(kind, bits, block, [(context, 1)] * 8,
+                                                                             splits=1, sinks=4)
+            yield "kv", label, n, context, 512, "prefill/rope", attention_call(kind, bits, block, [(context, 512)],
+                                                                              rope=True)
 
 
 def _with_pdl(call):

@@ -34,6 +34,9 @@ from bitserve.kernels.kv_reference import AttnMeta, KVLayer
 LAYOUTS = {"float": 0, "int8": 1, "intn": 2}
 PREFILL_ROWS = 64  # BLOCK_M of the prefill kernel
 TILE_TOKENS = 64  # keys per tile when walking whole blocks (several blocks per tile when B < 64)
+# pre-RoPE int-n keys (rotated in the kernel) need more registers per prefill row: with 4 warps the
+# 2B4T tile spills 160 B per thread on sm_90 (benchmarks/kernel_sass.py); 8 warps fit in 254 registers
+PREFILL_WARPS_ROPE = 8
 MAX_SPLITS = 16
 
 
@@ -492,5 +495,5 @@ def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta, splits: int
             q, out, layer.k, layer.v, ks, kz, vs, vz, stage, knew, cos, sin, sink_k, sink_v,
             tables, meta.seq_lens, meta.query_start_loc, first_stage, tiles[0], tiles[1],
             tables.stride(0), q.stride(0), q.stride(1), knew.stride(0), knew.stride(1), qk_scale,
-            BLOCK_G=block_g, BLOCK_Q=block_q, **common)
+            BLOCK_G=block_g, BLOCK_Q=block_q, num_warps=PREFILL_WARPS_ROPE if rope else 4, **common)
     return out.view(t, heads * dim)

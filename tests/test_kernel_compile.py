@@ -41,7 +41,7 @@ def test_every_weight_op_compiles_without_spills(survey):
     """Every launch compiles; on sm_90 (H100/H200, the GPUs bitserve is tuned for) none spills
     registers -- the first prefill configs did (255 registers and up to 536 B of stack per thread)."""
     arch, rows = survey
-    assert {r["op"] for r in rows} == {"w2a8", "w2a8+norm", "w2a16", "binary", "dual", "int8head", "pointwise"}
+    assert {r["op"] for r in rows} == {"w2a8", "w2a8+norm", "w2a16", "binary", "dual", "int8head", "pointwise", "kv"}
     assert {r["kernel"] for r in rows if r["op"] == "pointwise"} == {
         "_rope_qk_kernel", "_act_and_mul_kernel", "_rmsnorm_kernel", "_layer_norm_parts_kernel"}
     assert {r["kernel"] for r in rows if r["op"] == "w2a8+norm"} == {"_rmsnorm_quantize_int8_kernel", "_w2a8_dp4a_kernel"}
@@ -49,6 +49,28 @@ def test_every_weight_op_compiles_without_spills(survey):
         assert r["registers"] > 0, r
         if arch >= 90:
             assert r["local"] == 0, f"sm_{arch}: {r['kernel']} ({r['op']} {r['shape']} M={r['M']}) spills registers"
+
+
+def test_kv_kernels_compile_for_every_cache_dtype(survey):
+    """The KV-cache kernels (writes, decode with and without the split reduction, prefill; int-n
+    with attention sinks and with pre-RoPE keys) compile at 2B4T's attention shapes, and on sm_90
+    none spills: the pre-RoPE int-n prefill spilled 160 B per thread with 4 warps (now 8)."""
+    arch, rows = survey
+    kv = [r for r in rows if r["op"] == "kv"]
+    assert {(r["shape"], r["path"]) for r in kv} >= {
+        (dt, p) for dt in ("bf16", "int8", "int4", "int2") for p in ("write", "decode", "decode/split", "prefill")}
+    assert {(r["shape"], r["path"]) for r in kv if r["shape"] in ("int4", "int2")} >= {
+        ("int4", "decode/sinks"), ("int4", "prefill/rope"), ("int2", "decode/sinks"), ("int2", "prefill/rope")}
+    kernels = {r["kernel"] for r in kv}
+    assert kernels == {"_write_float_kernel", "_write_int8_kernel", "_write_v_intn_kernel", "_finalize_k_intn_kernel",
+                       "_decode_kernel", "_reduce_kernel", "_prefill_kernel"}, kernels
+    for r in kv:
+        assert r["registers"] > 0, r
+        if arch >= 90:
+            assert r["local"] == 0, f"sm_{arch}: {r['kernel']} ({r['shape']} {r['path']}) spills registers"
+    for r in kv:  # the attention loops run on tensor cores
+        if r["kernel"] in ("_decode_kernel", "_prefill_kernel"):
+            assert r["loop_mma"] > 0, r
 
 
 def test_dp4a_decode_loop(survey):

@@ -1,4 +1,4 @@
-"""Run bitserve's Triton kernels on the CPU: ``TRITON_INTERPRET=1`` plus two interpreter fixes.
+"""Run bitserve's Triton kernels on the CPU: ``TRITON_INTERPRET=1`` plus interpreter fixes.
 
 Triton decides at ``@triton.jit`` time whether a kernel is interpreted, so :func:`enable` must run
 before any ``bitserve.kernels`` Triton module is imported (it reloads them if one already was).
@@ -71,10 +71,28 @@ def enable() -> None:
         builder.cast_impl = patched_cast
         builder.create_fp_to_fp = patched_fp_to_fp
         builder._bitserve_patched = True
+        _fix_index(interp)
     for name in KERNEL_MODULES:
         module = sys.modules.get(name)
         if module is not None and not _interpreted(module):
             importlib.reload(module)
+
+
+def _fix_index(interp) -> None:
+    """Triton 3.6's interpreter (the GPU machines' version; 3.7.1 fixed it) turns a scalar tensor into a
+    Python int with ``int(array)``, which NumPy 2 refuses for the shape-(1,) arrays it holds: every
+    ``range()`` over a loaded bound fails. Index through ``.item()`` instead (the pinned 3.7.1 needs
+    nothing: this re-sets what it already does)."""
+    patch_tensor = getattr(interp, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_bitserve_patched", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._bitserve_patched = True
+    interp._patch_lang_tensor = patched
 
 
 def _interpreted(module) -> bool:
