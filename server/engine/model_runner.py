@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bitserve.engine.host_staging import HostStaging
 from bitserve.engine.kv_cache import PagedKVCache
 from bitserve.engine.kv_layouts import StepBatch
 from bitserve.engine.scheduler import ScheduledChunk
@@ -35,11 +36,13 @@ class ModelRunner:
         self.device = model.model.norm.weight.device
         self.graphs = None  # a DecodeGraphs
         self.piecewise = None  # a PiecewiseGraphs
+        self.staging = HostStaging(self.device)  # the eager step's integer inputs: one pinned copy
 
     def _batch(self, chunks: list[ScheduledChunk]):
         """The step's flat inputs: token ids, positions, the attention's ``StepBatch`` and the rows
-        whose logits are sampled. Positions and KV slots are computed with numpy over the whole
-        step (a long prefill chunk is one vectorized gather, not a Python loop per token)."""
+        whose logits are sampled (device tensors, valid until the next step). Positions and KV
+        slots are computed with numpy over the whole step (a long prefill chunk is one vectorized
+        gather, not a Python loop per token); everything reaches the device in one copy."""
         bs = self.block_size
         reqs = [c.request for c in chunks]
         starts = [r.num_computed_tokens for r in reqs]
@@ -63,12 +66,11 @@ class ModelRunner:
         positions = np.arange(qsl[-1], dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64)
                                                                    - np.asarray(qsl[:-1], dtype=np.int64), counts_np)
         slots = table[seq_of_row, positions // bs] * bs + positions % bs
-        device = self.device
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        pos = torch.from_numpy(positions).to(device)
-        batch = StepBatch(torch.from_numpy(slots).to(device), pos, torch.from_numpy(table).to(device),
-                          as_long(seq_lens), as_long(qsl), starts, seq_lens, qsl, tables)
-        return as_long(ids), pos, batch, sample_rows
+        host = [np.asarray(ids, dtype=np.int64), positions, slots, table, np.asarray(seq_lens, dtype=np.int64),
+                np.asarray(qsl, dtype=np.int64), np.asarray(sample_rows, dtype=np.int64)]
+        ids_d, pos, slots_d, table_d, lens_d, qsl_d, rows_d = self.staging.stage(host)
+        batch = StepBatch(slots_d, pos, table_d, lens_d, qsl_d, starts, seq_lens, qsl, tables)
+        return ids_d, pos, batch, rows_d
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -77,13 +79,12 @@ class ModelRunner:
         batch x vocab floats), valid until the next step."""
         if self.graphs is not None and self.graphs.handles(chunks):
             return self.graphs.run(chunks)
-        ids, positions, batch, sample_rows = self._batch(chunks)
+        ids, positions, batch, rows = self._batch(chunks)
         attn = PagedAttention(self.kv_cache, batch)
         if self.piecewise is not None and self.piecewise.handles(ids.shape[0]):
             hidden = self.piecewise.run(ids, positions, attn)
         else:
             hidden = self.model(ids, positions, attn)
-        if not sample_rows:
+        if not rows.numel():
             return torch.empty((0, self.model.config.vocab_size), dtype=torch.float32, device=self.device)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
