@@ -35,9 +35,31 @@ import torch
 _SHIFTS = (0, 2, 4, 6)
 
 
-def _check_ternary(t: torch.Tensor) -> None:
+def _check_matrix(t: torch.Tensor, what: str) -> None:
     if t.dim() != 2:
-        raise ValueError(f"ternary matrix must be 2-D, got shape {tuple(t.shape)}")
+        raise ValueError(f"{what} matrix must be 2-D, got shape {tuple(t.shape)}")
+
+
+def _check_values(t: torch.Tensor, allowed: tuple[int, ...], what: str) -> None:
+    """ValueError naming the first entry of ``t`` outside ``allowed`` (packing would wrap it silently)."""
+    if t.dtype == torch.bool:
+        return
+    ok = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+    for v in allowed:
+        ok |= t == v
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[0].tolist()
+        raise ValueError(f"{what} must hold only {allowed}; entry {bad} is {t[tuple(bad)].item()}")
+
+
+def _check_ternary(t: torch.Tensor) -> None:
+    _check_matrix(t, "ternary")
+    _check_values(t, (-1, 0, 1), "a ternary matrix")
+
+
+def _check_bits(t: torch.Tensor, what: str) -> None:
+    _check_matrix(t, what)
+    _check_values(t, (0, 1), what)
 
 
 def pack_ternary(t: torch.Tensor) -> torch.Tensor:
@@ -142,8 +164,9 @@ def _unpack_codes(packed: torch.Tensor, bits: int, block: int) -> torch.Tensor:
 
 
 def pack_sign_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack ``[N, K]`` sign bits (1 <=> -1, 0 <=> +1; bool or integer) into the binary kernel layout."""
-    _check_ternary(bits)
+    """Pack ``[N, K]`` sign bits (1 <=> -1, 0 <=> +1; bool or integer 0/1, not the +-1 signs:
+    :func:`sign_bits` turns signs or weights into bits) into the binary kernel layout."""
+    _check_bits(bits, "sign bits (1 <=> -1, 0 <=> +1)")
     return _pack_codes(bits.to(torch.uint8), 1, bits.shape[1])
 
 
@@ -179,7 +202,8 @@ def _check_group(k: int, group_size: int) -> None:
 
 def pack_dual_binary(b1: torch.Tensor, b2: torch.Tensor, group_size: int) -> torch.Tensor:
     """Pack two ``[N, K]`` bit planes (0/1) into the dual-binary kernel layout ``uint8[N, K/4]``."""
-    _check_ternary(b1)
+    _check_bits(b1, "bit plane b1")
+    _check_bits(b2, "bit plane b2")
     if b1.shape != b2.shape:
         raise ValueError(f"bit planes differ in shape: {tuple(b1.shape)} vs {tuple(b2.shape)}")
     _check_group(b1.shape[1], group_size)

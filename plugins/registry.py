@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from importlib.metadata import entry_points
 from typing import Collection, Mapping
@@ -16,6 +17,18 @@ log = logging.getLogger(__name__)
 
 class UnknownFormatError(ValueError):
     """No installed plugin has the requested name or claims the checkpoint."""
+
+
+class PluginError(ValueError):
+    """A format plugin failed where bitserve called it (the message names the plugin)."""
+
+
+def _builtin(cls: type) -> bool:
+    return cls.__module__.startswith("bitserve.")
+
+
+def _plugin_label(cls: type) -> str:
+    return f"'{cls.name}' ({cls.__module__}.{cls.__qualname__})"
 
 
 class FormatRegistry:
@@ -43,6 +56,10 @@ class FormatRegistry:
             if not (isinstance(cls, type) and issubclass(cls, FormatPlugin)):
                 log.warning("entry point %r (%s) is not a FormatPlugin subclass; ignored", ep.name, ep.value)
                 continue
+            if inspect.isabstract(cls):
+                log.warning("format plugin %r (%s) does not implement %s; ignored", ep.name, ep.value,
+                            ", ".join(sorted(cls.__abstractmethods__)))
+                continue
             name = cls.name or ep.name
             if name != ep.name:
                 log.warning("format plugin entry point %r (%s) names its format %r: use --format %s", ep.name,
@@ -62,17 +79,33 @@ class FormatRegistry:
         return ", ".join(self.names()) or "(none)"
 
     def get(self, name: str, config: dict | None = None) -> FormatPlugin:
+        cls = self._plugins.get(name)
+        if cls is None:
+            raise UnknownFormatError(f"unknown format '{name}'; installed formats: {self._installed()}")
         try:
-            return self._plugins[name](config)
-        except KeyError:
-            raise UnknownFormatError(f"unknown format '{name}'; installed formats: {self._installed()}") from None
+            return cls(config)
+        except Exception as e:
+            if _builtin(cls):
+                raise
+            raise PluginError(f"format plugin {_plugin_label(cls)} failed to start: {type(e).__name__}: {e}") from e
 
     def detect(self, config: dict, tensor_names: Collection[str], reader: CheckpointReader) -> FormatPlugin:
         """The highest-priority plugin that claims the checkpoint."""
         ordered = sorted(self._plugins.items(), key=lambda kv: (-kv[1].priority, kv[0]))
         for _, cls in ordered:
-            plugin = cls(config)
-            if plugin.detect(config, tensor_names, reader):
+            if _builtin(cls):
+                plugin = cls(config)
+                if plugin.detect(config, tensor_names, reader):
+                    return plugin
+                continue
+            try:  # a broken third-party plugin must not stop the others from claiming the checkpoint
+                plugin = cls(config)
+                claimed = plugin.detect(config, tensor_names, reader)
+            except Exception as e:
+                log.warning("format plugin %s failed in detect (%s: %s); skipped", _plugin_label(cls),
+                            type(e).__name__, e)
+                continue
+            if claimed:
                 return plugin
         raise UnknownFormatError(
             f"{reader.folder}: no installed format recognises this checkpoint "

@@ -73,7 +73,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool
     (naming the file and tensor) for sources or shapes a target cannot take; ``dst`` only appears
     once the conversion is complete.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     if to not in TARGETS:
         raise ValueError(f"unknown conversion target '{to}' (choose from {', '.join(sorted(TARGETS))})")
     unknown = set(opts) - {f.name for f in dataclasses.fields(ConvertOptions)}
@@ -81,8 +81,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool
         raise TypeError(f"unknown conversion option(s) {sorted(unknown)}")
     if not src.exists():
         raise CheckpointError(f"{src}: checkpoint folder does not exist")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+    if dst == src or src in dst.parents:
         raise ValueError(f"{dst}: the destination must not be the source folder or inside it")
+    if dst in src.parents:  # --overwrite would delete the source with the folder that holds it
+        raise ValueError(f"{dst}: the destination must not contain the source folder ({src})")
+    if dst == Path.cwd() or dst in Path.cwd().parents:
+        raise ValueError(f"{dst}: the destination must not be the current folder or one above it")
     target = TARGETS[to](ConvertOptions(**opts))
     reader, config = open_checkpoint(src)  # a safetensors / .bin folder, or a GGUF file
     source = SourceCheckpoint(src, config, registry, reader=reader)

@@ -21,7 +21,7 @@ from bitserve.model_config import ModelConfig, token_ids
 from bitserve.plugins.base import FormatPlugin
 from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader, read_json_object, require_finite
 from bitserve.plugins.gguf_paths import find_gguf
-from bitserve.plugins.registry import FormatRegistry
+from bitserve.plugins.registry import FormatRegistry, PluginError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,14 @@ def load_model(
                disable=(not progress) if progress is not None else None, leave=False)
 
     def build_linear(specs):
-        layer = plugin.load_linear(reader, specs, device=dev, dtype=torch_dtype)
+        try:
+            layer = plugin.load_linear(reader, specs, device=dev, dtype=torch_dtype)
+        except (ValueError, OSError):  # CheckpointError & co. already name the file and tensor
+            raise
+        except Exception as e:  # e.g. a torch shape error inside a plugin: say whose, and where
+            names = ", ".join(s.prefix for s in specs)
+            raise PluginError(f"{path}: format plugin '{plugin.name}' failed to load {names}: "
+                              f"{type(e).__name__}: {e}") from e
         bar.update(1)
         return layer
 

@@ -293,6 +293,41 @@ def test_overwrite(tmp_path, dense):
     assert load_model(tmp_path / "o", device="cpu", dtype="float32", progress=False).plugin.name == "dual_binary"
 
 
+def test_overwrite_never_deletes_the_source(tmp_path, dense, monkeypatch):
+    """--overwrite replaces the destination folder: one that holds the source (its parent, or '.'
+    run from there) or the folder the user is in is refused before anything is touched."""
+    import shutil
+
+    parent = tmp_path / "parent"
+    shutil.copytree(dense, parent / "src")
+    (parent / "notes.txt").write_text("keep me")
+    before = sorted(p.name for p in (parent / "src").iterdir())
+    with pytest.raises(ValueError, match="must not contain the source"):
+        convert_checkpoint(parent / "src", parent, "bitnet", progress=False, overwrite=True)
+    monkeypatch.chdir(parent)
+    with pytest.raises(ValueError, match="must not contain the source"):
+        convert_checkpoint("src", ".", "bitnet", progress=False, overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    with pytest.raises(ValueError, match="current folder"):
+        convert_checkpoint(parent / "src", ".", "bitnet", progress=False, overwrite=True)
+    with pytest.raises(ValueError, match="must not contain the source"):  # (.. holds both)
+        convert_checkpoint(parent / "src", "..", "bitnet", progress=False, overwrite=True)
+    deeper = other / "a"
+    deeper.mkdir()
+    monkeypatch.chdir(deeper)
+    with pytest.raises(ValueError, match="current folder or one above it"):
+        convert_checkpoint(parent / "src", "..", "bitnet", progress=False, overwrite=True)
+    assert sorted(p.name for p in (parent / "src").iterdir()) == before
+    assert (parent / "notes.txt").read_text() == "keep me" and other.exists()
+    # a relative destination beside the source works, from anywhere
+    monkeypatch.chdir(parent)
+    convert_checkpoint("src", "out", "bitnet", progress=False)
+    assert load_model(parent / "out", device="cpu", dtype="float32", progress=False).plugin.name == "bitnet"
+
+
 def test_bad_requests(tmp_path, dense):
     with pytest.raises(ValueError, match="unknown conversion target 'gptq'"):
         convert_checkpoint(dense, tmp_path / "x", "gptq")

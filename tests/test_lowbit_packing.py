@@ -83,8 +83,26 @@ def test_dual_binary_layout_definition(group):
 def test_dual_binary_per_row_group_is_ternary_slab_layout():
     # G == K: the K-slab rule of the ternary layout with code B1 + 2*B2
     b1, b2 = _bits(4, 40, 3), _bits(4, 40, 4)
-    codes = (b1 + 2 * b2).to(torch.int8) - 1  # pack_ternary stores t + 1
-    assert torch.equal(pack_dual_binary(b1, b2, 40), pack_ternary(codes))
+    codes = (b1 + 2 * b2).to(torch.uint8)
+    q = 10  # byte j holds columns j, j + K/4, j + K/2, j + 3K/4 at bits 0, 2, 4, 6 (the ternary layout)
+    want = codes[:, :q] | codes[:, q:2 * q] << 2 | codes[:, 2 * q:3 * q] << 4 | codes[:, 3 * q:] << 6
+    assert torch.equal(pack_dual_binary(b1, b2, 40), want)
+    t = codes.to(torch.int8) - 1  # pack_ternary stores t + 1: the same bytes where t is ternary
+    ok = (codes < 3).all(dim=1)
+    assert torch.equal(pack_ternary(t[ok])[:, :], want[ok])
+
+
+def test_packers_refuse_values_they_cannot_store():
+    """Packing would wrap out-of-range entries into other codes without a word: +-1 signs given
+    as sign bits (-1 -> 255), a ternary 5 or 2, a bit plane with a 2."""
+    with pytest.raises(ValueError, match=r"sign bits .*entry \[0, 1\] is -1"):
+        pack_sign_bits(torch.tensor([[1, -1, 1, 1, 1, 1, 1, 1]], dtype=torch.int8))
+    for bad in (5, 2, -2):
+        with pytest.raises(ValueError, match=f"ternary .*is {bad}"):
+            pack_ternary(torch.tensor([[0, 1, bad, -1]]))
+    with pytest.raises(ValueError, match="b2"):
+        pack_dual_binary(_bits(2, 40, 0), torch.full((2, 40), 2, dtype=torch.uint8), 8)
+    assert torch.equal(pack_sign_bits(torch.ones(1, 8, dtype=torch.bool)), torch.tensor([[255]], dtype=torch.uint8))
 
 
 def test_dual_binary_errors():

@@ -171,3 +171,68 @@ def test_format_name_is_the_plugin_class_name(monkeypatch, caplog):
     assert reg.names() == ["dense", "renamed_cls"]
     assert type(reg.get("renamed_cls")) is RenamedFormat and type(reg.get("dense")) is DenseFormat
     assert "use --format renamed_cls" in caplog.text and "'dense2'" in caplog.text and "already provided" in caplog.text
+
+
+class Incomplete(registry_mod.FormatPlugin):
+    """Forgets load_linear."""
+
+    name = "incomplete"
+    priority = 100
+
+    def detect(self, config, tensor_names, reader):
+        return True
+
+
+class DetectRaises(DenseFormat):
+    name = "detect_raises"
+    priority = 100
+
+    def detect(self, config, tensor_names, reader):
+        return config["no_such_key"]  # KeyError
+
+
+class LoadRaises(DenseFormat):
+    name = "load_raises"
+    priority = 100
+
+    def load_linear(self, reader, specs, *, device, dtype):
+        return torch.zeros(3).expand(4, 5)  # a torch RuntimeError deep in the plugin
+
+
+class InitRaises(DenseFormat):
+    name = "init_raises"
+
+    def __init__(self, config=None):
+        raise RuntimeError("cannot start")
+
+
+def test_a_broken_plugin_does_not_break_other_formats(monkeypatch, caplog, dense_folder, bitnet_folder):
+    """docs/plugins.md: a broken third-party package cannot stop bitserve from loading other formats.
+    A plugin class with unimplemented methods is ignored at discovery; one whose detect raises is
+    skipped (with a warning naming it) while the others claim the checkpoint."""
+    fakes = [
+        EntryPoint("dense", "bitserve.plugins.dense:DenseFormat", ENTRY_POINT_GROUP),
+        EntryPoint("bitnet", "bitserve.plugins.bitnet:BitNetFormat", ENTRY_POINT_GROUP),
+        EntryPoint("incomplete", f"{__name__}:Incomplete", ENTRY_POINT_GROUP),
+        EntryPoint("detect_raises", f"{__name__}:DetectRaises", ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(registry_mod, "entry_points", lambda **kw: fakes if kw.get("group") == ENTRY_POINT_GROUP else [])
+    with caplog.at_level(logging.WARNING, logger=registry_mod.__name__):
+        reg = FormatRegistry()
+        assert reg.names() == ["bitnet", "dense", "detect_raises"]
+        assert "'incomplete'" in caplog.text and "does not implement load_linear" in caplog.text
+        assert _detect(bitnet_folder, reg).name == "bitnet"
+        assert load_model(dense_folder, registry=reg, device="cpu", dtype="float32").plugin.name == "dense"
+    assert "'detect_raises'" in caplog.text and "failed in detect (KeyError" in caplog.text
+
+
+def test_plugin_failures_name_the_plugin(dense_folder):
+    """A plugin's own error that is not a CheckpointError reaches the user as PluginError (a
+    ValueError: the CLI prints it without a traceback) naming the plugin, the layer and the path."""
+    reg = FormatRegistry({"dense": DenseFormat, "load_raises": LoadRaises, "init_raises": InitRaises})
+    with pytest.raises(registry_mod.PluginError, match=r"format plugin 'load_raises' failed to load "
+                                                       r"model\.layers\.0\.self_attn\.q_proj.*RuntimeError") as err:
+        load_model(dense_folder, registry=reg, device="cpu", dtype="float32")
+    assert str(dense_folder) in str(err.value)
+    with pytest.raises(registry_mod.PluginError, match=r"'init_raises' .*failed to start: RuntimeError: cannot start"):
+        reg.get("init_raises")
