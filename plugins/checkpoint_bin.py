@@ -56,13 +56,22 @@ def _torch_load(path: Path) -> object:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _unpickler_reason(e: Exception) -> str:
+    """What the weights-only unpickler refused, without torch's advice to load with
+    ``weights_only=False`` or to allowlist globals (either would run the file's code)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = [line for line in lines if "WeightsUnpickler error" in line or "Unsupported" in line]
+    reason = (detail or lines or ["unsupported content"])[0]
+    return reason.split("WeightsUnpickler error:", 1)[-1].split(" Please ", 1)[0].strip()
+
+
 def load_bin_state(path: Path, error: type[Exception]) -> dict[str, torch.Tensor]:
     """Open one ``.bin`` state dict (weights only, memory-mapped); raise ``error`` naming the file."""
     try:
         state = _torch_load(path)
     except pickle.UnpicklingError as e:
-        raise error(f"{path}: refused to unpickle: the file holds objects other than tensors "
-                    f"(only weights_only=True state dicts are read): {e}") from e
+        raise error(f"{path}: refused to unpickle: the file holds objects other than tensors (bitserve reads "
+                    f"plain state dicts of tensors only and never runs pickled code): {_unpickler_reason(e)}") from e
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise error(f"{path}: cannot read PyTorch weight file (truncated or corrupt?): {e}") from e
     if not isinstance(state, dict):

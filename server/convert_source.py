@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from bitserve.kernels.packing import unpack_ternary
-from bitserve.loader import refuse_latent_bitnet
+from bitserve.loader import check_layer_count, refuse_latent_bitnet
 from bitserve.model_config import ModelConfig
 from bitserve.plugins.base import LinearSpec
 from bitserve.plugins.bitnet import TernaryLinear
-from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader
+from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader, require_finite
 from bitserve.plugins.dense import DenseLinear
 from bitserve.plugins.registry import FormatRegistry
 
@@ -85,8 +85,24 @@ class SourceCheckpoint:
 
     def dense_weight(self, spec: LinearSpec) -> torch.Tensor:
         """The float weight ``[N, K]`` as stored (dense sources, or bitnet layers kept dense)."""
-        return self.reader.get(f"{spec.prefix}.weight", shape=(spec.out_features, spec.in_features),
-                               dtypes=FLOAT_DTYPES)
+        name = f"{spec.prefix}.weight"
+        return require_finite(self.reader.get(name, shape=(spec.out_features, spec.in_features), dtypes=FLOAT_DTYPES),
+                              f"{self.reader.file_of(name)}: tensor '{name}'")
+
+    def check_loadable(self) -> None:
+        """Refuse (CheckpointError naming the file and tensor) what the loader would refuse in the
+        converted folder, before anything is written: tensors of layers beyond ``num_hidden_layers``,
+        and embeddings, norms and the LM head (copied unchanged) that are missing, of the wrong shape
+        or dtype, or not finite. The skeleton of the source model says which and of what shape."""
+        from bitserve.model import LlamaForCausalLM
+
+        check_layer_count(self.reader, self.model.num_layers, self.folder)
+        skeleton = LlamaForCausalLM(self.model, lambda specs: DenseLinear(torch.empty(
+            sum(s.out_features for s in specs), specs[0].in_features, device="meta")))
+        for name, param in skeleton.named_parameters():
+            if param.device.type == "meta" and not name.endswith("_proj.weight"):
+                require_finite(self.reader.get(name, shape=tuple(param.shape), dtypes=FLOAT_DTYPES),
+                               f"{self.reader.file_of(name)}: tensor '{name}'")
 
     def projection(self, spec: LinearSpec) -> torch.Tensor | Ternary:
         """A float weight, or the exact ternary values of a bitnet projection."""

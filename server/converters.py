@@ -91,6 +91,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool
     reader, config = open_checkpoint(src)  # a safetensors / .bin folder, or a GGUF file
     source = SourceCheckpoint(src, config, registry, reader=reader)
     target.check(source)
+    source.check_loadable()
     config = target.config(source)
 
     stage = staging_folder(dst, overwrite)

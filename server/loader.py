@@ -137,7 +137,7 @@ def load_model(
     if plugin.name == "dense" and not format:
         refuse_latent_bitnet(hf_config, path)
     cfg = ModelConfig.from_hf(hf_config, plugin.model_overrides(hf_config), config_source(reader, path))
-    _check_layer_count(reader, cfg.num_layers, path)
+    check_layer_count(reader, cfg.num_layers, path)
     gen_path = path / "generation_config.json"
     if path.is_dir() and gen_path.exists():
         cfg = cfg.with_eos(token_ids(read_json_object(gen_path).get("eos_token_id"), f"{gen_path}: eos_token_id"))
@@ -218,7 +218,7 @@ def _release_free_heap() -> None:
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _check_layer_count(reader, num_layers: int, path: Path) -> None:
+def check_layer_count(reader, num_layers: int, path: Path) -> None:
     """A checkpoint with tensors of more layers than config.json's ``num_hidden_layers`` (a GGUF's
     ``block_count``) is a mismatch, not something to run on a truncated stack: CheckpointError."""
     found = [int(m.group(1)) for m in map(_LAYER_TENSOR.match, reader.names()) if m]

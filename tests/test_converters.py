@@ -462,3 +462,49 @@ def test_gguf_to_bitnet_round_trip_is_exact(tmp_path, kind):
     messages = [[{"role": "user", "content": q}] for q in ("What is 47+89?", "Reverse the word 'stone'.")]
     params = SamplingParams(temperature=0.0, max_tokens=12)
     assert [o.text for o in back.chat(messages, params)] == [o.text for o in original.chat(messages, params)]
+
+
+def _damaged(tmp_path, dense, name, change_tensors=None, change_config=None):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / name
+    shutil.copytree(dense, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    if change_tensors:
+        change_tensors(tensors)
+        save_file(tensors, str(folder / "model.safetensors"))
+    if change_config:
+        config = json.loads((folder / "config.json").read_text())
+        change_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _nan_at(key):
+    def change(tensors):
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = float("nan")
+    return change
+
+
+@pytest.mark.parametrize("name, change_tensors, change_config, message", [
+    ("nan_weight", _nan_at("model.layers.1.mlp.down_proj.weight"), None,
+     r"model\.layers\.1\.mlp\.down_proj\.weight' contains NaN"),
+    ("nan_embedding", _nan_at("model.embed_tokens.weight"), None, r"model\.embed_tokens\.weight' contains NaN"),
+    ("no_final_norm", lambda t: t.pop("model.norm.weight"), None, r"model\.norm\.weight"),
+    ("vocab_mismatch", None, lambda c: c.update(vocab_size=c["vocab_size"] + 1), r"embed_tokens\.weight.*shape"),
+    ("fewer_layers", None, lambda c: c.update(num_hidden_layers=1), r"tensors of layer 1 .*declares 1 layer"),
+])
+def test_convert_refuses_what_the_loader_would(tmp_path, dense, name, change_tensors, change_config, message):
+    """A source the loader would refuse after conversion is refused before: convert never publishes
+    a folder that cannot be served (it wrote NaN scales, or copied a truncated stack, with rc 0)."""
+    src = _damaged(tmp_path, dense, name, change_tensors, change_config)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(src, device="cpu", dtype="float32", progress=False)
+    for to, opts in (("bitnet", {}), ("dual_binary", {"group_size": 32})):
+        with pytest.raises(CheckpointError, match=message):
+            convert_checkpoint(src, tmp_path / f"{name}-{to}", to, progress=False, **opts)
+        assert not (tmp_path / f"{name}-{to}").exists()
+        assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
