@@ -129,44 +129,36 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._record(method, code, started)
         await context.abort(code, message)
 
+    def _wrap_call(self, method: str, inner):
+        """A coroutine handler (unary, or a stream that writes with ``context.write``) with
+        admission, error mapping and metrics around it."""
+
+        async def call(request, context):
+            started = await self._admit(method, context)
+            try:
+                response = await inner(request, context)
+            except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 - mapped in _fail
+                await self._fail(method, context, started, e)
+            finally:
+                self._release(method)
+            self._record(method, grpc.StatusCode.OK, started)
+            return response
+
+        return call
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary(request, context):
-                started = await self._admit(method, context)
-                try:
-                    response = await inner(request, context)
-                except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 - mapped in _fail
-                    await self._fail(method, context, started, e)
-                finally:
-                    self._release(method)
-                self._record(method, grpc.StatusCode.OK, started)
-                return response
-
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
+                self._wrap_call(method, handler.unary_unary), request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None and not inspect.isasyncgenfunction(handler.unary_stream):
             # a coroutine that writes with context.write (grpc's health Watch): wrapped like a unary call
-            inner_writer = handler.unary_stream
-
-            async def writer(request, context):
-                started = await self._admit(method, context)
-                try:
-                    await inner_writer(request, context)
-                except (asyncio.CancelledError, Exception) as e:  # noqa: BLE001 - mapped in _fail
-                    await self._fail(method, context, started, e)
-                finally:
-                    self._release(method)
-                self._record(method, grpc.StatusCode.OK, started)
-
             return grpc.unary_stream_rpc_method_handler(
-                writer, request_deserializer=handler.request_deserializer,
+                self._wrap_call(method, handler.unary_stream), request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
