@@ -482,6 +482,9 @@ def test_alerts_and_dashboard_use_exported_metrics():
     alerts = {k: v for k, v in exprs.items() if not k.startswith(("panel", "keda"))}
     assert "bitserve_time_to_first_token_seconds_bucket" in alerts["BitserveSlowTimeToFirstToken"]
     assert "bitserve_grpc_server_handled_total" in alerts["BitserveHighErrorRate"]
+    # per pod, summed over its engine replicas (a pod with several has one series per replica label)
+    assert re.match(r"max\(sum by \(pod\) \(bitserve_num_requests_waiting\{[^}]*\}\)\) > \d+$",
+                    alerts["BitserveQueueBacklog"]), alerts["BitserveQueueBacklog"]
     assert used >= {"bitserve_time_to_first_token_seconds_bucket", "bitserve_inter_token_latency_seconds_bucket",
                     "bitserve_num_requests_waiting", "bitserve_num_requests_running", "bitserve_kv_cache_usage_perc",
                     "bitserve_generation_tokens_total", "bitserve_request_success_total",
