@@ -10,6 +10,9 @@ Engine state, read from ``stats_fn()`` at scrape time (so the values are exact):
 ==========================================  =======  ==========================================
 bitserve_num_requests_running               gauge    requests in the running batch
 bitserve_num_requests_waiting               gauge    requests queued
+bitserve_requests_awaiting_replica          gauge    requests waiting for a ready engine replica (Ray
+                                                     replicas restarting; 0 with one local engine;
+                                                     one series, never per replica)
 bitserve_kv_cache_usage_perc                gauge    fraction of KV blocks in use (0..1)
 bitserve_kv_cache_num_blocks                gauge    KV blocks in the pool
 bitserve_kv_cache_free_blocks               gauge    KV blocks free
@@ -173,12 +176,14 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         replica_label_fn: Callable[[], Mapping[str, EngineStats]] | None = None,
         replica_health_fn: Callable[[], Mapping[str, ReplicaHealth]] | None = None,
+        awaiting_replica_fn: Callable[[], int] | None = None,
     ):
         self.info = info
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._stats_fn = stats_fn
         self._replica_fn = replica_label_fn
         self._health_fn = replica_health_fn
+        self._awaiting_fn = awaiting_replica_fn
         self._fine_itl = False
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -228,7 +233,7 @@ class Metrics:
         """Metrics of a server over ``replica``; per-replica series when it is a ReplicaSet."""
         if isinstance(replica, ReplicaSet):
             return cls(info, replica.stats, registry=registry, replica_label_fn=replica.replica_stats,
-                       replica_health_fn=replica.replica_health)
+                       replica_health_fn=replica.replica_health, awaiting_replica_fn=replica.num_awaiting_replica)
         return cls(info, replica.stats, registry=registry)
 
     # -- observations -------------------------------------------------------------------
@@ -450,3 +455,8 @@ class _ScrapeCollector:
             for values, stats in per:
                 fam.add_metric(values, get(stats))
             yield fam
+        awaiting = GaugeMetricFamily("bitserve_requests_awaiting_replica",
+                                     "Requests waiting for an engine replica to become ready (not yet in any "
+                                     "replica's queue).", labels=["model_name"])
+        awaiting.add_metric([name], self.m._awaiting_fn() if self.m._awaiting_fn is not None else 0)
+        yield awaiting

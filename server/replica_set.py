@@ -195,7 +195,13 @@ class ReplicaSet:
             self._wake()
 
     def stats(self) -> EngineStats:
-        return sum_stats(list(self.replica_stats().values()))
+        """The ready replicas' stats summed; waiting includes the requests that wait for a ready replica."""
+        total = sum_stats(list(self.replica_stats().values()))
+        return dataclasses.replace(total, num_waiting=total.num_waiting + self.num_awaiting_replica())
+
+    def num_awaiting_replica(self) -> int:
+        """Requests routed while no replica was ready, waiting (up to ``ready_wait_s``) for one."""
+        return len(self._waiting)
 
     @property
     def num_ready(self) -> int:

@@ -429,6 +429,8 @@ def test_autoscaling_targets_the_deployment():
         scaler = rendered.one(object_kind)
         assert scaler["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
         assert "bitserve_num_requests_waiting" in json.dumps(scaler)
+        if kind == "keda":  # plus the requests waiting for a ready replica (the HPA's Pods metric cannot add them)
+            assert "bitserve_requests_awaiting_replica" in json.dumps(scaler)
 
 
 # -- monitoring ------------------------------------------------------------------------------------
@@ -483,8 +485,10 @@ def test_alerts_and_dashboard_use_exported_metrics():
     assert "bitserve_time_to_first_token_seconds_bucket" in alerts["BitserveSlowTimeToFirstToken"]
     assert "bitserve_grpc_server_handled_total" in alerts["BitserveHighErrorRate"]
     # per pod, summed over its engine replicas (a pod with several has one series per replica label)
-    assert re.match(r"max\(sum by \(pod\) \(bitserve_num_requests_waiting\{[^}]*\}\)\) > \d+$",
-                    alerts["BitserveQueueBacklog"]), alerts["BitserveQueueBacklog"]
+    # (requests waiting for a ready replica included: they are queued work the engines cannot see yet)
+    waiting = r'\{__name__=~"bitserve_num_requests_waiting\|bitserve_requests_awaiting_replica", *[^}]*\}'
+    assert re.match(rf"max\(sum by \(pod\) \({waiting}\)\) > \d+$", alerts["BitserveQueueBacklog"]), \
+        alerts["BitserveQueueBacklog"]
     assert used >= {"bitserve_time_to_first_token_seconds_bucket", "bitserve_inter_token_latency_seconds_bucket",
                     "bitserve_num_requests_waiting", "bitserve_num_requests_running", "bitserve_kv_cache_usage_perc",
                     "bitserve_generation_tokens_total", "bitserve_request_success_total",

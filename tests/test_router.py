@@ -11,6 +11,8 @@ from bitserve.engine.async_engine import EngineDeadError
 from bitserve.engine.core import EngineRequest, EngineStats, TokenDelta
 from bitserve.engine.request import FinishReason
 from bitserve.engine.limits import EngineLimits
+from bitserve.frontend import ModelInfo
+from bitserve.metrics import Metrics
 from bitserve.replica_set import NoReadyReplicaError, ReplicaLostError, ReplicaSet, sum_stats
 from bitserve.router import Router, RouterPolicy
 from bitserve.sampling_params import SamplingParams
@@ -164,6 +166,9 @@ class FakeMember:
 
 
 LIMITS = EngineLimits(vocab_size=100, max_model_len=64, block_size=BS, num_kv_blocks=16)
+INFO = ModelInfo(name="m", architecture="LlamaForCausalLM", format="bitnet", bits_per_weight=1.58, max_context=64,
+                 kv_cache_dtype="auto", vocab_size=100, weight_bytes=1, kv_bytes_per_token=8, kv_capacity_tokens=40,
+                 num_layers=1, hidden_size=8)
 
 
 async def collect(replicas, request):
@@ -213,11 +218,16 @@ def test_waits_for_a_ready_replica_and_is_bounded():
     async def becomes_ready():
         task = asyncio.create_task(collect(rs, req("r2", [1])))
         await asyncio.sleep(0.05)
+        # while it waits it is queued work: GetLoad's waiting and the metrics count it
+        assert rs.num_awaiting_replica() == 1 and rs.stats().num_waiting == 1
+        text = Metrics.for_replica(INFO, rs).render().decode()
+        assert 'bitserve_requests_awaiting_replica{model_name="m"} 1.0' in text
         threading.Thread(target=m.set_ready, args=(True,)).start()  # readiness changes on another thread
         return await task
 
     rs.policy = RouterPolicy(ready_wait_s=5)
     assert asyncio.run(becomes_ready())[-1].finished and m.requests == ["r2"]
+    assert rs.num_awaiting_replica() == 0 and rs.stats().num_waiting == 0
 
 
 def test_abort_reaches_the_owner_or_ends_a_waiting_request():
