@@ -71,6 +71,7 @@ class SourceCheckpoint:
         self.specs = projection_specs(self.model)
         prefixes = tuple(s.prefix + "." for s in self.specs)
         self.passthrough = sorted(n for n in self.reader.names() if not n.startswith(prefixes))
+        self._dense_shapes: dict[str, tuple[int, ...]] = {}  # what the model loads of them (check_loadable)
         qc = config.get("quantization_config") or {}
         if self.format == "bitnet" and qc.get("use_rms_norm"):
             raise CheckpointError(f"{self.folder}: bitnet use_rms_norm (an RMSNorm inside every linear) has no "
@@ -90,19 +91,33 @@ class SourceCheckpoint:
                               f"{self.reader.file_of(name)}: tensor '{name}'")
 
     def check_loadable(self) -> None:
-        """Refuse (CheckpointError naming the file and tensor) what the loader would refuse in the
-        converted folder, before anything is written: tensors of layers beyond ``num_hidden_layers``,
-        and embeddings, norms and the LM head (copied unchanged) that are missing, of the wrong shape
-        or dtype, or not finite. The skeleton of the source model says which and of what shape."""
+        """Refuse (CheckpointError naming the file and tensor), before anything is read, what the
+        loader would refuse in the converted folder: tensors of layers beyond ``num_hidden_layers``,
+        and embeddings, norms or LM head that are missing or of the wrong shape or dtype. The skeleton
+        of the source model says which it needs and of what shape (:meth:`passthrough_tensor` then
+        checks their values as it reads them)."""
         from bitserve.model import LlamaForCausalLM
 
         check_layer_count(self.reader, self.model.num_layers, self.folder)
         skeleton = LlamaForCausalLM(self.model, lambda specs: DenseLinear(torch.empty(
             sum(s.out_features for s in specs), specs[0].in_features, device="meta")))
-        for name, param in skeleton.named_parameters():
-            if param.device.type == "meta" and not name.endswith("_proj.weight"):
-                require_finite(self.reader.get(name, shape=tuple(param.shape), dtypes=FLOAT_DTYPES),
-                               f"{self.reader.file_of(name)}: tensor '{name}'")
+        self._dense_shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()
+                              if p.device.type == "meta"}
+        for name, shape in self._dense_shapes.items():
+            have = tuple(self.reader.shape(name))  # CheckpointError when missing
+            if have != shape:
+                raise CheckpointError(f"{self.reader.file_of(name)}: tensor '{name}' has shape {list(have)}, "
+                                      f"expected {list(shape)}")
+            if self.reader.dtype(name) not in FLOAT_DTYPES:
+                raise CheckpointError(f"{self.reader.file_of(name)}: tensor '{name}' has dtype "
+                                      f"{self.reader.dtype(name)}, expected one of {sorted(FLOAT_DTYPES)}")
+
+    def passthrough_tensor(self, name: str) -> torch.Tensor:
+        """A tensor copied unchanged; one the model loads (embeddings, norms, LM head) must be finite,
+        as the loader requires."""
+        if name not in self._dense_shapes:
+            return self.reader.get(name)
+        return require_finite(self.reader.get(name), f"{self.reader.file_of(name)}: tensor '{name}'")
 
     def projection(self, spec: LinearSpec) -> torch.Tensor | Ternary:
         """A float weight, or the exact ternary values of a bitnet projection."""

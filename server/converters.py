@@ -98,7 +98,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool
     try:
         writer = ShardWriter(stage, parse_size(max_shard_size))
         for name in source.passthrough:
-            writer.add(name, source.reader.get(name))
+            writer.add(name, source.passthrough_tensor(name))
         errors = {}
         bar = tqdm(source.specs, desc=f"convert {src.name} -> {to}", unit="linear", disable=not progress)
         for spec in bar:
