@@ -72,6 +72,10 @@ def _cases(quick: bool, arch: int):
         for path in ("dp4a", "gemv"):
             yield "w2a8", name, n, k, 1, path, ternary_call(n, k, 1, path, True)
         yield "w2a8", name, n, k, 8, "dp4a", ternary_call(n, k, 8, "dp4a", True)
+        if name == "qkv":  # both tile orders (the default is tl_common.n_major_tiles(): by Triton version)
+            for order in (False, True):
+                yield "w2a8", name, n, k, 8, "dp4a/" + ("n-major" if order else "m-major"), \
+                    ternary_call(n, k, 8, "dp4a", True, {"N_MAJOR": order})
         yield "w2a8+norm", name, n, k, 1, "auto", normed_call(n, k, 1)
         yield "w2a8+norm", name, n, k, 1, "residual", normed_call(n, k, 1, residual=True)
         for path in ("decode", "gemv"):

@@ -239,7 +239,8 @@ def sweep_plan() -> list:
     the tail): at M=1 the first GEMV, the dp4a GEMV alone on pre-quantized activations (what fusing
     the quantization upstream gives), the fused RMSNorm path and PDL; at M = 32, 128, 512 the
     four-dot GEMM, the one-dot GEMM and the ``dequant`` path (and at 32 the dp4a GEMV, four token
-    groups over L2-resident weights instead of the GEMM's split-K partials); dp4a vs GEMM at M = 2..16; then dp4a
+    groups over L2-resident weights instead of the GEMM's split-K partials); dp4a vs GEMM at M = 2..16 (and
+    dp4a's two tile orders at M = 8); then dp4a
     launch configs and forced split-K."""
     def w2a8(label, n, k, m, path, split=None, config=None):
         return ("w2a8", label, n, k, m, path, split, config)
@@ -253,6 +254,8 @@ def sweep_plan() -> list:
                  for p in ("gemm", "wide", "dequant") + (("dp4a",) if m == 32 else ())]
     for label, n, k in SHAPES_2B4T:
         plan += [w2a8(label, n, k, m, p) for m in (2, 4, 8, 16) for p in ("dp4a", "gemm")]
+        if label in ("2b4t.qkv", "2b4t.gate_up"):  # both dp4a tile orders (the default follows the Triton version)
+            plan += [w2a8(label, n, k, 8, "dp4a", config={"N_MAJOR": o}) for o in (False, True)]
     for label, n, k in SHAPES_2B4T:
         plan += [w2a8(label, n, k, 1, "dp4a", config={"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw, "num_stages": 1})
                  for bn, bw, nw in DP4A_SWEEP]

@@ -20,8 +20,10 @@ memory in the loop:
 
    - binary: ``y = h * (sum(x*g) - 2 * sum_{bit} x*g) + x . beta``
    - ternary (code ``c = t + 1``, made a float exactly by bit tricks): ``y = ws * (sum(c * x) - sum(x))``
-   - dual-binary: ``y = sum_groups a1 * sum_{B1} x + a2 * sum_{B2} x`` (the group scales are
-     gathered per word; a word never straddles two groups since ``G % 16 == 0``)
+   - dual-binary: ``y = sum_groups a1 * sum_{B1} x + a2 * sum_{B2} x`` (a word never straddles two
+     groups since ``G % 16 == 0``; when a K step holds whole groups, each group's words are summed
+     and then scaled by one load of ``[BLOCK_N, groups]`` scales, when it lies inside one group by
+     one scale per row, otherwise a scale is gathered per word: ``GROUPS``)
 
    plus bias; float32 accumulation (like the twins). A bit test, a select and an add per weight
    (binary, dual-binary), or a shift, a mask, a subtraction and a fused multiply-add (ternary). Split-K writes raw partials (the first
@@ -94,6 +96,7 @@ def _lowbit_gemv_kernel(
     M, N, QW, GW, stride_wn, stride_an, stride_om,
     KIND: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_PER_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT_K, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    GROUPS: tl.constexpr = 0, GROUP_W: tl.constexpr = 1,
 ):
     """See the module docstring. xp: float32 ``[M, K]`` in slab layout (``K = 4 * SLABS * QW``);
     sums: float32 ``[M, 2]``; w: the packed weights as int32 words ``[N, QW]``; scale: binary
@@ -115,6 +118,9 @@ def _lowbit_gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
     if KIND == 1:
         a_rows = tl.broadcast_to(offs_n.to(tl.int64)[None, :, None] * stride_an, (BLOCK_M, BLOCK_N, BLOCK_W))
+        a_row = offs_n.to(tl.int64) * stride_an
+        if GROUPS == 1:
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W // GROUP_W), dtype=tl.float32)
 
     w_per = tl.cdiv(tl.cdiv(QW, SPLIT_K), BLOCK_W) * BLOCK_W
     w_begin = pid_k * w_per
@@ -141,12 +147,28 @@ def _lowbit_gemv_kernel(
                     c = (words >> (8 * b + 2 * s)) & 3
                     acc += ((c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * xv
         if KIND == 1:
-            a_mask = n_mask3 & (offs_w < w_end)
-            a1 = tl.load(a1_ptr + a_rows + offs_w // GW, mask=a_mask, other=0.0)
-            a2 = tl.load(a2_ptr + a_rows + offs_w // GW, mask=a_mask, other=0.0)
-            acc += a1 * d1 + a2 * d2
+            if GROUPS == 1:  # whole groups of GROUP_W words per step: sum each group, then scale it
+                NG: tl.constexpr = BLOCK_W // GROUP_W
+                offs_g = w0 // GROUP_W + tl.arange(0, NG)
+                g_ptrs = a_row[None, :, None] + offs_g[None, None, :]
+                g_mask = n_mask[None, :, None] & (offs_g[None, None, :] * GROUP_W < w_end)
+                s1 = tl.sum(tl.reshape(d1, (BLOCK_M, BLOCK_N, NG, GROUP_W)), axis=3)
+                s2 = tl.sum(tl.reshape(d2, (BLOCK_M, BLOCK_N, NG, GROUP_W)), axis=3)
+                acc_g += tl.load(a1_ptr + g_ptrs, mask=g_mask, other=0.0) * s1 \
+                    + tl.load(a2_ptr + g_ptrs, mask=g_mask, other=0.0) * s2
+            elif GROUPS == 2:  # the step lies inside one group: one scale per row
+                a1 = tl.load(a1_ptr + a_row + w0 // GW, mask=n_mask, other=0.0)[None, :, None]
+                a2 = tl.load(a2_ptr + a_row + w0 // GW, mask=n_mask, other=0.0)[None, :, None]
+                acc += a1 * d1 + a2 * d2
+            else:  # steps straddle groups: a scale per word
+                a_mask = n_mask3 & (offs_w < w_end)
+                a1 = tl.load(a1_ptr + a_rows + offs_w // GW, mask=a_mask, other=0.0)
+                a2 = tl.load(a2_ptr + a_rows + offs_w // GW, mask=a_mask, other=0.0)
+                acc += a1 * d1 + a2 * d2
         words = words_next
     sel = tl.sum(acc, axis=2)  # [BM, BN]
+    if KIND == 1 and GROUPS == 1:
+        sel += tl.sum(acc_g, axis=2)
 
     first = (pid_k == 0).to(tl.float32)
     if KIND == 0:
@@ -166,6 +188,18 @@ def _lowbit_gemv_kernel(
 
     store_tile(total, offs_m, offs_n, M, N, pid_k, out_ptr, stride_om, part_ptr, bias_ptr, bias_ptr, bias_ptr,
                False, 0, HAS_BIAS, DIRECT)
+
+
+def _group_steps(kind: int, group_words: int, block_w: int) -> dict:
+    """How the dual-binary GEMV applies its group scales: ``GROUPS=1`` when a K step holds whole
+    groups (a power of two words each; each group's words are summed, then scaled), 2 when a step
+    lies inside one group (one scale per row), else 0 (a scale gathered per word: with Triton 3.6 that
+    load takes another register layout, two shared-memory conversions per step)."""
+    if kind != DUAL:
+        return {}
+    if group_words & (group_words - 1) == 0 and block_w % group_words == 0:
+        return {"GROUPS": 1, "GROUP_W": group_words}
+    return {"GROUPS": 2 if group_words % block_w == 0 else 0}
 
 
 def supports(kind: int, k: int, packed: torch.Tensor, group_size: int | None = None) -> bool:
@@ -230,7 +264,8 @@ def lowbit_gemv(kind: int, x, packed, out, *, scale=None, alpha1=None, alpha2=No
             alpha2 if alpha2 is not None else d, bias if bias is not None else d, out, part if part is not None else d,
             m, n, qw, group_bytes // 4, words.stride(0), alpha1.stride(0) if alpha1 is not None else 0, out.stride(0))
     meta = dict(KIND=kind, HAS_SCALE=scale is not None, SCALE_PER_N=scale is not None and scale.numel() == n,
-                HAS_BIAS=bias is not None, SPLIT_K=split_k, DIRECT=split_k == 1, BLOCK_M=block_m, BLOCK_N=block_n)
+                HAS_BIAS=bias is not None, SPLIT_K=split_k, DIRECT=split_k == 1, BLOCK_M=block_m, BLOCK_N=block_n,
+                **_group_steps(kind, group_bytes // 4, cfg["BLOCK_W"]))
     tl_common.launch(_lowbit_gemv_kernel, (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m)), cfg, args, meta)
     if split_k > 1:
         splitk_epilogue(part, out, None, None, bias)

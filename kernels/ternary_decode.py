@@ -60,7 +60,7 @@ def _w2a8_dp4a_kernel(
     M, N, QW, stride_xm, stride_wn, stride_om,
     WS_PER_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_ASM: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, N_MAJOR: tl.constexpr = False,
 ):
     """``y[m] = T @ x[m]`` for BLOCK_M tokens per program, weights read once for all of them.
 
@@ -86,12 +86,23 @@ def _w2a8_dp4a_kernel(
     # loads the same register layout: activations broadcast along BN (each thread loads the words
     # of its own columns; repeats hit L1), weights along BM. Loads of different shapes get
     # different layouts and one operand is then converted through shared memory at every step.
-    x_rows = tl.broadcast_to(xw_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm, (BLOCK_M, BLOCK_N, BLOCK_W))
-    w_rows = tl.broadcast_to(w_ptr + offs_n.to(tl.int64)[None, :, None] * stride_wn, (BLOCK_M, BLOCK_N, BLOCK_W))
-    m_mask3 = tl.broadcast_to(m_mask[:, None, None], (BLOCK_M, BLOCK_N, BLOCK_W))
-    n_mask3 = tl.broadcast_to(n_mask[None, :, None], (BLOCK_M, BLOCK_N, BLOCK_W))
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.int32)  # slabs 0 and 2
-    acc4 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.int32)  # slabs 1 and 3, times 4
+    # Tiles are [BM, BN, BW] or, with N_MAJOR, [BN, BM, BW]: the two orders are the same work, but
+    # Triton breaks the tie between the two broadcast dims the other way from 3.7 on, and only one
+    # order gives each thread several tokens of the same weight words (tl_common.n_major_tiles()).
+    if N_MAJOR:
+        x_rows = tl.broadcast_to(xw_ptr + offs_m.to(tl.int64)[None, :, None] * stride_xm, (BLOCK_N, BLOCK_M, BLOCK_W))
+        w_rows = tl.broadcast_to(w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn, (BLOCK_N, BLOCK_M, BLOCK_W))
+        m_mask3 = tl.broadcast_to(m_mask[None, :, None], (BLOCK_N, BLOCK_M, BLOCK_W))
+        n_mask3 = tl.broadcast_to(n_mask[:, None, None], (BLOCK_N, BLOCK_M, BLOCK_W))
+        acc1 = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_W), dtype=tl.int32)  # slabs 0 and 2
+        acc4 = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_W), dtype=tl.int32)  # slabs 1 and 3, times 4
+    else:
+        x_rows = tl.broadcast_to(xw_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm, (BLOCK_M, BLOCK_N, BLOCK_W))
+        w_rows = tl.broadcast_to(w_ptr + offs_n.to(tl.int64)[None, :, None] * stride_wn, (BLOCK_M, BLOCK_N, BLOCK_W))
+        m_mask3 = tl.broadcast_to(m_mask[:, None, None], (BLOCK_M, BLOCK_N, BLOCK_W))
+        n_mask3 = tl.broadcast_to(n_mask[None, :, None], (BLOCK_M, BLOCK_N, BLOCK_W))
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.int32)
+        acc4 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.int32)
 
     w_per = tl.cdiv(tl.cdiv(QW, SPLIT_K), BLOCK_W) * BLOCK_W
     w_begin = pid_k * w_per
@@ -118,7 +129,9 @@ def _w2a8_dp4a_kernel(
         acc1 = dot4(high & 0x03030303, x2, acc1, USE_ASM)
         acc4 = dot4(high & 0x0C0C0C0C, x3, acc4, USE_ASM)
         words = words_next
-    total = tl.sum(acc1, axis=2) + (tl.sum(acc4, axis=2) >> 2)  # [BM, BN], acc4 is 4 x an integer
+    total = tl.sum(acc1, axis=2) + (tl.sum(acc4, axis=2) >> 2)  # acc4 is 4 x an integer
+    if N_MAJOR:
+        total = tl.trans(total)  # [BM, BN]
     if pid_k == 0:
         total -= tl.load(xsum_ptr + offs_m, mask=m_mask, other=0)[:, None]  # the codes are t + 1
 
@@ -164,6 +177,7 @@ def ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out
         cfg["launch_pdl"] = True
     block_n = cfg.pop("BLOCK_N")
     block_m = cfg.pop("BLOCK_M", block_m_for(m))
+    n_major = cfg.pop("N_MAJOR", tl_common.n_major_tiles())
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     if split_k is None:
         split_k = pick_split_k(tiles, triton.cdiv(qw, cfg["BLOCK_W"]), xq.device)
@@ -175,7 +189,8 @@ def ternary_w2a8_gemv_prequantized(xq, sx, xsum, packed, weight_scale, bias, out
     args = (xw, sx, xsum, words, weight_scale, bias if bias is not None else dummy, out, part if part is not None else dummy,
             m, n, qw, xw.stride(0), words.stride(0), out.stride(0))
     meta = dict(WS_PER_N=weight_scale.numel() != 1, HAS_BIAS=bias is not None, SPLIT_K=split_k,
-                DIRECT=split_k == 1, BLOCK_M=block_m, BLOCK_N=block_n, USE_ASM=not interpreting(), PDL=pdl)
+                DIRECT=split_k == 1, BLOCK_M=block_m, BLOCK_N=block_n, USE_ASM=not interpreting(), PDL=pdl,
+                N_MAJOR=n_major)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     tl_common.launch(_w2a8_dp4a_kernel, grid, cfg, args, meta)
     if split_k > 1:

@@ -88,6 +88,23 @@ def rows_per_program(n: int, groups: int, device: torch.device, max_rows: int = 
     return rows
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the Triton in use."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def n_major_tiles() -> bool:
+    """Whether the decode GEMVs should order their ``[tokens, rows, words]`` tiles rows first.
+
+    Their operands are broadcast along tokens (weights) or rows (activations), so the pointers are
+    equally contiguous along both, and Triton's coalescing breaks that tie by dimension order --
+    before 3.7 the other way round. Only one order gives each thread several tokens of the same
+    weight words (shared unpacking); the other gives it one token and several rows (~30% more
+    loop instructions at M = 8 with Triton 3.6, ``benchmarks/kernel_sass.py``)."""
+    return triton_version() < (3, 7)
+
+
 def block_m_for(m: int) -> int:
     """BLOCK_M of the tiled (``tl.dot``) kernels for M tokens: 16, 32, 64 or 128."""
     return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128

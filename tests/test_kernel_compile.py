@@ -99,6 +99,15 @@ def test_dp4a_is_leaner_than_the_first_gemv(survey):
         assert new["instr_per_weight_per_token"] * 3 < old["instr_per_weight_per_token"]
 
 
+def test_dp4a_default_tile_order_is_the_leaner_one(survey):
+    """At M = 8 the dp4a GEMV's two tile orders compile differently (by Triton version: 3.6 and 3.7
+    break a layout tie the other way); the default (tl_common.n_major_tiles) must be the leaner."""
+    arch, rows = survey
+    by = {r["path"]: r["loop_instructions"] for r in rows
+          if r["kernel"] == "_w2a8_dp4a_kernel" and r["shape"] == "qkv" and r["M"] == 8}
+    assert by["dp4a"] == min(by["dp4a/n-major"], by["dp4a/m-major"]), f"sm_{arch}: {by}"
+
+
 def test_pdl_variant_compiles_with_grid_dependency_control(survey):
     """bench.py --sweep times the dp4a GEMV as a programmatic dependent launch: the quantization
     kernel lets it start early and it waits (griddepcontrol) before reading the activations."""

@@ -177,9 +177,13 @@ def test_ternary_w2a8_dp4a(device, dtype, m):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,split_k,config", [
     (1, 1, None), (1, 3, None), (2, 2, None), (9, 4, None), (1, None, {"BLOCK_N": 1, "BLOCK_W": 16, "num_warps": 1}),
-    (5, 2, {"BLOCK_N": 8, "BLOCK_W": 4, "BLOCK_M": 2, "num_warps": 1})])
+    (5, 2, {"BLOCK_N": 8, "BLOCK_W": 4, "BLOCK_M": 2, "num_warps": 1}),
+    # both tile orders (tl_common.n_major_tiles picks one by Triton version)
+    (7, 2, {"N_MAJOR": True}), (3, None, {"N_MAJOR": False}),
+    (6, 1, {"BLOCK_N": 8, "BLOCK_W": 4, "BLOCK_M": 4, "num_warps": 1, "N_MAJOR": True})])
 def test_ternary_w2a8_dp4a_split_k_and_tiles(device, m, split_k, config):
-    """Split-K (int32 partials: the result may not depend on the split), ragged tiles in N, M and K."""
+    """Split-K (int32 partials: the result may not depend on the split), ragged tiles in N, M and K,
+    tiles ordered tokens-first or rows-first."""
     n, k, dtype = 40, 208, torch.bfloat16
     x, t, ws, bias, (xd, pd, wsd, bd) = ternary_case(m, n, k, dtype, device, 6, True, True)
     out = poisoned_out(m, n, torch.float32, device)
@@ -449,6 +453,30 @@ def test_lowbit_decode_split_k_and_tiles(device, kind, m, split_k, config):
         s_abs = s_abs + 2 * (x.double().abs() @ (kw["in_scale"].double() * torch.ones(n, k, dtype=torch.float64)).t()
                              * kw["out_scale"].double())
     assert_bound(y, ref, float_bound(ref, s_abs, torch.float32, k, False), f"{kind} decode split {split_k} {config}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group,block_w,split_k,mode", [
+    (64, 4, 1, 1), (64, 8, 3, 1), (16, 4, 2, 1), (32, 8, 1, 1),  # whole groups per K step: summed, then scaled
+    (128, 4, 1, 2), (128, 2, 3, 2), (256, 8, 2, 2), (96, 2, 1, 2),  # a step inside one group: a scale per row
+    (48, 4, 1, 0), (96, 4, 2, 0), (96, 8, 1, 0)])  # steps straddle groups: a scale per word
+def test_dual_decode_group_scale_modes(device, group, block_w, split_k, mode):
+    """The dual-binary decode GEMV's three ways of applying the group scales (``GROUPS``), with and
+    without split K, vs float64; K = 768 has 3-48 groups."""
+    assert lowbit_decode._group_steps(lowbit_decode.DUAL, group // 16, block_w).get("GROUPS") == mode
+    g = gen("decg", group, block_w, split_k)
+    n, k = 24, 768
+    b1, b2 = (torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8) for _ in range(2))
+    a1, a2 = torch.rand(n, k // group, generator=g) + 0.5, -(torch.rand(n, k // group, generator=g) + 0.25)
+    w = a1.double().repeat_interleave(group, 1) * b1.double() + a2.double().repeat_interleave(group, 1) * b2.double()
+    x = rand_x(2, k, torch.bfloat16, g)
+    out = poisoned_out(2, n, torch.float32, device)
+    y = binary.dual_binary_linear(x.to(device), pack_dual_binary(b1, b2, group).to(device), a1.to(device),
+                                  a2.to(device), group, None, out, path="decode", split_k=split_k,
+                                  config={"BLOCK_N": 8, "BLOCK_W": block_w})
+    ref = x.double() @ w.t()
+    s_abs = x.double().abs() @ w.abs().t()
+    assert_bound(y, ref, float_bound(ref, s_abs, torch.float32, k, False), f"dual decode G={group} BW={block_w}")
 
 
 def test_lowbit_decode_default_paths_and_refusals(monkeypatch):
