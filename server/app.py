@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from bitserve.config import EngineConfig, ModelLoadConfig, ReplicaConfig
-from bitserve.demo import DEMO_MODEL_PATH
+from bitserve.demo import DEMO_MODEL_PATH, model_or_demo
 from bitserve.engine.async_engine import AsyncEngine
 from bitserve.engine.core import EngineCore
 from bitserve.engine.output_processor import CompletionDelta
@@ -30,7 +30,7 @@ class LoadedServingModel:
 
 
 def load_serving_model(cfg: ModelLoadConfig, progress: bool | None = None) -> LoadedServingModel:
-    path = resolve_model_path(cfg.model or str(DEMO_MODEL_PATH), cfg.revision)
+    path = resolve_model_path(model_or_demo(cfg.model), cfg.revision)
     tokenizer = Tokenizer(path)
     loaded = load_model(path, format=cfg.format, dtype=cfg.dtype, device=cfg.device, progress=progress,
                         int8_lm_head=cfg.int8_lm_head)
@@ -118,7 +118,7 @@ def _build_ray_app(load_cfg, engine_cfg, replica_cfg, served_model_name, on_fini
     from bitserve.replica_ray import RayReplicaGroup
     from bitserve.replica_set import ReplicaSet
 
-    path = resolve_model_path(load_cfg.model or str(DEMO_MODEL_PATH), load_cfg.revision)
+    path = resolve_model_path(model_or_demo(load_cfg.model), load_cfg.revision)
     tokenizer = Tokenizer(path)
     # a local folder travels as an absolute path; a hub repo id as itself (each node resolves it)
     local = bool(load_cfg.model) and Path(load_cfg.model).expanduser().is_dir()

@@ -15,7 +15,10 @@ CHAT_SKIPPED_SAMPLING = ("stop_token_ids", "ignore_eos", "seed", "logit_bias", "
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from bitserve import __version__
+
     parser = argparse.ArgumentParser(prog="bitserve", description="Serve extreme low-bit LLMs.")
+    parser.add_argument("--version", action="version", version=f"bitserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a model over gRPC (default: the bundled demo model)")
@@ -55,7 +58,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="detected format, architecture, parameter counts, bits per weight, "
                                              "weight bytes and KV bytes per token of a checkpoint")
-    inspect.add_argument("path", help="checkpoint folder or .gguf file")
+    inspect.add_argument("path", nargs="?", default="",
+                         help="checkpoint folder or .gguf file (default, or 'demo': the bundled demo model)")
     inspect.add_argument("--load", action="store_true", help="also build the model on the CPU and report it")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=_inspect)
@@ -229,11 +233,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if any(level["completed"] for level in result["levels"]) else 1
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not raise into a closed pipe again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. captured output)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader left (`bitserve inspect --json | head -1`): not an error of ours
+        _quiet_stdout()
+        return 0
     except (ValueError, OSError) as e:
         parser.exit(2, f"bitserve: error: {e}\n")
     except KeyboardInterrupt:

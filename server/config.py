@@ -12,7 +12,7 @@ KV_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "floa
 
 @dataclass
 class ModelLoadConfig:
-    model: str = field(default="", metadata={"help": "checkpoint folder or Hugging Face repo id (default: the bundled demo model)"})
+    model: str = field(default="", metadata={"help": "checkpoint folder or Hugging Face repo id (default, or 'demo': the bundled demo model)"})
     format: str | None = field(default=None, metadata={"help": "force a format plugin by name instead of detecting it"})
     dtype: str = field(default="auto", metadata={"help": "activation/parameter dtype: auto, float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when available)"})

@@ -45,7 +45,8 @@ GGUF_TARGETS = {"gguf-tq2_0": "tq2_0", "gguf-tq1_0": "tq1_0", "gguf-i2_s": "i2_s
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``bitserve convert SRC DST --to FORMAT [options]``."""
-    parser.add_argument("src", help="source: a dense Hugging Face llama folder, a bitnet folder, or a ternary .gguf")
+    parser.add_argument("src", help="source: a dense Hugging Face llama folder, a bitnet folder, or a ternary .gguf "
+                                    "('demo': the bundled demo model)")
     parser.add_argument("dst", help="destination folder (created; must be empty unless --overwrite), "
                                     "or the .gguf file for the gguf-* targets")
     parser.add_argument("--to", required=True, choices=sorted(TARGET_NAMES) + sorted(GGUF_TARGETS),

@@ -139,6 +139,9 @@ def _run_gguf(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run a conversion from parsed arguments; prints the summary; returns the exit code."""
+    from bitserve.demo import model_or_demo
+
+    args.src = model_or_demo(args.src)
     try:
         if args.to in GGUF_TARGETS:
             return _run_gguf(args)

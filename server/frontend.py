@@ -101,8 +101,12 @@ class Frontend:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        observed: bool = True,
     ) -> AsyncIterator[CompletionDelta]:
         """Deltas of every choice, interleaved; each choice ends with one finished delta.
+
+        ``observed=False`` (the server's own warm-up) keeps the request out of ``on_finish``, i.e.
+        the request counters and latency histograms: its first-call compile time is not a client's.
 
         Raises ValueError for requests the engine cannot serve (before anything is
         queued) and QueueFullError when the engine refuses more work. Leaving the
@@ -128,6 +132,7 @@ class Frontend:
         else:
             stream = self._merged(core_requests, tasks)
         refused = False
+        on_finish = self.on_finish if observed else None
         try:
             async for item in stream:
                 completion, abort_core = state.process(item)
@@ -139,8 +144,8 @@ class Frontend:
                     self.replica.abort(item.request_id)
                 if completion is None:
                     continue
-                if completion.finished and self.on_finish is not None:
-                    self.on_finish(completion)
+                if completion.finished and on_finish is not None:
+                    on_finish(completion)
                 yield completion
                 if state.finished:
                     break
@@ -151,9 +156,9 @@ class Frontend:
             self._active.pop(request_id, None)
             self._abort_requested.discard(request_id)
             self._core_ids.difference_update(state.choices)
-            if not refused and self.on_finish is not None:
+            if not refused and on_finish is not None:
                 for final in state.abort_all():  # the client left (cancel, deadline, disconnect)
-                    self.on_finish(final)
+                    on_finish(final)
             for cid in state.choices:  # idempotent; frees blocks even if a pump is mid-await
                 self.replica.abort(cid)
             for t in tasks:

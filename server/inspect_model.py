@@ -174,8 +174,10 @@ def render_inspection(info: dict) -> str:
 
 # -- CLI helpers (wired into server/cli.py by the lead) ------------------------------------------
 def run_inspect(args: argparse.Namespace) -> int:
+    from bitserve.demo import model_or_demo
+
     try:
-        info = inspect_checkpoint(args.path, load=args.load)
+        info = inspect_checkpoint(model_or_demo(args.path), load=args.load)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bitserve.config import EngineConfig, ModelLoadConfig
-from bitserve.demo import DEMO_MODEL_PATH
+from bitserve.demo import model_or_demo
 from bitserve.app import build_core, load_serving_model
 from bitserve.engine.core import EngineRequest, on_device
 from bitserve.engine.llm_engine import LLMEngine
@@ -43,7 +43,7 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown LLM option(s) {sorted(unknown)}; "
                             f"known: {sorted((_LOAD_FIELDS | _ENGINE_FIELDS) - {'model'})}")
-        self.load_config = ModelLoadConfig(model=str(model or DEMO_MODEL_PATH),
+        self.load_config = ModelLoadConfig(model=model_or_demo(model),
                                            **{k: v for k, v in options.items() if k in _LOAD_FIELDS})
         self.engine_config = EngineConfig(**{k: v for k, v in options.items() if k in _ENGINE_FIELDS})
         served = load_serving_model(self.load_config)

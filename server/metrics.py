@@ -47,7 +47,8 @@ format, kv_cache_dtype, max_context, vocab_size, num_layers, hidden_size; gauges
 ``bitserve_model_bits_per_weight``, ``bitserve_model_weight_bytes``,
 ``bitserve_kv_cache_bytes_per_token``.
 
-Per finished choice (:meth:`Metrics.observe_finished`):
+Per finished choice of a client's request (:meth:`Metrics.observe_finished`; the server's start-up
+warm-up is not observed here, but its few tokens are in the engine's token and step counters):
 
 ==========================================  =========  =====================================
 bitserve_request_success_total              counter    label finished_reason (stop, eos,

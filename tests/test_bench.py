@@ -94,3 +94,17 @@ def test_output_paths_are_checked_before_the_run(tmp_path, capsys):
         assert rc is None and exit_.value.code == 2
         err = capsys.readouterr().err
         assert "cannot write" in err and "missing" in err and "cannot reach" not in err
+
+
+def test_png_without_matplotlib_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    """--out-png needs matplotlib: say so before sending a request, not after the whole run."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--address", "127.0.0.1:1", "--num-requests", "1", "--no-progress",
+              "--out-png", str(tmp_path / "x.png")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "bitserve[plot]" in err and "cannot reach" not in err

@@ -446,6 +446,48 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_names_the_demo_model(tmp_path, capsys, monkeypatch):
+    """An installed package's users do not know where pip put the demo model: `inspect` with no path
+    and `convert demo ...` take it, unless the current folder holds something called `demo`."""
+    from bitserve.cli import main
+    from bitserve.demo import DEMO_MODEL_PATH
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(DEMO_MODEL_PATH)
+    assert main(["convert", "demo", str(tmp_path / "demo.gguf"), "--to", "gguf-tq2_0", "--no-progress"]) == 0
+    assert str(DEMO_MODEL_PATH) in capsys.readouterr().out
+    (tmp_path / "demo").mkdir()  # a folder of that name is what the user means
+    assert main(["inspect", "demo"]) == 2
+    assert "demo/config.json: file is missing" in capsys.readouterr().err
+
+
+def test_cli_version_and_closed_pipe(capsys, monkeypatch):
+    """`bitserve --version`; a reader that leaves early (`| head -1`) is not an error."""
+    import sys
+
+    from bitserve import __version__
+    from bitserve.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"bitserve {__version__}"
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise ValueError("no descriptor")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["inspect", "--json"]) == 0
+    assert "Broken pipe" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["tq1_0", "i2_s"])
 def test_gguf_to_bitnet_round_trip_is_exact(tmp_path, kind):
     """bitnet -> GGUF -> bitnet: the same packed weights, logits and answers as the shipped demo."""

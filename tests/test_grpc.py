@@ -256,6 +256,33 @@ def test_prompt_beyond_context_is_invalid(server):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_warm_up_is_not_a_client_request(tiny_model):
+    """The server's start-up generation (compile time included) stays out of the request counters and
+    latency histograms: before any client call they are empty."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts():
+        out = {}
+        for fam in text_string_to_metric_families(srv.metrics.render().decode()):
+            for x in fam.samples:
+                if x.name in ("bitserve_request_success_total", "bitserve_e2e_request_latency_seconds_count",
+                              "bitserve_time_to_first_token_seconds_count"):
+                    out[x.name + x.labels.get("finished_reason", "")] = x.value
+        return out
+
+    srv = ServerThread(tiny_model, metrics=True)
+    try:
+        assert srv.app.replica.stats().prompt_tokens > 0  # the warm-up did run through the engine
+        before = counts()
+        assert len(before) == 7 and not any(before.values()), before
+        srv.stub().Chat(chat_request("first", max_tokens=2, ignore_eos=True), timeout=30)
+        after = counts()
+        assert after["bitserve_request_success_totallength"] == 1
+        assert after["bitserve_e2e_request_latency_seconds_count"] == 1
+    finally:
+        srv.close()
+
+
 def test_metrics_count_what_was_sent(server):
     from prometheus_client.parser import text_string_to_metric_families
 

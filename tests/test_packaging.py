@@ -178,3 +178,49 @@ def test_import_bitserve_is_light(tmp_path):
 
 def _project_version():
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The sdist and wheel built (PEP 517, no isolation: the venv's setuptools) from the tracked files."""
+    tmp = tmp_path_factory.mktemp("build")
+    src, out = tmp / "src", tmp / "dist"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_bytes((ROOT / name).read_bytes())
+    built = []
+    for hook in ("build_sdist", "build_wheel"):  # one process each: setuptools loses the first file otherwise
+        code = f"import sys\nfrom setuptools import build_meta as b\nprint('BUILT', b.{hook}(sys.argv[1]))"
+        res = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        built.append(next(line for line in res.stdout.splitlines() if line.startswith("BUILT ")).split()[1])
+    sdist, wheel = built
+    return out / sdist, out / wheel
+
+
+def test_wheel_holds_the_package_demo_model_and_license(built):
+    import zipfile
+
+    _, wheel = built
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {_import_name(path) for path, _ in _modules()}
+    for module in modules:
+        rel = module.replace(".", "/")
+        assert f"{rel}.py" in names or f"{rel}/__init__.py" in names, f"{module} is not in the wheel"
+    demo = {p.name for p in (ROOT / "server" / "demo" / "model").iterdir()}
+    assert {n.rsplit("/", 1)[-1] for n in names if n.startswith("bitserve/demo/model/")} == demo
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "no LICENSE in the wheel"
+    assert not [n for n in names if n.startswith(("tests/", "docs/", "bench-results/", "benchmarks/"))]
+
+
+def test_sdist_holds_what_runs_the_tests_and_regenerates_the_stubs(built):
+    import tarfile
+
+    sdist, _ = built
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    tests = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("*.py")}
+    assert tests <= names, f"tests missing from the sdist: {sorted(tests - names)}"
+    assert {"LICENSE", "proto/bitserve/v1/chat.proto", "scripts/gen_proto.py", "requirements.lock"} <= names

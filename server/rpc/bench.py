@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -100,6 +101,8 @@ class BenchConfig:
             path = getattr(self, name)
             if path and not (Path(path).parent.is_dir() and os.access(Path(path).parent, os.W_OK)):
                 raise ValueError(f"{name}: cannot write {path} (its folder does not exist or is not writable)")
+        if self.out_png and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("out_png: writing a PNG needs matplotlib (pip install 'bitserve[plot]')")
 
 
 def parse_levels(value) -> list[int]:
@@ -433,7 +436,7 @@ def write_png(result: dict, path: str) -> None:
 
     plt = pyplot()
     if plt is None:
-        raise OSError("writing a PNG needs matplotlib (pip install matplotlib)")
+        raise OSError("writing a PNG needs matplotlib (pip install 'bitserve[plot]')")
 
     levels = result["levels"]
     xs = [lv["concurrency"] for lv in levels]

@@ -129,7 +129,8 @@ class RpcServer:
         frontend = self.app.frontend
         prompt = frontend.text_prompt("warm up") or [0]
         async for _ in frontend.generate("warmup-" + frontend.new_request_id(), prompt,
-                                         SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)):
+                                         SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+                                         observed=False):
             pass
 
     async def drain(self, grace: float | None = None) -> None:
