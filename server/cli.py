@@ -103,6 +103,10 @@ def _serve(args: argparse.Namespace) -> int:
     metrics_port = metrics.serve_http(server_cfg.host, server_cfg.metrics_port) if server_cfg.metrics_port >= 0 else None
 
     def ready(port: int) -> None:
+        from bitserve.heap import freeze_startup_heap
+
+        frozen = freeze_startup_heap()  # warm: what lives now lives as long as the server
+        logging.getLogger("bitserve.serve").debug("froze %d start-up objects out of garbage collection", frozen)
         scheme = "grpcs" if server_cfg.tls_cert else "grpc"
         print(f"serving '{info.name}' ({info.format}, {info.bits_per_weight:.2f} bits/weight, "
               f"{info.weight_bytes / 1e6:.1f} MB weights, KV {info.kv_cache_dtype} "

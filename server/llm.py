@@ -108,9 +108,9 @@ class LLM:
         out.text += delta.text
         out.token_ids.extend(delta.token_ids)
         if delta.samples and delta.samples[0].top_logprobs is not None:
-            out.logprobs = (out.logprobs or []) + [
-                {**dict(s.top_logprobs), s.token_id: s.logprob} for s in delta.samples
-            ]
+            if out.logprobs is None:
+                out.logprobs = []
+            out.logprobs.extend({**dict(s.top_logprobs), s.token_id: s.logprob} for s in delta.samples)
         if delta.finished:
             reason = delta.finish_reason
             # vLLM's vocabulary: eos, stop tokens and stop strings all finish with "stop"

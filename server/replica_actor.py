@@ -73,6 +73,7 @@ class EngineActor:
     def __init__(self, load_cfg: ModelLoadConfig, engine_cfg: EngineConfig):
         from bitserve.app import build_core, load_serving_model, model_info
         from bitserve.engine.sampler import derive_seed
+        from bitserve.heap import freeze_startup_heap
 
         started = time.monotonic()
         model = load_serving_model(load_cfg, progress=False)
@@ -86,6 +87,7 @@ class EngineActor:
         self._outboxes: dict[str, asyncio.Queue] = {}  # connection -> its events
         self._live: dict[str, tuple[str, asyncio.Task]] = {}  # request id -> (connection, task moving its deltas)
         self._aborted: OrderedDict[str, tuple[FinishReason, object]] = OrderedDict()
+        freeze_startup_heap()  # the actor's process is ours: the model and engine live as long as it does
         log.info("engine replica ready in %.1fs (pid %d, device %s)", time.monotonic() - started, os.getpid(),
                  load_cfg.device)
 

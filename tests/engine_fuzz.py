@@ -247,6 +247,8 @@ def check_nothing_left(core: EngineCore, engine: LLMEngine) -> None:
     sched = core.scheduler
     check(not sched.requests and not sched.running and len(sched.waiting) == 0, "leak: scheduler still holds requests")
     check(not core._states, f"leak: sampling states left {list(core._states)}")
+    check(core.sampler.penalties.rows_in_use == 0,
+          f"leak: {core.sampler.penalties.rows_in_use} penalty rows held after every request ended")
     check(not engine._requests and not engine._owner,
           f"leak: LLMEngine keeps {list(engine._requests)} {list(engine._owner)}")
     layout = core.kv_cache.layout

@@ -339,6 +339,46 @@ def test_request_token_ids_slices_like_the_joined_list():
             assert req.token_ids(start, end) == joined[start:end], (start, end)
 
 
+def test_block_hashes_grow_by_their_new_blocks_only():
+    """extend_block_hashes == hashing the whole sequence again, while reading only the tokens of the
+    blocks it adds (the scheduler calls it every step a block fills, and on every admission try)."""
+    from bitserve.engine.block_manager import block_hashes, extend_block_hashes
+    from bitserve.engine.request import Request
+
+    rng = random.Random(3)
+    req = Request("r", [rng.randrange(500) for _ in range(37)], GREEDY, cache_salt="s")
+    hashes: list[bytes] = []
+    for _ in range(40):
+        read = []
+
+        def token_ids(start, end):
+            read.append((start, end))
+            return req.token_ids(start, end)
+
+        before = len(hashes)
+        full = req.num_tokens // 4
+        extend_block_hashes(hashes, token_ids, full, 4, "s")
+        assert hashes == block_hashes(req.all_token_ids, 4, "s")
+        assert read == [(i * 4, i * 4 + 4) for i in range(before, full)]
+        req.output_token_ids.extend(rng.randrange(500) for _ in range(rng.randrange(6)))
+
+
+def test_block_row_mirrors_the_block_list():
+    """Request.block_row: the block list as int64 numpy, kept up to date by converting only what was
+    appended; a replaced list (preemption, a failed admission) is converted anew."""
+    from bitserve.engine.request import Request
+
+    rng = random.Random(5)
+    req = Request("r", [1, 2, 3], GREEDY)
+    for step in range(200):
+        if step % 37 == 36:
+            req.block_ids = [rng.randrange(1000) for _ in range(rng.randrange(4))]  # replaced
+        else:
+            req.block_ids.extend(rng.randrange(1000) for _ in range(rng.randrange(3)))
+        row = req.block_row()
+        assert row.dtype.name == "int64" and row.tolist() == req.block_ids, step
+
+
 class _ScriptedReplica:
     """A Replica whose streams are plain async iterators (no ``aclose``): each core request gets
     the tokens 10, 11, 12 and finishes with LENGTH; aborts are recorded."""

@@ -146,8 +146,8 @@ def register_the_wrong_blocks_in_the_prefix_cache(monkeypatch):
     """Each full block's hash is registered for the request's next block (rotated block ids)."""
     cache_blocks = BlockManager.cache_blocks
 
-    def rotated(self, block_ids, hashes, start):
-        cache_blocks(self, list(block_ids[1:]) + list(block_ids[:1]), hashes, start)
+    def rotated(self, block_ids, hashes, start, end=None):
+        cache_blocks(self, list(block_ids[1:]) + list(block_ids[:1]), hashes, start, end)
 
     monkeypatch.setattr(BlockManager, "cache_blocks", rotated)
 

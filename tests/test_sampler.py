@@ -105,6 +105,42 @@ def test_negative_penalties_reward():
     assert out[0].tolist() == [0.0, 0.0, 1.5, 0.0]
 
 
+def test_penalty_counts_follow_the_outputs_across_steps():
+    """The sampler keeps penalty counts between steps (engine/penalty_table.py) and adds only each
+    step's new tokens: over 60 steps of sequences that grow, finish (release) and start (reusing the
+    freed rows), with output lists swapped or cut back, and the vocabulary changing once (a new
+    table generation), every step equals the float64 oracle."""
+    rng = random.Random(7)
+    keeper = Sampler()
+    kinds = [dict(repetition_penalty=1.3), dict(frequency_penalty=0.4), dict(presence_penalty=-0.7),
+             dict(repetition_penalty=0.8, frequency_penalty=-0.2, presence_penalty=0.5), dict()]
+    live = []
+    vocab = 23
+    for step in range(60):
+        if step == 40:
+            vocab = 31  # another model's logits: every row is rebuilt
+        while len(live) < 6 or rng.random() < 0.2:
+            live.append(state(SamplingParams(**rng.choice(kinds)), prompt=[rng.randrange(vocab) for _ in range(5)],
+                              output=[rng.randrange(vocab) for _ in range(rng.randrange(3))]))
+        for st in live:
+            st.output_token_ids.append(rng.randrange(min(vocab, 23)))
+        if step % 13 == 5:
+            live[0].output_token_ids = live[0].output_token_ids[:2]  # cut back (a new list)
+        if step % 17 == 3:
+            del live[1].output_token_ids[1:]  # cut back in place
+        raw = torch.randn(len(live), vocab, generator=torch.Generator().manual_seed(step))
+        out = keeper.apply_processors(raw, live)
+        for i, st in enumerate(live):
+            np.testing.assert_allclose(out[i].double().numpy(), ref_process(raw[i].tolist(), st), rtol=1e-6,
+                                       atol=1e-6, err_msg=f"step {step} row {i} {st.params}")
+        for st in [st for st in live if rng.random() < 0.25]:
+            keeper.release(st)
+            live.remove(st)
+    assert keeper.penalties.rows_in_use == sum(1 for st in live if st.penalty_row is not None
+                                              and st.penalty_row.generation == keeper.penalties.generation)
+    assert keeper.penalties.generation == 2
+
+
 def test_logit_bias_added():
     st = state(SamplingParams(logit_bias={1: 3.0, 3: -100}))
     out = sampler.apply_processors(torch.tensor([[0.5, 0.5, 0.5, 0.5]]), [st])

@@ -82,12 +82,14 @@ class AsyncEngine:
                     raise item
                 # a consumer that fell behind gets what queued up as one delta: one wake-up of it
                 # per turn of its loop instead of one per token (vLLM v1 coalesces outputs too)
-                while not item.finished and not stream.empty():
+                queued: list = []
+                while not (queued[-1] if queued else item).finished and not stream.empty():
                     later = stream.get_nowait()
                     if isinstance(later, BaseException):
                         pending.append(later)
                         break
-                    item = item.followed_by(later)
+                    queued.append(later)
+                item = item.followed_by(*queued)
                 finished = item.finished
                 yield item
                 if finished:

@@ -35,6 +35,15 @@ def block_hashes(token_ids: Sequence[int], block_size: int, salt: str | None, st
     return hashes
 
 
+def extend_block_hashes(hashes: list[bytes], token_ids: Callable[[int, int], Sequence[int]], num_blocks: int,
+                        block_size: int, salt: str | None) -> list[bytes]:
+    """Append to ``hashes`` (in place) the hashes of blocks ``len(hashes)..num_blocks-1``, reading only
+    their tokens through ``token_ids(start, end)``: a growing sequence costs its new blocks, not its length."""
+    for i in range(len(hashes), num_blocks):
+        hashes.append(hash_block(hashes[-1] if hashes else None, token_ids(i * block_size, (i + 1) * block_size), salt))
+    return hashes
+
+
 class BlockManager:
     """``on_free(block_id)`` is called when a block's last reference is dropped (the KV cache
     frees per-block side storage, e.g. the int4/int2 staging slot of a partial block)."""
@@ -93,11 +102,11 @@ class BlockManager:
                 del self.free[b]
             self.ref_counts[b] += 1
 
-    def cache_blocks(self, block_ids: Sequence[int], hashes: Sequence[bytes], start: int) -> None:
-        """Register full blocks ``start..len(hashes)-1`` of a request in the prefix cache."""
+    def cache_blocks(self, block_ids: Sequence[int], hashes: Sequence[bytes], start: int, end: int | None = None) -> None:
+        """Register full blocks ``start..end-1`` (default: ``len(hashes)-1``) of a request in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        for i in range(start, len(hashes)):
+        for i in range(start, len(hashes) if end is None else end):
             b, h = block_ids[i], hashes[i]
             if self.block_hash[b] is not None:
                 continue

@@ -62,11 +62,21 @@ class TokenDelta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def followed_by(self, later: TokenDelta) -> TokenDelta:
-        """One delta with this one's tokens, then ``later``'s (whose finish and counts are the newest)."""
-        return TokenDelta(self.request_id, self.token_ids + later.token_ids, self.samples + later.samples,
-                          later.finish_reason, later.stop_reason, later.num_prompt_tokens, later.num_cached_tokens,
-                          later.timings if later.timings is not None else self.timings)
+    def followed_by(self, *later: TokenDelta) -> TokenDelta:
+        """One delta with this one's tokens, then each of ``later``'s in order (the last one's finish and
+        counts are the newest); the token and sample lists are joined once, however many follow."""
+        if not later:
+            return self
+        last = later[-1]
+        token_ids, samples = list(self.token_ids), list(self.samples)
+        timings = self.timings
+        for d in later:
+            token_ids.extend(d.token_ids)
+            samples.extend(d.samples)
+            if d.timings is not None:
+                timings = d.timings
+        return TokenDelta(self.request_id, token_ids, samples, last.finish_reason, last.stop_reason,
+                          last.num_prompt_tokens, last.num_cached_tokens, timings)
 
 
 @dataclass
@@ -263,8 +273,13 @@ class EngineCore:
             return None
         self.scheduler.abort(request_id)
         req.finish_reason, req.stop_reason = reason, stop_reason
-        self._states.pop(request_id, None)
+        self._release(request_id)
         return self._final_delta(req, [], [])
+
+    def _release(self, request_id: str) -> None:
+        state = self._states.pop(request_id, None)
+        if state is not None:
+            self.sampler.release(state)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -300,7 +315,7 @@ class EngineCore:
                                          req.num_cached_tokens))
             else:
                 scheduler.finish(req, *stop)
-                self._states.pop(req.request_id, None)
+                self._release(req.request_id)
                 deltas.append(self._final_delta(req, [token], [result]))
         return deltas
 

@@ -123,7 +123,7 @@ class DecodeGraphs:
         self._host_np = self._host.numpy()
         # the block ids each host table row holds (None: a padding row), so that only rows whose
         # blocks changed since the last step are written again
-        self._table_rows: list[list[int] | None] = [None] * s
+        self._table_rows: list[tuple[list[int], int] | None] = [None] * s  # (block list, length) each row holds
         self._pad_rows(0, s)
         with torch.inference_mode():
             self._buf.copy_(self._host)
@@ -195,10 +195,17 @@ class DecodeGraphs:
         lens[:n] = [p + 1 for p in starts]
         slots[:n] = [blocks[p // bs] * bs + p % bs for blocks, p in zip(block_ids, starts)]
         written = self._table_rows
-        for i, blocks in enumerate(block_ids):
-            if written[i] != blocks:  # a row changes when its request gets a block or the row a request
-                tables[i, :len(blocks)] = blocks
-                written[i] = list(blocks)
+        for i, (req, blocks) in enumerate(zip(reqs, block_ids)):
+            # a row changes when its request gets a block (its list grows: write the tail) or the row
+            # another request or list (write it all); block lists only grow until they are replaced
+            seen = written[i]
+            if seen is not None and seen[0] is blocks:
+                if seen[1] == len(blocks):
+                    continue
+                tables[i, seen[1]:len(blocks)] = req.block_row()[seen[1]:]
+            else:
+                tables[i, :len(blocks)] = req.block_row()
+            written[i] = (blocks, len(blocks))
         self._pad_rows(n, b)  # rows a bigger earlier step left behind must not write their slots again
         self.kv_cache.prepare_graph_step(starts, block_ids, b)
         s = self.max_batch

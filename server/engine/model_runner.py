@@ -58,8 +58,9 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(qsl[-1] - 1)
         table = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = t
+        for i, req in enumerate(reqs):  # numpy rows kept by the requests: a copy each, not a conversion per block
+            row = req.block_row()
+            table[i, :row.size] = row
         counts_np = np.asarray(counts, dtype=np.int64)
         seq_of_row = np.repeat(np.arange(len(chunks)), counts_np)
         # row r of sequence s is position starts[s] + (r - qsl[s])

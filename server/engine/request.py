@@ -6,6 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from bitserve.sampling_params import SamplingParams
 
 
@@ -59,6 +61,28 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     timings: Timings = field(default_factory=Timings)
+    # block_ids as int64 numpy (see block_row): (the list it mirrors, the array, how many it holds)
+    _block_mirror: tuple[list[int], np.ndarray, int] | None = field(default=None, repr=False)
+
+    def block_row(self) -> np.ndarray:
+        """``block_ids`` as an int64 array (a view; valid until the list changes). The scheduler only
+        appends to ``block_ids`` or replaces the list, so each call converts only the blocks added
+        since the last one: a step's block table costs a copy per row, not a conversion per block."""
+        blocks = self.block_ids
+        mirror = self._block_mirror
+        if mirror is None or mirror[0] is not blocks or mirror[2] > len(blocks):
+            arr = np.empty(max(16, 2 * len(blocks)), dtype=np.int64)
+            arr[:len(blocks)] = blocks
+        else:
+            _, arr, have = mirror
+            if have < len(blocks):
+                if len(blocks) > arr.size:
+                    grown = np.empty(2 * len(blocks), dtype=np.int64)
+                    grown[:have] = arr[:have]
+                    arr = grown
+                arr[have:len(blocks)] = blocks[have:]
+        self._block_mirror = (blocks, arr, len(blocks))
+        return arr[:len(blocks)]
 
     @property
     def num_prompt_tokens(self) -> int:

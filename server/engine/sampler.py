@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bitserve.engine.penalty_table import PenaltyRow, PenaltyTable
 from bitserve.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -49,6 +50,7 @@ class SamplingState:
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None  # None for greedy
     eos_token_ids: frozenset[int] = frozenset()
+    penalty_row: PenaltyRow | None = None  # the sampler's (penalty_table.py); set on first use
 
 
 @dataclass
@@ -98,7 +100,18 @@ def _draw_uniform(gen: torch.Generator | None) -> float:
 
 
 class Sampler:
-    """``Sampler()(logits [B, V] float32, states) -> [SampleResult] * B``."""
+    """``Sampler()(logits [B, V] float32, states) -> [SampleResult] * B``.
+
+    Keeps the penalties' token counts between steps (:mod:`bitserve.engine.penalty_table`): call
+    :meth:`release` with a state whose sequence ended.
+    """
+
+    def __init__(self) -> None:
+        self.penalties = PenaltyTable()
+
+    def release(self, state: SamplingState) -> None:
+        """Forget a finished sequence (frees its penalty row, if it had one)."""
+        self.penalties.release(state)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult]:
@@ -179,29 +192,15 @@ class Sampler:
             idx = (torch.tensor(mrows, device=x.device), torch.tensor(mcols, device=x.device))
             x.index_put_(idx, torch.tensor(float("-inf"), dtype=x.dtype, device=x.device))
 
-    @staticmethod
-    def _apply_penalties(x: torch.Tensor, states: list[SamplingState]) -> None:
+    def _apply_penalties(self, x: torch.Tensor, states: list[SamplingState]) -> None:
         rows = [i for i, s in enumerate(states)
                 if s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0
                 or s.params.frequency_penalty != 0.0]
         if not rows:
             return
-        device, V = x.device, x.shape[1]
-        b = len(rows)
-
-        def histogram(lists: list[list[int]]) -> torch.Tensor:
-            width = max(1, max(len(ids) for ids in lists))
-            ids = torch.full((b, width), V, dtype=torch.long)  # padding goes to the extra column V
-            for j, seq in enumerate(lists):
-                if seq:
-                    ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            ids = ids.clamp_(0, V).to(device)
-            counts = torch.zeros(b, V + 1, dtype=x.dtype, device=device)
-            counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=x.dtype))
-            return counts[:, :V]
-
-        out_counts = histogram([states[i].output_token_ids for i in rows])
-        seen_prompt = histogram([states[i].prompt_token_ids for i in rows]) > 0
+        device = x.device
+        counts, seen_prompt = self.penalties.gather([states[i] for i in rows], x.shape[1], device)
+        out_counts = counts.to(x.dtype)
         rep = torch.tensor([states[i].params.repetition_penalty for i in rows], dtype=x.dtype, device=device)
         freq = torch.tensor([states[i].params.frequency_penalty for i in rows], dtype=x.dtype, device=device)
         pres = torch.tensor([states[i].params.presence_penalty for i in rows], dtype=x.dtype, device=device)

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from bitserve.engine.block_manager import BlockManager, block_hashes
+from bitserve.engine.block_manager import BlockManager, extend_block_hashes
 from bitserve.engine.request import FinishReason, Request, RequestIdInUseError, RequestStatus
 
 
@@ -177,8 +177,7 @@ class Scheduler:
                 del out.chunks[i]
                 break
         self.blocks.release(victim.block_ids)
-        victim.block_ids = []
-        victim.block_hashes = []
+        victim.block_ids = []  # (its block hashes stay: they hash tokens, which it keeps)
         victim.num_cached_blocks = 0
         victim.num_computed_tokens = 0
         victim.status = RequestStatus.PREEMPTED
@@ -220,7 +219,9 @@ class Scheduler:
             hit_blocks: list[int] = []
             queried = 0
             if req.num_computed_tokens == 0 and not req.block_ids:
-                req.block_hashes = block_hashes(req.all_token_ids, self.block_size, req.cache_salt)
+                # hashes of every full block; kept from an earlier try or run (the tokens only grow)
+                extend_block_hashes(req.block_hashes, req.token_ids, req.num_tokens // self.block_size,
+                                    self.block_size, req.cache_salt)
                 queried = req.num_tokens - 1
                 hit_blocks = self.blocks.lookup_prefix(req.block_hashes, queried)
                 self.blocks.take(hit_blocks)
@@ -250,10 +251,9 @@ class Scheduler:
         req = chunk.request
         req.num_computed_tokens += chunk.num_new_tokens
         full = req.num_computed_tokens // self.block_size
-        if full > req.num_cached_blocks:
-            req.block_hashes = block_hashes(req.token_ids(0, full * self.block_size), self.block_size,
-                                            req.cache_salt, req.block_hashes[:full])
-            self.blocks.cache_blocks(req.block_ids, req.block_hashes[:full], req.num_cached_blocks)
+        if full > req.num_cached_blocks:  # hash only the blocks that filled up (the prefix's hashes stay)
+            extend_block_hashes(req.block_hashes, req.token_ids, full, self.block_size, req.cache_salt)
+            self.blocks.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full)
             req.num_cached_blocks = full
 
     def check_stop(self, req: Request, token: int) -> tuple[FinishReason, int | None] | None:
