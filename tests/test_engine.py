@@ -104,6 +104,34 @@ def test_prefix_cache_hits_and_salt(tiny_model, kv_dtype):
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("budget", [512, 16])
+def test_requests_sharing_a_prompt_compute_it_once(tiny_model, kv_dtype, budget):
+    """Four requests with one 37-token prompt arriving together: the first computes it, the others
+    wait for its blocks to be cached (also across prefill chunks) and compute only the last token;
+    the answers equal those of an engine without prefix caching."""
+    prompt = random_prompts(1, seed=11, lo=37, hi=37)[0]
+    plain = make_llm(tiny_model, kv_cache_dtype=kv_dtype, enable_prefix_caching=False)
+    expected = [o.token_ids for o in plain.generate([prompt] * 4, GREEDY)]
+    llm = make_llm(tiny_model, kv_cache_dtype=kv_dtype, max_num_batched_tokens=budget)
+    scheduler = llm.core.scheduler
+    schedule = scheduler.schedule
+    prefilled = []
+
+    def counting():
+        out = schedule()
+        prefilled.extend(min(c.num_new_tokens, len(prompt) - c.request.num_computed_tokens) for c in out.chunks
+                         if c.request.num_computed_tokens < len(prompt))
+        return out
+
+    scheduler.schedule = counting
+    outs = llm.generate([prompt] * 4, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert sum(prefilled) == 37 + 3 * 1, prefilled
+    assert sorted(o.num_cached_tokens for o in outs) == [0, 36, 36, 36]
+    assert all_blocks_free(llm) and not scheduler._computing
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_chunked_prefill_matches_large_budget(tiny_model, kv_dtype):
     prompt = random_prompts(1, seed=4, lo=150, hi=150)[0]
     big = make_llm(tiny_model, max_num_batched_tokens=1024, kv_cache_dtype=kv_dtype).generate([prompt], GREEDY)[0]

@@ -40,7 +40,7 @@ COVERING_SEEDS = {
         27: "abort cache-salts chunked-prefill decode-graphs logprobs min-tokens n>1 prefix-cache-hits seeded unseeded",
         9: "piecewise-graphs prefix-caching-off stop-string",
         5: "priorities",
-        49: "preemption stop-token-id",
+        2: "preemption stop-token-id",
         7: "eos",
     },
     "int4": {
@@ -78,7 +78,7 @@ MORE_SEEDS = {
     "auto": [0, 1, 4, 6, 13, 18, 20, 21, 24, 44, 46, 56, 58],
     "bf16": [1, 5, 14, 17, 19, 24, 25, 29, 32, 36],
     "fp16": [7, 8, 10, 13, 14, 18, 19, 21, 24, 29, 35, 43, 49, 57],
-    "int8": [4, 12, 13, 15, 25, 29, 34, 37, 42, 45, 50],
+    "int8": [4, 12, 13, 15, 25, 29, 34, 37, 42, 45, 49, 50],
     "int4": [3, 4, 15, 20, 23, 25, 28, 30, 39, 42, 46, 49, 53, 55],
     "int2": [1, 3, 4, 19, 20, 22, 26, 32, 47],
     "int2+sinks": [2, 4, 11, 15, 22, 30, 32, 38, 56],

@@ -120,6 +120,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._arrivals = 0
+        # full blocks a running request is computing (hash -> (request, block index)) until they are
+        # cached: a waiting request whose next block is one of them waits for it instead of computing
+        # it a second time (the n choices of one request, a burst with one long system prompt)
+        self._computing: dict[bytes, tuple[Request, int]] = {}
 
     # -- admission / removal --------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -148,6 +152,7 @@ class Scheduler:
     def finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         if req.status == RequestStatus.RUNNING and req in self.running:
             self.running.remove(req)
+        self._unclaim(req, req.num_cached_blocks, len(req.block_hashes))
         self.blocks.release(req.block_ids)
         req.block_ids = []
         req.status = RequestStatus.FINISHED
@@ -158,6 +163,37 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
+
+    # -- blocks being computed ----------------------------------------------------------
+    def _claim(self, req: Request) -> None:
+        """``req`` (just admitted) computes its full blocks past the cached ones: note them."""
+        if self.blocks.enable_prefix_caching:
+            for i in range(req.num_cached_blocks, len(req.block_hashes)):
+                self._computing.setdefault(req.block_hashes[i], (req, i))
+
+    def _unclaim(self, req: Request, start: int, end: int) -> None:
+        """Forget ``req``'s claims on its blocks ``start..end-1`` (cached now, or never to be)."""
+        computing = self._computing
+        if not computing:
+            return
+        for h in req.block_hashes[start:end]:
+            entry = computing.get(h)
+            if entry is not None and entry[0] is req:
+                del computing[h]
+
+    def _computed_elsewhere(self, req: Request, block: int, queried: int) -> bool:
+        """Whether another running request is computing ``req``'s block ``block``, which the prefix
+        cache would serve (it lies within the ``queried`` tokens) once that request cached it."""
+        if block >= len(req.block_hashes) or (block + 1) * self.block_size > queried:
+            return False
+        entry = self._computing.get(req.block_hashes[block])
+        if entry is None:
+            return False
+        owner, index = entry
+        if owner is req or owner.status is not RequestStatus.RUNNING or owner.num_cached_blocks > index:
+            del self._computing[req.block_hashes[block]]  # stale (the owner moved on): not waiting for it
+            return False
+        return True
 
     # -- scheduling -----------------------------------------------------------------
     def _allocate(self, req: Request, num_new_tokens: int) -> bool:
@@ -176,6 +212,7 @@ class Scheduler:
                 budget[0] += chunk.num_new_tokens
                 del out.chunks[i]
                 break
+        self._unclaim(victim, victim.num_cached_blocks, len(victim.block_hashes))
         self.blocks.release(victim.block_ids)
         victim.block_ids = []  # (its block hashes stay: they hash tokens, which it keeps)
         victim.num_cached_blocks = 0
@@ -224,6 +261,8 @@ class Scheduler:
                                     self.block_size, req.cache_salt)
                 queried = req.num_tokens - 1
                 hit_blocks = self.blocks.lookup_prefix(req.block_hashes, queried)
+                if self._computed_elsewhere(req, len(hit_blocks), queried):
+                    break  # its next blocks are being computed this step: take them from the cache next time
                 self.blocks.take(hit_blocks)
                 req.block_ids = list(hit_blocks)
                 req.num_computed_tokens = len(hit_blocks) * self.block_size
@@ -241,6 +280,7 @@ class Scheduler:
                 req.num_cached_tokens = req.num_computed_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            self._claim(req)
             out.chunks.append(ScheduledChunk(req, num_new))
             budget[0] -= num_new
         return out
@@ -254,6 +294,7 @@ class Scheduler:
         if full > req.num_cached_blocks:  # hash only the blocks that filled up (the prefix's hashes stay)
             extend_block_hashes(req.block_hashes, req.token_ids, full, self.block_size, req.cache_salt)
             self.blocks.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full)
+            self._unclaim(req, req.num_cached_blocks, full)
             req.num_cached_blocks = full
 
     def check_stop(self, req: Request, token: int) -> tuple[FinishReason, int | None] | None:
