@@ -124,9 +124,13 @@ class DecodeGraphs:
         # the block ids each host table row holds (None: a padding row), so that only rows whose
         # blocks changed since the last step are written again
         self._table_rows: list[tuple[list[int], int] | None] = [None] * s  # (block list, length) each row holds
+        # table rows written on the host since the last copy: only they go to the device (at a long
+        # max_model_len the whole table is megabytes, and most steps change a few rows)
+        self._dirty: set[int] = set()
         self._pad_rows(0, s)
         with torch.inference_mode():
             self._buf.copy_(self._host)
+        self._dirty.clear()
         kv_cache.enable_graphs(s, scratch_block)
         self.graphs: dict[int, tuple[Callable[[], None], torch.Tensor]] = {}
         self.num_replays = 0
@@ -145,7 +149,29 @@ class DecodeGraphs:
         lens[lo:hi] = 1
         tables[lo:hi, 0] = self.scratch_block
         for i in range(lo, hi):
+            if self._table_rows[i] is not None:
+                self._dirty.add(i)
             self._table_rows[i] = None  # the row's table no longer holds any request's blocks
+
+    def _copy_dirty_rows(self, max_copies: int = 4) -> None:
+        """Copy the table rows written since the last step to the device: each run of consecutive
+        rows as one copy, or the span from the first to the last when there are more runs than
+        ``max_copies`` (rows in between are unchanged, so copying them again is harmless)."""
+        if not self._dirty:
+            return
+        rows = sorted(self._dirty)
+        self._dirty.clear()
+        runs = [[rows[0], rows[0] + 1]]
+        for r in rows[1:]:
+            if r == runs[-1][1]:
+                runs[-1][1] = r + 1
+            else:
+                runs.append([r, r + 1])
+        if len(runs) > max_copies:
+            runs = [[runs[0][0], runs[-1][1]]]
+        base, w = 4 * self.max_batch, self.width
+        for lo, hi in runs:
+            self._buf[base + lo * w:base + hi * w].copy_(self._host[base + lo * w:base + hi * w], non_blocking=True)
 
     def _forward(self, b: int) -> torch.Tensor:
         """The decode forward of the first ``b`` rows of the static buffer: float32 logits ``[b, vocab]``."""
@@ -206,11 +232,12 @@ class DecodeGraphs:
             else:
                 tables[i, :len(blocks)] = req.block_row()
             written[i] = (blocks, len(blocks))
+            self._dirty.add(i)
         self._pad_rows(n, b)  # rows a bigger earlier step left behind must not write their slots again
         self.kv_cache.prepare_graph_step(starts, block_ids, b)
         s = self.max_batch
         self._buf[:4 * s].copy_(self._host[:4 * s], non_blocking=True)
-        self._buf[4 * s:4 * s + b * self.width].copy_(self._host[4 * s:4 * s + b * self.width], non_blocking=True)
+        self._copy_dirty_rows()
         replay, logits = self.graphs[b]
         replay()
         self.num_replays += 1
