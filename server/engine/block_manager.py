@@ -102,7 +102,8 @@ class BlockManager:
                 del self.free[b]
             self.ref_counts[b] += 1
 
-    def cache_blocks(self, block_ids: Sequence[int], hashes: Sequence[bytes], start: int, end: int | None = None) -> None:
+    def cache_blocks(self, block_ids: Sequence[int], hashes: Sequence[bytes], start: int,
+                     end: int | None = None) -> None:
         """Register full blocks ``start..end-1`` (default: ``len(hashes)-1``) of a request in the prefix cache."""
         if not self.enable_prefix_caching:
             return
