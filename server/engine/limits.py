@@ -33,8 +33,9 @@ class EngineLimits:
         n = len(req.prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
+        ids = req.prompt_token_ids
+        if min(ids) < 0 or max(ids) >= self.vocab_size:  # (two C scans; the list only when one is bad)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         if n + 1 > self.max_model_len:
             raise ValueError(f"the prompt has {n} tokens; the context is {self.max_model_len} tokens, "
