@@ -112,6 +112,8 @@ def test_requests_sharing_a_prompt_compute_it_once(tiny_model, kv_dtype, budget)
     prompt = random_prompts(1, seed=11, lo=37, hi=37)[0]
     plain = make_llm(tiny_model, kv_cache_dtype=kv_dtype, enable_prefix_caching=False)
     expected = [o.token_ids for o in plain.generate([prompt] * 4, GREEDY)]
+    # without a prefix cache nothing is looked up: no queries that a dashboard would show as misses
+    assert plain.core.stats().prefix_cache_queries == 0 and not any(plain.core.blocks.block_hash)
     llm = make_llm(tiny_model, kv_cache_dtype=kv_dtype, max_num_batched_tokens=budget)
     scheduler = llm.core.scheduler
     schedule = scheduler.schedule

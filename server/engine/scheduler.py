@@ -255,7 +255,7 @@ class Scheduler:
                 break
             hit_blocks: list[int] = []
             queried = 0
-            if req.num_computed_tokens == 0 and not req.block_ids:
+            if req.num_computed_tokens == 0 and not req.block_ids and self.blocks.enable_prefix_caching:
                 # hashes of every full block; kept from an earlier try or run (the tokens only grow)
                 extend_block_hashes(req.block_hashes, req.token_ids, req.num_tokens // self.block_size,
                                     self.block_size, req.cache_salt)
@@ -291,7 +291,8 @@ class Scheduler:
         req = chunk.request
         req.num_computed_tokens += chunk.num_new_tokens
         full = req.num_computed_tokens // self.block_size
-        if full > req.num_cached_blocks:  # hash only the blocks that filled up (the prefix's hashes stay)
+        if full > req.num_cached_blocks and self.blocks.enable_prefix_caching:
+            # hash only the blocks that filled up (the prefix's hashes stay)
             extend_block_hashes(req.block_hashes, req.token_ids, full, self.block_size, req.cache_salt)
             self.blocks.cache_blocks(req.block_ids, req.block_hashes, req.num_cached_blocks, full)
             self._unclaim(req, req.num_cached_blocks, full)
