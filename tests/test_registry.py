@@ -123,15 +123,10 @@ def test_third_party_plugin_by_priority(dense_folder, bitnet_folder):
     assert type(reg.get("mine")) is MyFormat
 
 
-def test_broken_entry_point_is_skipped(monkeypatch, caplog):
-    fakes = [
-        EntryPoint("broken", "bitserve_no_such_module_xyz:Plugin", ENTRY_POINT_GROUP),
-        EntryPoint("notaplugin", "json:dumps", ENTRY_POINT_GROUP),
-        EntryPoint("raises", "bitserve.plugins.registry:NoSuchAttribute", ENTRY_POINT_GROUP),
-        EntryPoint("dense", "bitserve.plugins.dense:DenseFormat", ENTRY_POINT_GROUP),
-        EntryPoint("bitnet", "bitserve.plugins.bitnet:BitNetFormat", ENTRY_POINT_GROUP),
-        EntryPoint("dense", "bitserve_no_such_module_xyz:Dup", ENTRY_POINT_GROUP),  # duplicate name
-    ]
+def installed(monkeypatch, *targets: tuple[str, str]) -> list[dict]:
+    """Make the registry see these ``(entry point name, "module:attr")`` plugins as installed;
+    returns the list of the registry's entry_points() calls."""
+    fakes = [EntryPoint(name, target, ENTRY_POINT_GROUP) for name, target in targets]
     calls = []
 
     def fake_entry_points(**kwargs):
@@ -139,6 +134,14 @@ def test_broken_entry_point_is_skipped(monkeypatch, caplog):
         return fakes if kwargs.get("group") == ENTRY_POINT_GROUP else []
 
     monkeypatch.setattr(registry_mod, "entry_points", fake_entry_points)
+    return calls
+
+
+def test_broken_entry_point_is_skipped(monkeypatch, caplog):
+    calls = installed(monkeypatch, ("broken", "bitserve_no_such_module_xyz:Plugin"), ("notaplugin", "json:dumps"),
+                      ("raises", "bitserve.plugins.registry:NoSuchAttribute"),
+                      ("dense", "bitserve.plugins.dense:DenseFormat"), ("bitnet", "bitserve.plugins.bitnet:BitNetFormat"),
+                      ("dense", "bitserve_no_such_module_xyz:Dup"))  # the last: a duplicate name
     with caplog.at_level(logging.WARNING, logger=registry_mod.__name__):
         reg = FormatRegistry()
     assert calls, "the registry did not consult entry points"
@@ -160,12 +163,8 @@ class OtherDense(DenseFormat):
 
 def test_format_name_is_the_plugin_class_name(monkeypatch, caplog):
     """--format takes the class's ``name`` (docs/plugins.md), whatever the entry point is called."""
-    fakes = [
-        EntryPoint("dense", "bitserve.plugins.dense:DenseFormat", ENTRY_POINT_GROUP),
-        EntryPoint("renamed_ep", f"{__name__}:RenamedFormat", ENTRY_POINT_GROUP),
-        EntryPoint("dense2", f"{__name__}:OtherDense", ENTRY_POINT_GROUP),
-    ]
-    monkeypatch.setattr(registry_mod, "entry_points", lambda **kw: fakes if kw.get("group") == ENTRY_POINT_GROUP else [])
+    installed(monkeypatch, ("dense", "bitserve.plugins.dense:DenseFormat"), ("renamed_ep", f"{__name__}:RenamedFormat"),
+              ("dense2", f"{__name__}:OtherDense"))
     with caplog.at_level(logging.WARNING, logger=registry_mod.__name__):
         reg = FormatRegistry()
     assert reg.names() == ["dense", "renamed_cls"]
@@ -210,13 +209,8 @@ def test_a_broken_plugin_does_not_break_other_formats(monkeypatch, caplog, dense
     """docs/plugins.md: a broken third-party package cannot stop bitserve from loading other formats.
     A plugin class with unimplemented methods is ignored at discovery; one whose detect raises is
     skipped (with a warning naming it) while the others claim the checkpoint."""
-    fakes = [
-        EntryPoint("dense", "bitserve.plugins.dense:DenseFormat", ENTRY_POINT_GROUP),
-        EntryPoint("bitnet", "bitserve.plugins.bitnet:BitNetFormat", ENTRY_POINT_GROUP),
-        EntryPoint("incomplete", f"{__name__}:Incomplete", ENTRY_POINT_GROUP),
-        EntryPoint("detect_raises", f"{__name__}:DetectRaises", ENTRY_POINT_GROUP),
-    ]
-    monkeypatch.setattr(registry_mod, "entry_points", lambda **kw: fakes if kw.get("group") == ENTRY_POINT_GROUP else [])
+    installed(monkeypatch, ("dense", "bitserve.plugins.dense:DenseFormat"), ("bitnet", "bitserve.plugins.bitnet:BitNetFormat"),
+              ("incomplete", f"{__name__}:Incomplete"), ("detect_raises", f"{__name__}:DetectRaises"))
     with caplog.at_level(logging.WARNING, logger=registry_mod.__name__):
         reg = FormatRegistry()
         assert reg.names() == ["bitnet", "dense", "detect_raises"]
