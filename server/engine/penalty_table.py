@@ -94,10 +94,8 @@ class PenaltyTable:
             self.counts = torch.cat([self.counts, torch.zeros_like(self.counts)])
             self.prompt = torch.cat([self.prompt, torch.zeros_like(self.prompt)])
             self._free = list(range(2 * capacity - 1, capacity - 1, -1))
-        row = self._free.pop()
-        self.counts[row].zero_()
         self._used += 1
-        return row
+        return self._free.pop()  # (its counts are zeroed by gather(): a new row has counted no list yet)
 
     def _fill_prompt(self, row: int, prompt: list[int]) -> None:
         vocab = self.prompt.shape[1]
