@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from bitserve.kernels.kv_reference import AttnMeta, KVLayer
+from bitserve.kernels.tl_common import triton_version
 
 LAYOUTS = {"float": 0, "int8": 1, "intn": 2}
 PREFILL_ROWS = 64  # BLOCK_M of the prefill kernel
@@ -38,6 +39,13 @@ TILE_TOKENS = 64  # keys per tile when walking whole blocks (several blocks per 
 # 2B4T tile spills 160 B per thread on sm_90 (benchmarks/kernel_sass.py); 8 warps fit in 254 registers
 PREFILL_WARPS_ROPE = 8
 MAX_SPLITS = 16
+
+
+def decode_stages(intn: bool) -> int:
+    """Pipeline stages of the decode kernel's key/value loop. Triton 3.6 (the GPU machines') spills
+    8 B per thread in the int-n loop with its default 3 stages (sm_90, one register past 168; 3.7.1
+    fits); 2 stages fit under both, so 3.6 gets 2 for int-n and the rest keep 3."""
+    return 2 if intn and triton_version() < (3, 7) else 3
 
 
 @triton.jit
@@ -486,7 +494,7 @@ def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta, splits: int
             q, out, pm, pl, pacc, layer.k, layer.v, ks, kz, vs, vz, stage, knew, cos, sin, sink_k, sink_v,
             tables, meta.seq_lens, meta.query_start_loc, first_stage, seqs,
             tables.stride(0), q.stride(0), q.stride(1), knew.stride(0), knew.stride(1), qk_scale,
-            BLOCK_G=dec_g, NUM_SPLITS=nsplit, **common)
+            BLOCK_G=dec_g, NUM_SPLITS=nsplit, num_stages=decode_stages(intn), **common)
         if nsplit > 1:
             _reduce_kernel[(len(decode), kvh)](out, pm, pl, pacc, seqs, meta.query_start_loc, NUM_KV_HEADS=kvh,
                                                GROUP=group, BLOCK_G=dec_g, HEAD_DIM=dim, NUM_SPLITS=nsplit)
