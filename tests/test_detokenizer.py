@@ -298,3 +298,69 @@ def test_stop_string_completed_by_the_final_flush_is_reported(tmp_path):
                 for i, t in enumerate(tokens)]
         assert "".join(o.text for o in outs) == "hi"
         assert (outs[-1].finish_reason, outs[-1].stop_reason) == (FinishReason.STOP, "!")
+
+
+class _CountingDecode:
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.calls += 1
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _feed(tok, ids, params, sizes):
+    """Add ``ids`` in chunks of ``sizes`` (cycled); returns (detokenizer, text streamed before the end,
+    stop, number of tokens that counted)."""
+    d = IncrementalDetokenizer(tok, params)
+    i, k, counted, stop, streamed = 0, 0, 0, None, ""
+    while i < len(ids) and stop is None:
+        n = sizes[k % len(sizes)]
+        chunk = ids[i:i + n]
+        up = d.add_tokens(chunk)
+        assert up.num_tokens == len(chunk) if up.stop is None else 0 < up.num_tokens <= len(chunk)
+        streamed += up.text_delta
+        counted += up.num_tokens
+        stop, i, k = up.stop, i + n, k + 1
+    return d, streamed, stop, counted
+
+
+def test_several_tokens_at_once_match_one_at_a_time(bpe):
+    """A coalesced delta (several tokens) gives the text, stop string and token count of the same
+    tokens added one at a time -- with stop strings, min_tokens, and characters spanning tokens --
+    and, when nothing needs one token at a time, decodes twice per delta instead of twice per token."""
+    rng = random.Random(11)
+    V = bpe.vocab_size
+    for trial in range(200):
+        if trial % 2:
+            text = rng.choice(TEXTS) + " " + rng.choice(TEXTS)
+            ids = bpe.encode(text, add_special_tokens=False)
+        else:
+            ids = [rng.randrange(V) for _ in range(rng.randint(2, 40))]
+        full = bpe.decode(ids)
+        stops = []
+        if rng.random() < 0.6 and len(full) > 6:
+            start = rng.randrange(len(full) - 3)
+            stops = [full[start:start + rng.randint(1, 4)]] + rng.sample(["zzz", "日本", "ö", "🙂 ", "e"], 1)
+        params = SamplingParams(stop=stops, min_tokens=rng.choice([0, 0, 3, 9]), max_tokens=64,
+                                include_stop_str_in_output=rng.random() < 0.3)
+        one, one_streamed, one_stop, one_counted = _feed(bpe, ids, params, [1])
+        sizes = [rng.randint(2, 9) for _ in range(4)]
+        many, many_streamed, many_stop, many_counted = _feed(bpe, ids, params, sizes)
+        assert (many_streamed, many_stop, many_counted) == (one_streamed, one_stop, one_counted), (ids, stops, sizes)
+        assert many.finish() == one.finish() and many.text == one.text
+        assert (many.stop_reason, many.num_tokens) == (one.stop_reason, one.num_tokens)
+        if not stops:
+            assert many.text == full
+
+    text = " ".join([TEXTS[3]] * 4)  # ascii: every chunk ends on a whole character
+    ids = bpe.encode(text, add_special_tokens=False)
+    calls = {}
+    for size in (1, 8):
+        spy = _CountingDecode(bpe)
+        d, _, _, _ = _feed(spy, ids, SamplingParams(), [size])
+        d.finish()
+        assert d.text == text
+        calls[size] = spy.calls
+    chunks = -(-len(ids) // 8)
+    assert calls[1] >= 2 * len(ids) - 2 and calls[8] <= 2 * chunks + 1, (len(ids), calls)

@@ -78,11 +78,13 @@ class IncrementalDetokenizer:
                     break
         return best
 
-    def _find_stop(self, old_len: int) -> tuple[int, str] | None:
-        """Earliest stop string ending after ``old_len`` chars of the decoded text (ties: list order)."""
+    def _find_stop(self, old_len: int, text: str | None = None) -> tuple[int, str] | None:
+        """Earliest stop string ending after ``old_len`` chars of ``text`` (default: the decoded
+        text; ties: list order)."""
+        text = self._decoded if text is None else text
         best = None
         for stop in self.stops:
-            idx = self._decoded.find(stop, max(0, old_len - len(stop) + 1))
+            idx = text.find(stop, max(0, old_len - len(stop) + 1))
             if idx >= 0 and (best is None or idx < best[0]):
                 best = (idx, stop)
         return best
@@ -117,13 +119,17 @@ class IncrementalDetokenizer:
         """
         if self.finished:
             return DetokenizerUpdate("")
-        token_ids = list(token_ids)
+        token_ids = [int(t) for t in token_ids]
         given = len(token_ids)
         if stop_terminated and token_ids and not self.include_stop:
             token_ids = token_ids[:-1]
+        if len(token_ids) > 1:
+            update = self._add_at_once(token_ids, given)
+            if update is not None:
+                return update
         delta, stop = [], None
         for i, tok in enumerate(token_ids):
-            self._ids.append(int(tok))
+            self._ids.append(tok)
             self.num_tokens += 1
             new_text = self._decode(self._ids[self._prefix:])
             if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
@@ -138,6 +144,34 @@ class IncrementalDetokenizer:
                 stop, given = update.stop, i + 1  # tokens after the stop string's end do not count
                 break
         return DetokenizerUpdate("".join(delta), stop, given)
+
+    def _add_at_once(self, token_ids: list[int], given: int) -> DetokenizerUpdate | None:
+        """Several tokens (a delta that queued up while its consumer was busy) with two decodes
+        instead of two per token, when that gives what adding them one at a time gives: the text
+        ends on a whole character and holds no stop string that may end the request. Else None,
+        with nothing changed (the caller adds them one at a time)."""
+        ids, before = self._ids, len(self._ids)
+        ids.extend(token_ids)
+        new_text = self._decode(ids[self._prefix:])
+        decoded = None
+        if len(new_text) > len(self._prefix_text) and not new_text.endswith(_REPLACEMENT):
+            decoded = self._decoded + new_text[len(self._prefix_text):]
+            if (self.stops and self.num_tokens + len(token_ids) > self.min_tokens
+                    and self._find_stop(len(self._decoded), decoded) is not None):
+                # a stop string in the new text: one token at a time finds which token completes it
+                # (and whether min_tokens lets it count). Without one anywhere in the new text, no
+                # token's part of it has one either.
+                decoded = None
+        if decoded is None:
+            del ids[before:]
+            return None
+        old_len = len(self._decoded)
+        self._decoded = decoded
+        self.num_tokens += len(token_ids)
+        self._prefix, self._read = self._read, len(ids)
+        self._prefix_text = self._decode(ids[self._prefix:self._read])
+        update = self._emit(old_len, final=False)  # holds back a possible start of a stop string
+        return DetokenizerUpdate(update.text_delta, None, given)
 
     def finish(self) -> str:
         """Flush the held-back text when the request ends (for a reason other than a stop string).
