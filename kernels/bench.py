@@ -165,7 +165,7 @@ def setup_binary(n, k, m, gen, path="auto"):
     h = torch.rand(n, device="cuda", generator=gen) + 0.5
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     set_bytes = packed.numel() + (k + n) * 4 + x.numel() * 2 + m * n * 2
-    sets = [(packed.clone() if i else packed, x) for i in range(copies_for(set_bytes))]
+    sets = [(packed.clone(), x.clone()) if i else (packed, x) for i in range(copies_for(set_bytes))]
     if path == "auto":
         calls = [(lambda p=p, xx=xx: ops.binary_w1a16(xx, p, g, h, None, None)) for p, xx in sets]
     else:
@@ -184,7 +184,7 @@ def setup_dual(n, k, m, gen, path="auto", group=128):
     a2 = -torch.rand(n, k // group, device="cuda", generator=gen)
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     set_bytes = packed.numel() + 2 * a1.numel() * 4 + x.numel() * 2 + m * n * 2
-    sets = [(packed.clone() if i else packed, x) for i in range(copies_for(set_bytes))]
+    sets = [(packed.clone(), x.clone()) if i else (packed, x) for i in range(copies_for(set_bytes))]
     if path == "auto":
         calls = [(lambda p=p, xx=xx: ops.dual_binary(xx, p, a1, a2, group, None)) for p, xx in sets]
     else:
@@ -201,7 +201,7 @@ def setup_int8(n, k, m, gen):
     q, s = quantize_weight_int8_rows(torch.randn(n, k, device="cuda", generator=gen))
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     set_bytes = q.numel() + n * 4 + x.numel() * 2 + m * n * 4
-    sets = [(q.clone() if i else q, x) for i in range(copies_for(set_bytes))]
+    sets = [(q.clone(), x.clone()) if i else (q, x) for i in range(copies_for(set_bytes))]
     calls = [(lambda w=w, xx=xx: ops.int8_linear(xx, w, s, None, torch.float32)) for w, xx in sets]
     check = lambda: rel_err(calls[0](), reference_lowbit.int8_linear(x, q, s, None, torch.float32))  # noqa: E731
     return calls, set_bytes, check
@@ -211,7 +211,7 @@ def setup_dense(n, k, m, gen):
     w = torch.randn(n, k, device="cuda", generator=gen).bfloat16()
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     set_bytes = w.numel() * 2 + x.numel() * 2 + m * n * 2
-    sets = [(w.clone() if i else w, x) for i in range(copies_for(set_bytes))]
+    sets = [(w.clone(), x.clone()) if i else (w, x) for i in range(copies_for(set_bytes))]
     return [(lambda ww=ww, xx=xx: F.linear(xx, ww)) for ww, xx in sets], set_bytes
 
 

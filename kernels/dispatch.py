@@ -24,9 +24,16 @@ from bitserve.kernels import ops, reference, reference_lowbit
 from bitserve.kernels.ops import forced_backend, use_triton  # noqa: F401  (public API)
 
 
+@torch.compiler.assume_constant_result
+def _triton_forced() -> bool:
+    # torch.compile cannot trace a ContextVar: a compiled function takes the choice in force when
+    # it is compiled (``use_triton`` is a switch for tests and benchmarks, set around whole runs)
+    return forced_backend() == "triton"
+
+
 def _via_op(x: torch.Tensor) -> bool:
     # CUDA: always the custom op (it falls back to the twin inside use_triton(False)); CPU: only when forced
-    return x.is_cuda or forced_backend() == "triton"
+    return x.is_cuda or _triton_forced()
 
 
 def ternary_linear_w2a8(

@@ -2,16 +2,22 @@
 
 Weights are in the ternary kernel layout of :mod:`bitserve.kernels.packing` (``uint8[N, K/4]``,
 byte ``P[n, j]`` holds ``T[n, j + s*K/4]`` in bits ``2s..2s+1`` as the code ``t + 1``).
-Two kernels, chosen by M (:func:`ternary_linear`):
+The paths of :func:`ternary_linear`, chosen by M (``path=None``) or named:
 
-- **GEMV** (decode, M = 1): CUDA-core dot products, one program per (BLOCK_N rows, K slice,
-  token); W2A8 quantizes the activation row inside the kernel (one launch per linear when
-  ``SPLIT_K == 1``). Codes are used as ``t + 1``; the ``-1`` is folded out with the sum of the
+- **dp4a** (W2A8 decode, M <= ``ternary_decode.MAX_M``, the default; :mod:`bitserve.kernels.ternary_decode`):
+  int8 dot products of four codes at a time on the CUDA cores, from activations quantized by a
+  small per-token kernel (or by the fused RMSNorm of :func:`ternary_linear_rmsnorm`).
+- **decode** (W2A16 decode, M <= ``lowbit_decode.MAX_M``; :mod:`bitserve.kernels.lowbit_decode`).
+- **gemv** (the first GEMV, M <= ``GEMV_MAX_M`` when the two above do not apply, e.g. K not a
+  multiple of 16): one program per (BLOCK_N rows, K slice, token); W2A8 quantizes the activation
+  row inside the kernel. Codes are used as ``t + 1``; the ``-1`` is folded out with the sum of the
   activations, so unpacking a code costs a shift and a mask.
-- **GEMM** (prefill): ``tl.dot`` tiles. W2A8 runs int8 x int8 -> int32 on the tensor cores from
-  activations quantized by a small per-token kernel; the weight bytes are masked in place
-  (``p & 3``, ``p >> 6`` exact; ``p & 12`` and ``(p >> 2) & 12`` carry a factor 4 that a second
-  accumulator removes), so a byte yields its four dot operands with five integer operations.
+- **gemm** (up to ``ternary_prefill.MIN_M`` tokens) and **wide** (above): ``tl.dot`` tiles. W2A8
+  runs int8 x int8 -> int32 on the tensor cores; ``gemm`` masks the weight bytes in place (``p &
+  3``, ``p >> 6`` exact; ``p & 12`` and ``(p >> 2) & 12`` carry a factor 4 that a second
+  accumulator removes: four dots per byte step), ``wide`` unpacks a step's codes into one
+  ``tl.dot`` (:mod:`bitserve.kernels.ternary_prefill`).
+- **dequant** (opt-in prefill): codes unpacked to bytes a tile at a time, then the vendor GEMM.
 
 Launch configs are fixed per path (``GEMV_GPU``, :func:`gemm_gpu_config`; the GEMM ones are the
 autotuner's winners on an H100); ``BITSERVE_TRITON_AUTOTUNE=1`` autotunes the GEMM instead (each new

@@ -84,7 +84,7 @@ for s in $STEPS; do
     wtests) step wtests 90 "$PY" -m pytest -q -m gpu $XDIST tests/test_triton_kernels.py tests/test_pointwise_kernels.py -p no:cacheprovider --timeout=60 ;;
     gtests) step gtests 150 "$PY" -m pytest -q -m gpu tests/test_cuda_graphs.py tests/test_piecewise_graphs.py -p no:cacheprovider --timeout=120 ;;  # first captures compile every token-count bucket
     kvtests) step kvtests 50 "$PY" -m pytest -q $XDIST tests/test_kv_kernels.py -p no:cacheprovider --timeout=40 ;;
-    wbench) step wbench 160 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 130 --quick --sweep ;;
+    wbench) step wbench 160 "$PY" -m bitserve.kernels.bench --out-dir "$OUT" --budget-s 130 ;;  # the full table first, then the sweep
     kvbench) step kvbench 90 "$PY" benchmarks/kv_gpu_check.py --out "$LOGS/kv" --quick ;;
     # the 4-layer random 2B4T kvbench --quick wrote (a 30-layer one would take a minute to generate)
     mixed) step mixed 90 "$PY" benchmarks/mixed_steps.py --out "$OUT" --layers 4 --steps 150 ;;

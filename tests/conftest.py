@@ -8,6 +8,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_report_header(config):
+    from random_inputs import RUN_SEED
+
+    return f"random inputs: BITSERVE_TEST_SEED={RUN_SEED} (set it to repeat this run's)"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import random_inputs
 import triton_interp
 
 triton_interp.enable()
@@ -73,7 +74,7 @@ def poisoned_out(m, n, dtype, device):
 
 
 def gen(*key):
-    return torch.Generator().manual_seed(hash(key) % (2 ** 31))
+    return random_inputs.generator(*key)  # fresh every run; BITSERVE_TEST_SEED (pytest's header) repeats one
 
 
 def rand_x(m, k, dtype, g, scale=2.0):
@@ -876,6 +877,71 @@ def test_custom_ops_under_torch_compile(monkeypatch):
     for a, b, c in zip(eager, compiled, aot):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def _count_custom_op_graphs(fn, *args):
+    """``fn(*args)`` under ``torch.compile(fullgraph=True)``: its output and, per graph compiled,
+    the bitserve ops in it."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(sorted({str(n.target) for n in gm.graph.nodes if "bitserve" in str(n.target)}))
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True)(*args), graphs
+
+
+def test_quant_linears_and_the_model_compile_to_one_graph(tmp_path, monkeypatch):
+    """The plugins' QuantLinears, and a whole model (its linears, norms, RoPE, activation and int8 LM
+    head; attention here a plain causal one, not the paged cache), trace into one graph in which each
+    weight op is one opaque custom op, and compute what they compute eagerly. (On the CPU the Triton
+    path is forced; on CUDA it is the default.)"""
+    from tiny_checkpoints import write_tiny_bitnet_model
+
+    from bitserve.loader import load_model
+    from bitserve.model.attention import causal_attention
+    from bitserve.plugins.bitnet import TernaryLinear
+    from bitserve.plugins.lowbit_layers import BinaryLinear, DualBinaryLinear, Int8LMHead, TernaryLinearA16
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)  # conftest sets it (for transformers)
+    monkeypatch.setattr(torch._dynamo.config, "disable", False, raising=False)
+    g = gen("compile-layers")
+    n, k = 24, 64
+    tern = pack_ternary(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
+    bits = lambda: torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8)  # noqa: E731
+    layers = {
+        "bitserve.ternary_w2a8.default": TernaryLinear(tern, torch.rand(n, generator=g) + 0.5, None),
+        "bitserve.ternary_w2a16.default": TernaryLinearA16(tern, torch.rand(1, generator=g) + 0.5),
+        "bitserve.binary_w1a16.default": BinaryLinear(pack_sign_bits(bits()), torch.rand(k, generator=g),
+                                                      torch.rand(n, generator=g)),
+        "bitserve.dual_binary.default": DualBinaryLinear(pack_dual_binary(bits(), bits(), 32),
+                                                         torch.rand(n, 2, generator=g), -torch.rand(n, 2, generator=g),
+                                                         32),
+        "bitserve.int8_linear.default": Int8LMHead.from_dense(torch.randn(n, k, generator=g)),
+    }
+    x = torch.randn(3, k, generator=g)
+    with dispatch.use_triton(True):
+        for op, layer in layers.items():
+            out, graphs = _count_custom_op_graphs(layer, x)
+            assert graphs == [[op]], (type(layer).__name__, graphs)
+            torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+
+        lm = load_model(write_tiny_bitnet_model(tmp_path / "m", seed=5), dtype="bfloat16", device="cpu",
+                        progress=False, int8_lm_head=True)
+
+        def attention(layer, q, k, v):
+            pos = torch.arange(q.shape[0])
+            return causal_attention(q, k, v, pos, pos)
+
+        def logits(ids, positions):
+            return lm.model.compute_logits(lm.model(ids, positions, attention))
+
+        ids, positions = torch.tensor([3, 5, 7, 9, 11]), torch.arange(5)
+        out, graphs = _count_custom_op_graphs(logits, ids, positions)
+        assert len(graphs) == 1 and {"bitserve.ternary_w2a8_rmsnorm.default", "bitserve.int8_linear.default",
+                                     "bitserve.rope_qk.default", "bitserve.act_and_mul.default"} <= set(graphs[0])
+        torch.testing.assert_close(out, logits(ids, positions), rtol=0, atol=0)
 
 
 def test_import_touches_no_gpu_and_no_triton():
