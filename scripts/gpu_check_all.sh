@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One short GPU session for everything that needs CUDA: weight-kernel and KV-kernel tests on the
-# GPU, the quick weight-kernel benchmark, the quick KV benchmark (kernels + engine decode tok/s per
+# GPU, the weight-kernel benchmark (the whole table, then tuning sweeps as time allows), the quick KV benchmark (kernels + engine decode tok/s per
 # KV dtype on a random 2B4T, CUDA graphs vs eager), the engine under steady arrivals (eager vs decode
 # graphs vs piecewise graphs for mixed steps, on the same random 2B4T), and demo-model accuracy
 # through LLM.chat on CUDA (CUDA graphs, then --enforce-eager).

@@ -8,10 +8,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def pytest_report_header(config):
+def pytest_configure(config):
     from random_inputs import RUN_SEED
 
-    return f"random inputs: BITSERVE_TEST_SEED={RUN_SEED} (set it to repeat this run's)"
+    os.environ["BITSERVE_TEST_SEED"] = str(RUN_SEED)  # xdist workers and subprocesses draw the same inputs
+
+
+def pytest_report_header(config):
+    return f"random inputs: BITSERVE_TEST_SEED={os.environ['BITSERVE_TEST_SEED']} (set it to repeat this run's)"
 
 
 def pytest_collection_modifyitems(config, items):
