@@ -24,11 +24,15 @@ from bitserve.kernels import ops, reference, reference_lowbit
 from bitserve.kernels.ops import forced_backend, use_triton  # noqa: F401  (public API)
 
 
-@torch.compiler.assume_constant_result
 def _triton_forced() -> bool:
-    # torch.compile cannot trace a ContextVar: a compiled function takes the choice in force when
-    # it is compiled (``use_triton`` is a switch for tests and benchmarks, set around whole runs)
     return forced_backend() == "triton"
+
+
+# torch.compile cannot trace a ContextVar: marked as torch.compiler.assume_constant_result marks a
+# function (as torch marks its own), a compiled function takes the choice in force when it is
+# compiled (``use_triton`` is a switch for tests and benchmarks, set around whole runs). Calling
+# assume_constant_result itself would import torch._dynamo, and with it Triton, on import.
+_triton_forced._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _via_op(x: torch.Tensor) -> bool:
