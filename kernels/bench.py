@@ -165,11 +165,14 @@ def setup_binary(n, k, m, gen, path="auto"):
     h = torch.rand(n, device="cuda", generator=gen) + 0.5
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     set_bytes = packed.numel() + (k + n) * 4 + x.numel() * 2 + m * n * 2
-    sets = [(packed.clone(), x.clone()) if i else (packed, x) for i in range(copies_for(set_bytes))]
+    sets = [(packed.clone(), g.clone(), h.clone(), x.clone()) if i else (packed, g, h, x)
+            for i in range(copies_for(set_bytes))]
     if path == "auto":
-        calls = [(lambda p=p, xx=xx: ops.binary_w1a16(xx, p, g, h, None, None)) for p, xx in sets]
+        calls = [(lambda p=p, gg=gg, hh=hh, xx=xx: ops.binary_w1a16(xx, p, gg, hh, None, None))
+                 for p, gg, hh, xx in sets]
     else:
-        calls = [(lambda p=p, xx=xx: binary.binary_linear(xx, p, g, h, None, None, path=path)) for p, xx in sets]
+        calls = [(lambda p=p, gg=gg, hh=hh, xx=xx: binary.binary_linear(xx, p, gg, hh, None, None, path=path))
+                 for p, gg, hh, xx in sets]
     check = lambda: rel_err(calls[0](), reference_lowbit.binary_linear_w1a16(x, packed, g, h))  # noqa: E731
     return calls, set_bytes, check
 
@@ -184,12 +187,14 @@ def setup_dual(n, k, m, gen, path="auto", group=128):
     a2 = -torch.rand(n, k // group, device="cuda", generator=gen)
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     set_bytes = packed.numel() + 2 * a1.numel() * 4 + x.numel() * 2 + m * n * 2
-    sets = [(packed.clone(), x.clone()) if i else (packed, x) for i in range(copies_for(set_bytes))]
+    sets = [(packed.clone(), a1.clone(), a2.clone(), x.clone()) if i else (packed, a1, a2, x)
+            for i in range(copies_for(set_bytes))]
     if path == "auto":
-        calls = [(lambda p=p, xx=xx: ops.dual_binary(xx, p, a1, a2, group, None)) for p, xx in sets]
+        calls = [(lambda p=p, b1=b1, b2=b2, xx=xx: ops.dual_binary(xx, p, b1, b2, group, None))
+                 for p, b1, b2, xx in sets]
     else:
-        calls = [(lambda p=p, xx=xx: binary.dual_binary_linear(xx, p, a1, a2, group, None, path=path))
-                 for p, xx in sets]
+        calls = [(lambda p=p, b1=b1, b2=b2, xx=xx: binary.dual_binary_linear(xx, p, b1, b2, group, None, path=path))
+                 for p, b1, b2, xx in sets]
     check = lambda: rel_err(calls[0](), reference_lowbit.dual_binary_linear(x, packed, a1, a2, group))  # noqa: E731
     return calls, set_bytes, check
 

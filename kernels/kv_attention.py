@@ -41,11 +41,11 @@ PREFILL_WARPS_ROPE = 8
 MAX_SPLITS = 16
 
 
-def decode_stages(intn: bool) -> int:
-    """Pipeline stages of the decode kernel's key/value loop. Triton 3.6 (the GPU machines') spills
-    8 B per thread in the int-n loop with its default 3 stages (sm_90, one register past 168; 3.7.1
-    fits); 2 stages fit under both, so 3.6 gets 2 for int-n and the rest keep 3."""
-    return 2 if intn and triton_version() < (3, 7) else 3
+def decode_launch_options(intn: bool) -> dict:
+    """Launch options of the decode kernel. Triton 3.6 (the GPU machines') spills 8 B per thread in
+    the int-n key/value loop with its default 3 pipeline stages (sm_90, one register past 168; 3.7.1
+    fits); 2 stages fit under both, so 3.6 gets 2 for int-n and the rest keep the backend's default."""
+    return {"num_stages": 2} if intn and triton_version() < (3, 7) else {}
 
 
 @triton.jit
@@ -494,7 +494,7 @@ def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMeta, splits: int
             q, out, pm, pl, pacc, layer.k, layer.v, ks, kz, vs, vz, stage, knew, cos, sin, sink_k, sink_v,
             tables, meta.seq_lens, meta.query_start_loc, first_stage, seqs,
             tables.stride(0), q.stride(0), q.stride(1), knew.stride(0), knew.stride(1), qk_scale,
-            BLOCK_G=dec_g, NUM_SPLITS=nsplit, num_stages=decode_stages(intn), **common)
+            BLOCK_G=dec_g, NUM_SPLITS=nsplit, **decode_launch_options(intn), **common)
         if nsplit > 1:
             _reduce_kernel[(len(decode), kvh)](out, pm, pl, pacc, seqs, meta.query_start_loc, NUM_KV_HEADS=kvh,
                                                GROUP=group, BLOCK_G=dec_g, HEAD_DIM=dim, NUM_SPLITS=nsplit)

@@ -88,6 +88,7 @@ def rows_per_program(n: int, groups: int, device: torch.device, max_rows: int = 
     return rows
 
 
+@functools.lru_cache(maxsize=1)
 def triton_version() -> tuple[int, int]:
     """(major, minor) of the Triton in use."""
     major, minor = triton.__version__.split(".")[:2]

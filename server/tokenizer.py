@@ -13,7 +13,9 @@ template come from the GGUF metadata wherever ``tokenizer_config.json`` lacks th
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +29,7 @@ from bitserve.plugins.checkpoint import CheckpointError, read_json_object
 from bitserve.plugins.gguf_paths import find_gguf
 
 ROLES = ("system", "user", "assistant", "tool")
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class ChatTemplateError(ValueError):
@@ -129,6 +132,13 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    @functools.cached_property
+    def byte_token_ids(self) -> frozenset[int]:
+        """Ids of byte-fallback tokens (``<0x0A>``, as in Llama 2 and SentencePiece GGUFs). Their
+        decoder joins a run of them before it reads UTF-8, so their text depends on their neighbours."""
+        return frozenset(i for t, i in self._tok.get_vocab(with_added_tokens=False).items()
+                         if _BYTE_TOKEN.fullmatch(t))
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -325,15 +325,49 @@ def _feed(tok, ids, params, sizes):
     return d, streamed, stop, counted
 
 
-def test_several_tokens_at_once_match_one_at_a_time(bpe):
+@pytest.fixture(scope="module")
+def demo_tokenizer() -> Tokenizer:
+    """The demo model's tokenizer: SentencePiece-style with byte-fallback tokens (``<0x0A>``), as
+    Llama 2 and SentencePiece GGUFs have: a run of byte tokens decodes as one."""
+    from bitserve.demo import DEMO_MODEL_PATH
+
+    tok = Tokenizer(DEMO_MODEL_PATH)
+    assert len(tok.byte_token_ids) == 256
+    return tok
+
+
+def test_byte_fallback_run_in_a_coalesced_delta(demo_tokenizer):
+    """"a", "\n" (byte token), a stray continuation byte, "a": one at a time the stop "\n" ends
+    the text after two tokens; decoding the four at once would read "a\ufffd\ufffda" (the decoder
+    rejects the whole byte run) and miss it."""
+    tok = demo_tokenizer
+    ids = [tok.token_to_id(t) for t in ("a", "<0x0A>", "<0x80>", "a")]
+    d = IncrementalDetokenizer(tok, SamplingParams(stop=["\n"]))
+    up = d.add_tokens(ids)
+    assert (up.text_delta, up.stop, up.num_tokens, d.text) == ("a", "\n", 2, "a")
+    # valid UTF-8 in the delta ("\u010f5" as three byte tokens), then a stray byte: the next decode
+    # window must start where adding them one at a time leaves it
+    b = [tok.token_to_id(f"<0x{x:02X}>") for x in (0xC4, 0x8F, 0x35, 0x91)]
+    ids = b + [tok.token_to_id("a")]
+    texts = []
+    for chunks in ([ids[:1], ids[1:2], ids[2:3], ids[3:4], ids[4:]], [ids[:3], ids[3:4], ids[4:]]):
+        d = IncrementalDetokenizer(tok, SamplingParams())
+        texts.append([d.add_tokens(c).text_delta for c in chunks] + [d.finish()])
+    assert "".join(texts[0]) == "".join(texts[1]) and texts[1][0] == "\u010f5", texts
+
+
+@pytest.mark.parametrize("which", ["bpe", "demo_tokenizer"])
+def test_several_tokens_at_once_match_one_at_a_time(which, request):
     """A coalesced delta (several tokens) gives the text, stop string and token count of the same
-    tokens added one at a time -- with stop strings, min_tokens, and characters spanning tokens --
-    and, when nothing needs one token at a time, decodes twice per delta instead of twice per token."""
+    tokens added one at a time -- with stop strings, min_tokens, characters spanning tokens and
+    byte-fallback tokens -- and, when nothing needs one token at a time, decodes twice per delta
+    instead of twice per token."""
+    bpe = request.getfixturevalue(which)  # byte-level BPE, or SentencePiece with byte fallback
     rng = random.Random(11)
     V = bpe.vocab_size
     for trial in range(200):
         if trial % 2:
-            text = rng.choice(TEXTS) + " " + rng.choice(TEXTS)
+            text = rng.choice(TEXTS) + rng.choice([" ", "\n"]) + rng.choice(TEXTS)
             ids = bpe.encode(text, add_special_tokens=False)
         else:
             ids = [rng.randrange(V) for _ in range(rng.randint(2, 40))]
@@ -341,7 +375,7 @@ def test_several_tokens_at_once_match_one_at_a_time(bpe):
         stops = []
         if rng.random() < 0.6 and len(full) > 6:
             start = rng.randrange(len(full) - 3)
-            stops = [full[start:start + rng.randint(1, 4)]] + rng.sample(["zzz", "日本", "ö", "🙂 ", "e"], 1)
+            stops = [full[start:start + rng.randint(1, 4)]] + rng.sample(["zzz", "日本", "ö", "🙂 ", "e", "\n"], 1)
         params = SamplingParams(stop=stops, min_tokens=rng.choice([0, 0, 3, 9]), max_tokens=64,
                                 include_stop_str_in_output=rng.random() < 0.3)
         one, one_streamed, one_stop, one_counted = _feed(bpe, ids, params, [1])
@@ -350,7 +384,7 @@ def test_several_tokens_at_once_match_one_at_a_time(bpe):
         assert (many_streamed, many_stop, many_counted) == (one_streamed, one_stop, one_counted), (ids, stops, sizes)
         assert many.finish() == one.finish() and many.text == one.text
         assert (many.stop_reason, many.num_tokens) == (one.stop_reason, one.num_tokens)
-        if not stops:
+        if not stops and which == "bpe":  # (a byte-fallback run cut by a decode window reads otherwise)
             assert many.text == full
 
     text = " ".join([TEXTS[3]] * 4)  # ascii: every chunk ends on a whole character

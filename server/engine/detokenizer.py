@@ -47,6 +47,8 @@ class IncrementalDetokenizer:
         self.include_stop = params.include_stop_str_in_output
         self.stops = list(params.stop)
         self.min_tokens = params.min_tokens  # stop strings count only in text of later tokens (vLLM v1)
+        # byte-fallback tokens: their text depends on the tokens around them (see _add_at_once)
+        self._byte_ids: frozenset[int] = getattr(tokenizer, "byte_token_ids", frozenset())
         self.num_tokens = 0  # output tokens added so far
         self.text = ""  # concatenation of all deltas returned
         self.stop_reason: str | None = None  # the matched stop string, once matched
@@ -147,14 +149,18 @@ class IncrementalDetokenizer:
 
     def _add_at_once(self, token_ids: list[int], given: int) -> DetokenizerUpdate | None:
         """Several tokens (a delta that queued up while its consumer was busy) with two decodes
-        instead of two per token, when that gives what adding them one at a time gives: the text
-        ends on a whole character and holds no stop string that may end the request. Else None,
-        with nothing changed (the caller adds them one at a time)."""
+        instead of two per token, when that gives what adding them one at a time gives: no byte-
+        fallback token among them (a run of those decodes as one, so where a decode window starts
+        changes their text), no U+FFFD in the text (an invalid or unfinished character), and no
+        stop string that may end the request. Else None, with nothing changed (the caller adds
+        them one at a time)."""
+        if self._byte_ids and not self._byte_ids.isdisjoint(token_ids):
+            return None
         ids, before = self._ids, len(self._ids)
         ids.extend(token_ids)
         new_text = self._decode(ids[self._prefix:])
         decoded = None
-        if len(new_text) > len(self._prefix_text) and not new_text.endswith(_REPLACEMENT):
+        if len(new_text) > len(self._prefix_text) and _REPLACEMENT not in new_text:
             decoded = self._decoded + new_text[len(self._prefix_text):]
             if (self.stops and self.num_tokens + len(token_ids) > self.min_tokens
                     and self._find_stop(len(self._decoded), decoded) is not None):
