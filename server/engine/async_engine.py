@@ -26,8 +26,9 @@ class _DeltaStream:
     """One request's deltas on its client's event loop: appended as the engine delivers them, taken
     all at once by the request's coroutine. A list and a future per wait is lighter than an
     ``asyncio.Queue``, whose put/get machinery ran per item (the consumer took them one at a time):
-    with 256 streams on a 2-core VM the consumers now keep up, 4.8 -> 3.7 tokens per delta at the
-    same step interval (``benchmarks/host_overhead.py --serving``)."""
+    with 256 streams on a 2-core VM the consumers keep up better, 4.8 -> 3.7 tokens per delta
+    (9.3 -> 8.6 at the engine's GIL switch interval) at the same step interval
+    (``benchmarks/host_overhead.py --serving``)."""
 
     __slots__ = ("items", "waiter")
 
