@@ -50,16 +50,32 @@ class IncrementalDetokenizer:
         # byte-fallback tokens: their text depends on the tokens around them (see _add_at_once)
         self._byte_ids: frozenset[int] = getattr(tokenizer, "byte_token_ids", frozenset())
         self.num_tokens = 0  # output tokens added so far
-        self.text = ""  # concatenation of all deltas returned
         self.stop_reason: str | None = None  # the matched stop string, once matched
         self.finished = False
-        self._decoded = ""  # all complete text decoded so far (text + held-back part)
+        self._pieces: list[str] = []  # the deltas returned (joined when ``text`` is read)
+        self._text_len = 0
+        # The complete text decoded so far (text + held-back part) is only kept from char
+        # _tail_start on: what is not streamed yet, and the last chars a stop string could start in,
+        # so that a step's work does not grow with the length of the output.
+        self._tail = ""
+        self._tail_start = 0
+        self._keep = max((len(s) for s in self.stops), default=1) - 1
         self._ids: list[int] = self._prompt_context(list(prompt_token_ids or []))
         self._prefix = 0
         self._read = len(self._ids)
         self._prefix_text = self._decode(self._ids) if self._ids else ""
 
+    @property
+    def text(self) -> str:
+        """The concatenation of all deltas returned."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
     # -- helpers -----------------------------------------------------------------------
+    @property
+    def _decoded_len(self) -> int:
+        return self._tail_start + len(self._tail)
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
@@ -72,7 +88,7 @@ class IncrementalDetokenizer:
 
     def _holdback(self) -> int:
         """Length of the longest suffix of the decoded text that is a proper prefix of a stop string."""
-        text, best = self._decoded, 0
+        text, best = self._tail, 0  # (the tail holds at least the longest stop's length - 1 chars)
         for stop in self.stops:
             for n in range(min(len(stop) - 1, len(text)), best, -1):
                 if text.endswith(stop[:n]):
@@ -80,34 +96,44 @@ class IncrementalDetokenizer:
                     break
         return best
 
-    def _find_stop(self, old_len: int, text: str | None = None) -> tuple[int, str] | None:
-        """Earliest stop string ending after ``old_len`` chars of ``text`` (default: the decoded
-        text; ties: list order)."""
-        text = self._decoded if text is None else text
+    def _find_stop(self, old_len: int, tail: str | None = None) -> tuple[int, str] | None:
+        """Earliest stop string ending after ``old_len`` chars of the decoded text (ties: list
+        order), as (char index, stop). ``tail``: the decoded text from ``_tail_start`` on (default:
+        ``_tail``)."""
+        tail = self._tail if tail is None else tail
         best = None
         for stop in self.stops:
-            idx = text.find(stop, max(0, old_len - len(stop) + 1))
+            idx = tail.find(stop, max(0, old_len - len(stop) + 1 - self._tail_start))
             if idx >= 0 and (best is None or idx < best[0]):
                 best = (idx, stop)
-        return best
+        return None if best is None else (best[0] + self._tail_start, best[1])
 
     def _emit(self, old_len: int, final: bool) -> DetokenizerUpdate:
         """Emit what is safe after the decoded text grew from ``old_len`` chars. Stop strings are
         looked for once more than ``min_tokens`` tokens were generated, in the text that is new
         since (vLLM v1: a stop string completed earlier does not end the request later)."""
         searching = self.stops and self.num_tokens > self.min_tokens
-        hit = self._find_stop(old_len) if searching and len(self._decoded) > old_len else None
+        decoded_len = self._decoded_len
+        hit = self._find_stop(old_len) if searching and decoded_len > old_len else None
         if hit is not None:
             idx, stop = hit
             end = idx + len(stop) if self.include_stop else idx
             self.stop_reason = stop
             self.finished = True
         elif final:
-            end = len(self._decoded)
+            end = decoded_len
         else:
-            end = len(self._decoded) - self._holdback()
-        delta = self._decoded[len(self.text):end] if end > len(self.text) else ""
-        self.text += delta
+            end = decoded_len - self._holdback()
+        delta = ""
+        if end > self._text_len:
+            delta = self._tail[self._text_len - self._tail_start:end - self._tail_start]
+            self._pieces.append(delta)
+            self._text_len += len(delta)
+        # drop what is streamed and lies before the last chars a stop string could start in
+        start = min(self._text_len, decoded_len - self._keep)
+        if start > self._tail_start:
+            self._tail = self._tail[start - self._tail_start:]
+            self._tail_start = start
         return DetokenizerUpdate(delta, self.stop_reason if hit is not None else None)
 
     # -- API ----------------------------------------------------------------------------
@@ -136,8 +162,8 @@ class IncrementalDetokenizer:
             new_text = self._decode(self._ids[self._prefix:])
             if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
                 continue  # nothing new yet, or a character still incomplete
-            old_len = len(self._decoded)
-            self._decoded += new_text[len(self._prefix_text):]
+            old_len = self._decoded_len
+            self._tail += new_text[len(self._prefix_text):]
             self._prefix, self._read = self._read, len(self._ids)
             self._prefix_text = self._decode(self._ids[self._prefix:self._read])
             update = self._emit(old_len, final=False)
@@ -161,9 +187,9 @@ class IncrementalDetokenizer:
         new_text = self._decode(ids[self._prefix:])
         decoded = None
         if len(new_text) > len(self._prefix_text) and _REPLACEMENT not in new_text:
-            decoded = self._decoded + new_text[len(self._prefix_text):]
+            decoded = self._tail + new_text[len(self._prefix_text):]
             if (self.stops and self.num_tokens + len(token_ids) > self.min_tokens
-                    and self._find_stop(len(self._decoded), decoded) is not None):
+                    and self._find_stop(self._decoded_len, decoded) is not None):
                 # a stop string in the new text: one token at a time finds which token completes it
                 # (and whether min_tokens lets it count). Without one anywhere in the new text, no
                 # token's part of it has one either.
@@ -171,8 +197,8 @@ class IncrementalDetokenizer:
         if decoded is None:
             del ids[before:]
             return None
-        old_len = len(self._decoded)
-        self._decoded = decoded
+        old_len = self._decoded_len
+        self._tail = decoded
         self.num_tokens += len(token_ids)
         self._prefix, self._read = self._read, len(ids)
         self._prefix_text = self._decode(ids[self._prefix:self._read])
@@ -187,11 +213,11 @@ class IncrementalDetokenizer:
         """
         if self.finished:
             return ""
-        old_len = len(self._decoded)
+        old_len = self._decoded_len
         if self._read < len(self._ids):
             new_text = self._decode(self._ids[self._prefix:])
             if len(new_text) > len(self._prefix_text):
-                self._decoded += new_text[len(self._prefix_text):]
+                self._tail += new_text[len(self._prefix_text):]
             self._prefix, self._read = self._read, len(self._ids)
         update = self._emit(old_len, final=True)
         self.finished = True
