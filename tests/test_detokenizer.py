@@ -258,6 +258,9 @@ def test_windowed_decoding_is_incremental(bpe):
     assert d.text == text
     assert len(ids) > 300 and max(spy.lengths) <= 8
     assert sum(spy.lengths) <= 6 * len(ids)
+    # nor does it keep the whole text to search: only the last chars a stop string could start in
+    # (a step's work would otherwise grow with the output)
+    assert len(d._tail) <= len("never-there") - 1 < len(d.text)
 
 
 def test_stop_strings_wait_for_min_tokens(bpe):
