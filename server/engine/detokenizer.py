@@ -76,6 +76,7 @@ class IncrementalDetokenizer:
     @property
     def _decoded_len(self) -> int:
         return self._tail_start + len(self._tail)
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
