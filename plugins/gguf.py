@@ -7,7 +7,7 @@ activation blocks). Linears stored as F32/F16/BF16/Q8_0 become
 :class:`~bitserve.plugins.dense.DenseLinear` (Q8_0 dequantized once at load). llama.cpp's optional
 per-tensor ``blk.N.<linear>.scale`` multiplies the output and is folded into the multiplier.
 A fused projection (q/k/v, gate/up) whose parts mix ternary and float storage becomes a
-:class:`~bitserve.plugins.gguf_layers.ConcatLinear` of one layer per part.
+:class:`~bitserve.plugins.lowbit_layers.ConcatLinear` of one layer per part.
 
 The reader side (file parsing, names, metadata -> config, decoding) lives in ``gguf_*.py``;
 the loader opens ``.gguf`` paths with :class:`~bitserve.plugins.gguf_checkpoint.GGUFCheckpoint`

@@ -98,8 +98,8 @@ class ReplicaConfig:
         "help": "Ray cluster to join ('auto' or the head's host:port) or 'local' for a new loopback-only Ray "
                 "instance on this machine (default: $RAY_ADDRESS if set, else 'local')"})
     gpus_per_replica: float | None = field(default=None, metadata={
-        "help": "GPUs each replica reserves (fractions share a GPU; default: 0 with --device cpu, 1 when "
-                "joining a cluster, else 1 if the local Ray instance has GPUs)"})
+        "help": "GPUs each replica reserves (fractions share a GPU; default: 0 with --device cpu, 1 with "
+                "--device cuda... or when joining a cluster, else 1 if the local Ray instance has GPUs)"})
     cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs each replica reserves"})
 
     def __post_init__(self):
