@@ -77,7 +77,8 @@ def _read_safetensors_header(path: Path) -> dict:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header)")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > size - 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (header of {header_len} bytes, file of {size})")
+                raise CheckpointError(f"{path}: not a safetensors file, or a truncated one (its first 8 bytes give a "
+                                      f"header of {header_len} bytes; the file has {size})")
             header = json.loads(f.read(header_len))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e

@@ -3,6 +3,7 @@ process or as Ray replicas."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from bitserve.replica import LocalReplica, Replica
 from bitserve.router import RouterPolicy
 from bitserve.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedServingModel:
@@ -67,7 +69,17 @@ def model_info(model: LoadedServingModel, core: EngineCore, name: str) -> ModelI
         kv_capacity_tokens=core.blocks.num_blocks * core.spec.block_size,
         num_layers=mc.num_layers,
         hidden_size=mc.hidden_size,
+        max_request_tokens=min(model.max_model_len, core.blocks.num_blocks * core.spec.block_size),
     )
+
+
+def warn_if_kv_cache_short(info: ModelInfo) -> None:
+    """A KV cache smaller than one full context is served (vLLM refuses to start), with a warning:
+    requests are capped (default max_tokens) or refused (explicit max_tokens) at its size."""
+    if info.max_request_tokens < info.max_context:
+        log.warning("the KV cache holds %d tokens per engine, less than one full context of %d: requests are "
+                    "limited to %d tokens (prompt + output); raise --num-kv-blocks / --gpu-memory-utilization or "
+                    "lower --max-model-len", info.max_request_tokens, info.max_context, info.max_request_tokens)
 
 
 def served_name(path: Path, served_model_name: str | None) -> str:
@@ -111,6 +123,7 @@ def build_app(
     replica = LocalReplica(AsyncEngine(core))
     frontend = Frontend(model.tokenizer, replica, model_info(model, core, served_name(model.path, served_model_name)),
                         on_finish=on_finish)
+    warn_if_kv_cache_short(frontend.info)
     return App(frontend, replica, model)
 
 
@@ -134,6 +147,8 @@ def _build_ray_app(load_cfg, engine_cfg, replica_cfg, served_model_name, on_fini
     first = boots[0]
     limits = replace(first.limits, num_kv_blocks=min(b.limits.num_kv_blocks for b in boots))
     info = replace(first.info, name=served_name(path, served_model_name),
-                   kv_capacity_tokens=sum(b.info.kv_capacity_tokens for b in boots))
+                   kv_capacity_tokens=sum(b.info.kv_capacity_tokens for b in boots),
+                   max_request_tokens=min(b.info.max_request_tokens for b in boots))
+    warn_if_kv_cache_short(info)
     replicas = ReplicaSet(group.members, limits, router_policy, on_shutdown=group.close)
     return App(Frontend(tokenizer, replicas, info, on_finish=on_finish), replicas, None)

@@ -91,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
     engine = dataclass_from_args(EngineConfig, args)
     replica_cfg = dataclass_from_args(ReplicaConfig, args)
     server_cfg = dataclass_from_args(ServerConfig, args)
+    server_cfg.check_files()
     where = f" on {replica_cfg.replicas} Ray replica(s)" if replica_cfg.uses_ray else ""
     print(f"loading {load.model or 'the bundled demo model'}{where} ...", file=sys.stderr, flush=True)
     metrics_box: list = []
@@ -128,15 +129,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_answerer(args: argparse.Namespace):
+REPL_HINT = " /reset clears the history, /exit quits."
+
+
+def _local_answerer(args: argparse.Namespace, hint: str):
     from bitserve.llm import LLM
 
     load = dataclass_from_args(ModelLoadConfig, args)
     params = dataclass_from_args(SamplingParams, args, seed=None)
     print(f"loading {load.model or 'the bundled demo model'} ...", file=sys.stderr)
     llm = LLM(**vars(load))
-    print(f"ready: {llm.loaded.path.name} ({llm.loaded.plugin.name}, in-process). "
-          f"/reset clears the history, /exit quits.", file=sys.stderr)
+    print(f"ready: {llm.loaded.path.name} ({llm.loaded.plugin.name}, in-process).{hint}", file=sys.stderr)
 
     def answer(history: list[dict], interactive: bool) -> str:
         text = llm.chat(history, params)[0].text
@@ -146,7 +149,13 @@ def _local_answerer(args: argparse.Namespace):
     return answer
 
 
-def _remote_answerer(args: argparse.Namespace):
+def _local_only_flags(args: argparse.Namespace) -> list[str]:
+    """The model-loading flags given on the command line (they apply only with --local)."""
+    return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(ModelLoadConfig)
+            if hasattr(args, f.name) and getattr(args, f.name) != ModelLoadConfig.__dataclass_fields__[f.name].default]
+
+
+def _remote_answerer(args: argparse.Namespace, hint: str):
     import os
 
     from bitserve.rpc.client import ChatClient, ServerError, sampling_options
@@ -156,10 +165,17 @@ def _remote_answerer(args: argparse.Namespace):
     try:
         info = client.model_info()
     except ServerError as e:
+        if e.code == "UNAUTHENTICATED":
+            raise OSError(f"the server at {args.address} refused the API token: {e.details} "
+                          "(pass --api-token or set $BITSERVE_API_TOKEN)") from None
         raise OSError(f"cannot reach a bitserve server at {args.address}: {e} "
                       f"(start one with 'bitserve serve', or use --local)") from None
-    print(f"connected to {args.address}: '{info.name}' ({info.format}, {info.bits_per_weight:.2f} bits/weight). "
-          f"/reset clears the history, /exit quits.", file=sys.stderr)
+    ignored = _local_only_flags(args)
+    if ignored:
+        print(f"note: {', '.join(ignored)} only apply with --local; the server at {args.address} serves its own "
+              f"model", file=sys.stderr)
+    print(f"connected to {args.address}: '{info.name}' ({info.format}, {info.bits_per_weight:.2f} bits/weight)."
+          f"{hint}", file=sys.stderr)
     params = dataclass_from_args(SamplingParams, args, seed=None)  # the same checks as --local
     sampling = sampling_options(**{f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams)
                                    if f.name not in CHAT_SKIPPED_SAMPLING})
@@ -183,10 +199,11 @@ def _remote_answerer(args: argparse.Namespace):
 
 
 def _chat(args: argparse.Namespace) -> int:
-    answer_fn = _local_answerer(args) if args.local else _remote_answerer(args)
+    interactive = sys.stdin.isatty() and args.message is None
+    hint = REPL_HINT if args.message is None else ""
+    answer_fn = _local_answerer(args, hint) if args.local else _remote_answerer(args, hint)
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
-    interactive = sys.stdin.isatty() and args.message is None
 
     def answer(text: str) -> str:
         history.append({"role": "user", "content": text})

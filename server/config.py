@@ -4,8 +4,10 @@ argparse options."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 KV_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32", "int8", "int4", "int2")
 
@@ -137,6 +139,12 @@ class ServerConfig:
     tls_key: str | None = field(default=None, metadata={"help": "PEM private key"})
     api_token: str | None = field(default=None, metadata={"help": "require 'authorization: Bearer TOKEN' "
                                                                   "(default: $BITSERVE_API_TOKEN if set)"})
+
+    def check_files(self) -> None:
+        """Raise OSError naming the flag when a TLS file cannot be read (before a model loads)."""
+        for flag, name in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if name is not None and not (Path(name).is_file() and os.access(name, os.R_OK)):
+                raise OSError(f"{flag} {name}: not a readable file")
 
     def __post_init__(self):
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -149,7 +149,7 @@ def run_convert(args: argparse.Namespace) -> int:
         report = convert_checkpoint(args.src, args.dst, args.to, progress=args.progress, overwrite=args.overwrite,
                                     max_shard_size=args.max_shard_size, **opts)
     except (CheckpointError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"bitserve: error: {e}", file=sys.stderr)
         return 2
     print(report.summary())
     return 0

@@ -40,9 +40,12 @@ class ModelInfo:
     vocab_size: int
     weight_bytes: int
     kv_bytes_per_token: int
-    kv_capacity_tokens: int
+    kv_capacity_tokens: int  # all replicas together
     num_layers: int
     hidden_size: int
+    # prompt + output tokens one request can reach: the context, or less when one replica's KV
+    # cache holds less (the default max_tokens stops there rather than refusing the request)
+    max_request_tokens: int
 
 
 class Frontend:
@@ -188,6 +191,13 @@ class Frontend:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    def abort_all(self) -> int:
+        """Cancel every active request (each stream ends with finish reason ABORT); how many."""
+        ids = list(self._active)
+        for request_id in ids:
+            self.abort(request_id)
+        return len(ids)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request by id; its stream ends with finish reason ABORT. False if unknown."""

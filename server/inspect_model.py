@@ -179,7 +179,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     try:
         info = inspect_checkpoint(model_or_demo(args.path), load=args.load)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"bitserve: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2) if args.json else render_inspection(info))
     return 0

@@ -65,6 +65,8 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
             return Path(snapshot_download(model, revision=revision, allow_patterns=_hub_patterns(model, revision)))
         except Exception as e:
             raise CheckpointError(f"{model}: cannot download from the Hugging Face Hub: {e}") from e
+    if path.exists():
+        raise CheckpointError(f"{model}: not a checkpoint folder or a .gguf file")
     raise CheckpointError(f"{model}: checkpoint folder does not exist")
 
 

@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
 
 from bitserve.v1 import chat_pb2 as pb
 from grpc_harness import ServerThread, chat_request
@@ -222,6 +223,54 @@ def test_request_id_in_flight_is_already_exists(server):
     wait_all_blocks_free(stub)
 
 
+def test_malformed_request_bytes_are_invalid_argument(server):
+    """Bytes that do not parse as the method's message (a string field with bad UTF-8, garbage) are
+    INVALID_ARGUMENT naming the problem, counted in the RPC metrics -- not UNKNOWN with a protobuf
+    exception's text and a server-side traceback."""
+    stub = server.stub()
+    channel = server.channel()
+    good = chat_request("ok").SerializeToString()
+    bad_utf8 = good.replace(b"ok", b"\xff\xfe")
+    for body in (bad_utf8, b"\xff\xff\xff\xff"):
+        for method, call in (("Chat", channel.unary_unary), ("ChatStream", channel.unary_stream)):
+            rpc = call(f"/bitserve.v1.ChatService/{method}", request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as err:
+                result = rpc(body, timeout=30)
+                if method == "ChatStream":
+                    list(result)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, body, err.value)
+            assert f"malformed {method} request" in err.value.details()
+    assert stub.Chat(chat_request("still fine", max_tokens=2), timeout=30).choices[0].token_ids
+    handled = [s for fam in text_string_to_metric_families(server.metrics.render().decode()) for s in fam.samples
+               if s.name == "bitserve_grpc_server_handled_total" and s.labels.get("grpc_method") == "ChatStream"
+               and s.labels.get("grpc_code") == "INVALID_ARGUMENT"]
+    assert handled and handled[0].value >= 2
+
+
+def test_status_messages_quoting_huge_input_stay_short(server):
+    """An error that quotes the request (an unknown 100k-character model name, a reused 20k-character
+    request_id) keeps its status code: the message is cut before it outgrows gRPC's header limit
+    (it came back as RESOURCE_EXHAUSTED "metadata size exceeds hard limit")."""
+    stub = server.stub()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetModelInfo(pb.GetModelInfoRequest(model="x" * 100_000), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "characters cut" in err.value.details() and len(err.value.details()) < 1000
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Chat(pb.ChatRequest(model="\U0001f600" * 50_000, messages=[pb.ChatMessage(role="user", content="x")]),
+                  timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    first = chat_request("long", max_tokens=60, ignore_eos=True, temperature=0.0)
+    first.request_id = "r" * 20_000
+    stream = stub.ChatStream(first, timeout=60)
+    next(stream)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Chat(first, timeout=30)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    stream.cancel()
+    wait_all_blocks_free(stub)
+
+
 def test_engine_failure_is_internal_for_unary_and_ends_streams_with_the_reason(server):
     """A failed engine step ends its requests: a unary call gets INTERNAL with the engine's reason
     (not OK with an empty answer), a stream an end event with FINISH_REASON_ERROR and the reason."""
@@ -353,6 +402,76 @@ def test_health_and_drain(tiny_model):
         assert rest[-1].end.finish_reason == pb.FINISH_REASON_LENGTH
         assert sum(len(e.delta.token_ids) for e in [first] + rest if e.HasField("delta")) == 60
         drained.result(30)
+    finally:
+        srv.close()
+
+
+def test_drain_aborts_what_outlasts_the_grace_period(tiny_model):
+    """While draining, Abort and GetLoad still answer and new generation calls are UNAVAILABLE; when
+    the grace period ends, every request still in flight is aborted: a stream gets its end event with
+    FINISH_REASON_ABORT and a unary call its partial answer, not a cut-off UNAVAILABLE."""
+    srv = ServerThread(tiny_model)
+    try:
+        core = srv.app.replica.engine.core
+        step = core.step
+
+        def slow_step():  # ~50 tokens/s: 200 tokens outlast the grace period by seconds
+            time.sleep(0.02)
+            return step()
+
+        core.step = slow_step
+        stub = srv.stub()
+        long = chat_request("long", temperature=0.0, max_tokens=200, ignore_eos=True)
+        stream = stub.ChatStream(long, timeout=60)
+        first = next(stream)
+        unary: list = []
+        caller = threading.Thread(target=lambda: unary.append(stub.Chat(long, timeout=60)))
+        caller.start()
+        deadline = time.monotonic() + 10
+        while srv.app.frontend.num_active < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.app.frontend.num_active == 2
+        drained = srv.submit(srv.rpc.drain(grace=1.0))
+        while not srv.rpc.draining and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Chat(chat_request("new"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert stub.GetLoad(pb.GetLoadRequest(), timeout=10).running >= 1
+        assert not stub.Abort(pb.AbortRequest(request_id="unknown"), timeout=10).found
+        rest = list(stream)
+        assert rest[-1].end.finish_reason == pb.FINISH_REASON_ABORT
+        streamed = sum(len(e.delta.token_ids) for e in [first] + rest if e.HasField("delta"))
+        assert 0 < streamed < 200
+        caller.join(30)
+        (reply,) = unary
+        assert reply.choices[0].finish_reason == pb.FINISH_REASON_ABORT
+        assert 0 < len(reply.choices[0].token_ids) < 200
+        drained.result(30)
+    finally:
+        core.step = step
+        srv.close()
+
+
+def test_kv_cache_smaller_than_the_context_caps_the_default_max_tokens(tiny_model, caplog):
+    """A KV cache that cannot hold one full context is served with a warning; a request without
+    max_tokens then stops where the cache ends (LENGTH) instead of being refused, and an explicit
+    max_tokens beyond it is INVALID_ARGUMENT naming the blocks."""
+    with caplog.at_level("WARNING", logger="bitserve.app"):
+        srv = ServerThread(tiny_model, engine={"num_kv_blocks": 4})  # 4 blocks x 4 tokens
+    try:
+        assert "less than one full context" in caplog.text
+        assert srv.app.info.max_request_tokens == 16 < srv.app.info.max_context
+        stub = srv.stub()
+        prompt = pb.CompletionRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]),
+                                      sampling=pb.SamplingOptions(temperature=0.0, ignore_eos=True))
+        reply = stub.Complete(prompt, timeout=30)
+        assert reply.choices[0].finish_reason == pb.FINISH_REASON_LENGTH
+        assert len(reply.choices[0].token_ids) == 16 - 3
+        prompt.sampling.max_tokens = 14
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Complete(prompt, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "KV blocks" in err.value.details()
     finally:
         srv.close()
 

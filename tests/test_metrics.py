@@ -28,7 +28,7 @@ def make_info(name: str = MODEL) -> ModelInfo:
     return ModelInfo(
         name=name, architecture="LlamaForCausalLM", format="bitnet", bits_per_weight=1.58, max_context=2048,
         kv_cache_dtype="int8", vocab_size=32000, weight_bytes=123456, kv_bytes_per_token=96,
-        kv_capacity_tokens=4096, num_layers=2, hidden_size=64,
+        kv_capacity_tokens=4096, num_layers=2, hidden_size=64, max_request_tokens=2048,
     )
 
 

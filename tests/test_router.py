@@ -168,7 +168,7 @@ class FakeMember:
 LIMITS = EngineLimits(vocab_size=100, max_model_len=64, block_size=BS, num_kv_blocks=16)
 INFO = ModelInfo(name="m", architecture="LlamaForCausalLM", format="bitnet", bits_per_weight=1.58, max_context=64,
                  kv_cache_dtype="auto", vocab_size=100, weight_bytes=1, kv_bytes_per_token=8, kv_capacity_tokens=40,
-                 num_layers=1, hidden_size=8)
+                 num_layers=1, hidden_size=8, max_request_tokens=40)
 
 
 async def collect(replicas, request):

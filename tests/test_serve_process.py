@@ -88,6 +88,17 @@ def test_bad_serve_flags_are_clear_cli_errors(flags, words):
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_unreadable_tls_files_and_non_folder_models_are_named_before_loading(tmp_path):
+    result = _cli("serve", "--tls-cert", str(tmp_path / "no.crt"), "--tls-key", str(tmp_path / "no.key"))
+    assert result.returncode == 2 and f"--tls-cert {tmp_path / 'no.crt'}: not a readable file" in result.stderr
+    assert "loading" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    a_file = tmp_path / "weights.txt"
+    a_file.write_text("not a model")
+    result = _cli("serve", "--model", str(a_file), "--metrics-port", "-1")
+    assert result.returncode == 2 and "not a checkpoint folder or a .gguf file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_ports_in_use_are_clear_cli_errors(tiny_model):
     import socket
 
@@ -137,3 +148,36 @@ def test_remote_chat_sends_every_sampling_flag(monkeypatch, capsys):
     assert exit_.value.code == 2 and "repetition_penalty" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one answer per turn: no --n
         cli.main(["chat", "-m", "hi", "--n", "2"])
+
+
+def test_remote_chat_names_what_it_ignores_and_a_refused_token(monkeypatch, capsys):
+    """Against a server, model-loading flags do nothing (the server has its model): said, not silently
+    dropped; one-shot -m prints no REPL hint; a refused API token is named as such (not "cannot reach")."""
+    from bitserve import cli
+    from bitserve.rpc import client
+
+    refuse = []
+
+    class FakeClient:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def model_info(self):
+            if refuse:
+                raise client.ServerError("UNAUTHENTICATED", "missing or invalid API token")
+            return pb.ModelInfo(name="m", format="bitnet", bits_per_weight=2.0)
+
+        def stream_chat(self, history, sampling):
+            yield pb.StreamEvent(delta=pb.Delta(text="ok"))
+
+    monkeypatch.setattr(client, "ChatClient", FakeClient)
+    assert cli.main(["chat", "-m", "hi", "--model", "nope", "--dtype", "float32"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --model, --dtype only apply with --local" in err and "/reset" not in err
+    assert cli.main(["chat", "-m", "hi"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    refuse.append(True)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["chat", "-m", "hi"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "refused the API token" in err and "--api-token" in err

@@ -22,6 +22,7 @@ from bitserve.v1 import chat_pb2, chat_pb2_grpc
 log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+ABORT_FLUSH_S = 2.0  # after the grace period: how long aborted calls get to send their last (ABORT) responses
 ENGINE_DOWN_LIVENESS_S = 60.0  # no engine ready for this long: the overall health (liveness) fails too
 # gRPC's own cap on calls in flight is this far above --max-concurrent-streams (which the interceptor
 # applies to the API alone): health probes and reflection still get through a full server
@@ -134,8 +135,10 @@ class RpcServer:
             pass
 
     async def drain(self, grace: float | None = None) -> None:
-        """Stop accepting (UNAVAILABLE, health NOT_SERVING), let in-flight requests finish
-        within the grace period, abort the rest, then stop the server."""
+        """Stop accepting generation calls (UNAVAILABLE, health NOT_SERVING), let in-flight
+        requests finish within the grace period, then abort the rest -- each of their choices
+        ends with FINISH_REASON_ABORT and the text so far, streams and unary calls alike -- and
+        give the calls up to :data:`ABORT_FLUSH_S` to send that before the server stops."""
         grace = self.config.grace_period_s if grace is None else grace
         self.draining = True
         if self._watchdog is not None:
@@ -145,7 +148,13 @@ class RpcServer:
         deadline = loop.time() + grace
         while self.app.frontend.num_active and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        await self.server.stop(max(0.0, deadline - loop.time()) + 1.0)
+        aborted = self.app.frontend.abort_all()
+        if aborted:
+            log.warning("grace period (%.0f s) over: aborted %d request(s) still in flight", grace, aborted)
+            flush_deadline = loop.time() + ABORT_FLUSH_S
+            while self.app.frontend.num_active and loop.time() < flush_deadline:
+                await asyncio.sleep(0.02)
+        await self.server.stop(1.0)
         self.app.shutdown()
 
     async def wait(self) -> None:

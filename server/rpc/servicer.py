@@ -34,7 +34,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             raise ModelNotFoundError(f"model '{name}' is not served here; available: '{self.model_name}'")
 
     def _params(self, sampling: pb.SamplingOptions, prompt_len: int):
-        default = max(1, min(self.default_max_tokens, self.frontend.info.max_context - prompt_len))
+        default = max(1, min(self.default_max_tokens, self.frontend.info.max_request_tokens - prompt_len))
         return convert.sampling_params(sampling, default)
 
     def _chat_prompt(self, request: pb.ChatRequest) -> list[int]:
