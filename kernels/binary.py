@@ -209,6 +209,7 @@ def binary_linear(x, packed, in_scale=None, out_scale=None, in_bias=None, bias=N
     g, h, beta = _vec(in_scale, k, "in_scale"), _vec(out_scale, n, "out_scale"), _vec(in_bias, k, "in_bias")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    bias = None if bias is None else bias.contiguous()  # read at unit stride
     out = tl_common.output_buffer(out, m, n, out_dtype or x.dtype, x.device)
     if m == 0:
         return out
@@ -262,6 +263,7 @@ def dual_binary_linear(x, packed, alpha1, alpha2, group_size, bias=None, out=Non
         raise ValueError(f"alpha1/alpha2 must be [{n}, {ng}], got {tuple(alpha1.shape)}, {tuple(alpha2.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    bias = None if bias is None else bias.contiguous()  # read at unit stride
     out = tl_common.output_buffer(out, m, n, out_dtype or x.dtype, x.device)
     if m == 0:
         return out

@@ -142,6 +142,7 @@ def int8_linear(x, weight, scale, bias=None, out=None, *, out_dtype=None, path=N
         raise ValueError(f"scale must have 1 or {n} elements, got {scale.numel()}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    bias = None if bias is None else bias.contiguous()  # read at unit stride
     out = tl_common.output_buffer(out, m, n, out_dtype or x.dtype, x.device)
     if m == 0:
         return out

@@ -13,6 +13,21 @@ import triton.language as tl
 
 from bitserve.kernels.kv_reference import FP16_MAX, SCALE_MIN, KVLayer
 
+
+# A row (int8, int-n values) or channel (int-n keys) holding a NaN gets a NaN scale (and zero) and
+# codes 0, as in the twin: GPUs' min/max drop NaN, which would store a finite scale and garbage codes.
+@triton.jit
+def _has_nan(x, axis: tl.constexpr):
+    """1 where the reduction of ``x`` along ``axis`` meets a NaN, else 0 (int32)."""
+    return tl.max(tl.where(x == x, 0, 1), axis=axis)
+
+
+@triton.jit
+def _code(v, lo: tl.constexpr, hi: tl.constexpr):
+    """``clamp(floor(v + 1/2), lo, hi)``, 0 where ``v`` is NaN."""
+    r = tl.floor(v + 0.5)
+    return tl.where(r == r, tl.minimum(tl.maximum(r, lo), hi), 0.0)
+
 BLOCK_T = 16  # tokens per program of the per-token writers
 
 
@@ -25,9 +40,10 @@ def _write_int8_rows(x_ptr, slot_ptr, codes_ptr, scale_ptr, T, stride_xt, stride
     tmask = t < T
     x = tl.load(x_ptr + t[:, None] * stride_xt + h * stride_xh + d[None, :], mask=tmask[:, None], other=0.0)
     x = x.to(tl.float32)
-    scale = tl.minimum(tl.maximum(tl.max(tl.abs(x), axis=1) / 127.0, SCALE_MIN), FP16_MAX).to(tl.float16)
+    scale = tl.minimum(tl.maximum(tl.max(tl.abs(x), axis=1) / 127.0, SCALE_MIN), FP16_MAX)
+    scale = tl.where(_has_nan(x, 1) > 0, float("nan"), scale).to(tl.float16)
     s = scale.to(tl.float32)
-    code = tl.minimum(tl.maximum(tl.floor(x / s[:, None] + 0.5), -127.0), 127.0)
+    code = _code(x / s[:, None], -127.0, 127.0)
     slot = tl.load(slot_ptr + t, mask=tmask, other=0).to(tl.int64)
     tl.store(codes_ptr + (slot[:, None] * NUM_KV_HEADS + h) * HEAD_DIM + d[None, :], code.to(tl.int8),
              mask=tmask[:, None])
@@ -102,17 +118,21 @@ def _write_v_intn_kernel(
     base = x_ptr + t[:, None] * stride_xt + h * stride_xh + j[None, :]
     lo = tl.full([BLOCK_T], float("inf"), tl.float32)
     hi = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    nan = tl.zeros([BLOCK_T], dtype=tl.int32)
     for f in tl.static_range(PER_BYTE):
         x = tl.load(base + f * DP, mask=tmask[:, None], other=0.0).to(tl.float32)
         lo = tl.minimum(lo, tl.min(x, axis=1))
         hi = tl.maximum(hi, tl.max(x, axis=1))
-    scale = tl.minimum(tl.maximum((hi - lo) / QMAX, SCALE_MIN), FP16_MAX).to(tl.float16)
-    zero = tl.minimum(tl.maximum(lo, -FP16_MAX), FP16_MAX).to(tl.float16)
+        nan = tl.maximum(nan, _has_nan(x, 1))
+    scale = tl.minimum(tl.maximum((hi - lo) / QMAX, SCALE_MIN), FP16_MAX)
+    zero = tl.minimum(tl.maximum(lo, -FP16_MAX), FP16_MAX)
+    scale = tl.where(nan > 0, float("nan"), scale).to(tl.float16)
+    zero = tl.where(nan > 0, float("nan"), zero).to(tl.float16)
     s, z = scale.to(tl.float32), zero.to(tl.float32)
     packed = tl.zeros([BLOCK_T, DP], dtype=tl.int32)
     for f in tl.static_range(PER_BYTE):
         x = tl.load(base + f * DP, mask=tmask[:, None], other=0.0).to(tl.float32)
-        code = tl.minimum(tl.maximum(tl.floor((x - z[:, None]) / s[:, None] + 0.5), 0.0), QMAX)
+        code = _code((x - z[:, None]) / s[:, None], 0.0, QMAX)
         packed = packed | (code.to(tl.int32) << (f * BITS))
     slot = tl.load(slot_ptr + t, mask=tmask, other=0).to(tl.int64)
     tl.store(codes_ptr + (slot[:, None] * NUM_KV_HEADS + h) * DP + j[None, :], packed.to(tl.uint8),
@@ -153,10 +173,13 @@ def _finalize_k_intn_kernel(
         xn = tl.load(new_base + f * DP, mask=(r >= old)[:, None], other=0.0).to(tl.float32)
         x = tl.where(staged[:, None], xs, xn)
         lo = tl.min(x, axis=0)
-        scale = tl.minimum(tl.maximum((tl.max(x, axis=0) - lo) / QMAX, SCALE_MIN), FP16_MAX).to(tl.float16)
-        zero = tl.minimum(tl.maximum(lo, -FP16_MAX), FP16_MAX).to(tl.float16)
+        nan = _has_nan(x, 0)
+        scale = tl.minimum(tl.maximum((tl.max(x, axis=0) - lo) / QMAX, SCALE_MIN), FP16_MAX)
+        zero = tl.minimum(tl.maximum(lo, -FP16_MAX), FP16_MAX)
+        scale = tl.where(nan > 0, float("nan"), scale).to(tl.float16)
+        zero = tl.where(nan > 0, float("nan"), zero).to(tl.float16)
         s, z = scale.to(tl.float32), zero.to(tl.float32)
-        code = tl.minimum(tl.maximum(tl.floor((x - z[None, :]) / s[None, :] + 0.5), 0.0), QMAX)
+        code = _code((x - z[None, :]) / s[None, :], 0.0, QMAX)
         packed = packed | (code.to(tl.int32) << (f * BITS))
         meta = (blk * NUM_KV_HEADS + h) * HEAD_DIM + f * DP + j
         tl.store(scale_ptr + meta, scale)

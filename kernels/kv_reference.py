@@ -137,6 +137,12 @@ def round_half_up(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x + 0.5)
 
 
+def nan_codes_to_zero(codes: torch.Tensor) -> torch.Tensor:
+    """Codes of a row (or channel) holding a NaN are 0 (its scale is NaN, so it dequantizes to NaN):
+    converting NaN to an integer is undefined, and GPUs' min/max would drop the NaN instead."""
+    return torch.where(codes.isnan(), 0.0, codes)
+
+
 def pack_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``[..., D]`` (each < 2**bits) -> uint8 ``[..., D / P]`` in planar order."""
     per_byte = 8 // bits
@@ -157,7 +163,7 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric over the last dim: int8 codes of x's shape, fp16 scale ``x.shape[:-1]``."""
     xf = x.float()
     scale = (xf.abs().amax(-1) / 127.0).clamp(SCALE_MIN, FP16_MAX).half()
-    codes = round_half_up(xf / scale.float().unsqueeze(-1)).clamp(-127, 127)
+    codes = nan_codes_to_zero(round_half_up(xf / scale.float().unsqueeze(-1)).clamp(-127, 127))
     return codes.to(torch.int8), scale
 
 
@@ -168,7 +174,7 @@ def quantize_asym(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, t
     qmax = (1 << bits) - 1
     scale = ((hi - lo) / qmax).clamp(SCALE_MIN, FP16_MAX).half()
     zero = lo.clamp(-FP16_MAX, FP16_MAX).half()
-    codes = round_half_up((xf - zero.float()) / scale.float()).clamp(0, qmax)
+    codes = nan_codes_to_zero(round_half_up((xf - zero.float()) / scale.float()).clamp(0, qmax))
     return codes.to(torch.int32), scale, zero
 
 

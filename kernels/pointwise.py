@@ -142,6 +142,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     m, k = x.shape
     if weight.shape != (k,) or x.stride(1) != 1:
         raise ValueError(f"rmsnorm needs x [M, {k}] with unit column stride and a weight of [{k}]")
+    weight = weight.contiguous()  # read at unit stride
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     if x.dtype not in _ROUNDING or out_dtype not in _ROUNDING:
         raise ValueError(f"rmsnorm takes float16/bfloat16/float32, got {x.dtype} and {weight.dtype}")

@@ -290,6 +290,9 @@ def _check(x: torch.Tensor, packed: torch.Tensor, ws: torch.Tensor, bias: torch.
         raise ValueError(f"weight_scale must be float32 [1] or [{n}], got {ws.dtype} {tuple(ws.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    # the kernels read vectors at unit stride: a strided (or expanded) one would be read wrong
+    if (ws.numel() > 1 and ws.stride(-1) != 1) or (bias is not None and bias.stride(0) != 1):
+        raise ValueError("weight_scale and bias must be contiguous (ternary_linear makes them so)")
     return m, n, q
 
 
@@ -422,7 +425,8 @@ def ternary_linear(x, packed, weight_scale, bias=None, out=None, *, act_int8=Tru
     buffer to fill (else new, of ``out_dtype`` or x's dtype). split_k/config: explicit launch parameters (tests, tuning);
     None = the fixed configs below (``BITSERVE_TRITON_AUTOTUNE=1``: Triton's autotuner for GEMM).
     """
-    weight_scale = weight_scale.reshape(-1).float()
+    weight_scale = weight_scale.reshape(-1).float().contiguous()
+    bias = None if bias is None else bias.contiguous()
     m, n, _ = _check(x, packed, weight_scale, bias)  # every path (dp4a, decode too)
     packed = rows_contiguous(packed)
     out = output_buffer(out, m, n, out_dtype or x.dtype, x.device)
@@ -449,7 +453,9 @@ def ternary_linear_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias=None,
     quantized rows (``"gemm"`` up to ``ternary_prefill.MIN_M`` tokens, ``"wide"`` above, as in
     :func:`ternary_linear`). Output in the norm's output dtype.
     With ``residual``: of ``h = x + residual``, added in the norm's kernel; returns ``(out, h)``."""
-    m, n, q = _check(x, packed, weight_scale.reshape(-1).float(), bias)
+    weight_scale = weight_scale.reshape(-1).float().contiguous()
+    bias = None if bias is None else bias.contiguous()
+    m, n, q = _check(x, packed, weight_scale, bias)
     packed = rows_contiguous(packed)
     out = output_buffer(out, m, n, torch.promote_types(norm_weight.dtype, x.dtype), x.device)
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -457,7 +463,6 @@ def ternary_linear_rmsnorm(x, norm_weight, eps, packed, weight_scale, bias=None,
         residual = residual if residual.stride(1) == 1 else residual.contiguous()
     if m == 0:
         return out if residual is None else (out, x + residual)
-    weight_scale = weight_scale.reshape(-1).float()
     quantized = tl_common.rmsnorm_quantize_int8(x, norm_weight, eps, residual)
     xq, sx, xsum = quantized[:3]
     if path is None:

@@ -329,8 +329,9 @@ def _sum_of_squares_rsqrt(x_row, res_row, h_row, K, eps, BLOCK_K: tl.constexpr, 
         if HAS_RES:
             tl.store(h_row + k0 + offs, v.to(h_row.dtype.element_ty), mask=k0 + offs < K)
         ss += v * v
-    ms = tl.sum(ss, axis=0) / K
-    return tl.math.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), tl.math.sqrt_rn(tl.zeros([BLOCK_K], tl.float32) + ms + eps))
+    zeros = tl.zeros([BLOCK_K], tl.float32)
+    ms = tl.math.div_rn(zeros + tl.sum(ss, axis=0), zeros + K)  # a plain "/" is div.full.f32 (2 ulp) on GPUs
+    return tl.math.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), tl.math.sqrt_rn(ms + eps))
 
 
 @triton.jit
@@ -391,6 +392,7 @@ def rmsnorm_quantize_int8(x: torch.Tensor, weight: torch.Tensor, eps: float, res
     m, k = x.shape
     if weight.shape != (k,):
         raise ValueError(f"norm weight must be [{k}], got {tuple(weight.shape)}")
+    weight = weight.contiguous()  # read at unit stride
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     if x.dtype not in _ROUNDING or out_dtype not in _ROUNDING:
         raise ValueError(f"rmsnorm_quantize_int8 takes float16/bfloat16/float32, got {x.dtype} and {weight.dtype}")

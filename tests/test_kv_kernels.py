@@ -206,6 +206,65 @@ def test_finalize_k_intn_matches_twin(bits):
     assert not torch.isnan(twin.k_scale[[7, 3, 40]]).any()
 
 
+def assert_same_storage_up_to_nan_bits(a: KVLayer, b: KVLayer) -> None:
+    """:func:`assert_same_storage` with every NaN made the same NaN first (the sign and payload of a
+    NaN that arithmetic produced differ between torch on the CPU and the kernel's explicit NaN)."""
+    for layer in (a, b):
+        for x in vars(layer).values():
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                x.masked_fill_(x.isnan(), float("nan"))
+    assert_same_storage(a, b)
+
+
+@pytest.mark.parametrize("kind,bits", [("int8", 8), ("values", 4), ("values", 2), ("keys", 4), ("keys", 2)])
+def test_rows_with_nan_quantize_like_the_twin(kind, bits):
+    """A row (per-token scales) or channel (int-n keys' per-block scales) holding a NaN gets a NaN
+    scale and codes 0, so it dequantizes to NaN in the kernel as in the twin. GPUs' min/max drop
+    NaN: without the explicit check the kernel stored a finite scale and garbage codes there (a
+    silently wrong key or value where the twin gives NaN); the other rows are untouched."""
+    gen = torch.Generator().manual_seed(40 + bits)
+    nan = float("nan")
+    if kind == "keys":
+        t = B
+        k_new = strided_rows(t, gen)
+        k_new[3, 1, 5] = nan  # channel 5 of head 1 in the block
+        fin = [torch.tensor([9], device=DEVICE), torch.tensor([-1], dtype=torch.int32, device=DEVICE),
+               torch.tensor([0], dtype=torch.int32, device=DEVICE), torch.tensor([0], device=DEVICE)]
+        twin = make_layer("intn", bits, gen, poison=True)
+        tri = clone(twin)
+        ref.finalize_k_intn(k_new, twin, *fin)
+        kv_quant.finalize_k_intn(k_new, tri, *fin)
+        assert_same_storage_up_to_nan_bits(twin, tri)
+        scale = tri.k_scale[9].float()
+        assert torch.isnan(scale[1, 5]) and torch.isnan(tri.k_zero[9, 1, 5].float())
+        assert int(torch.isnan(scale).sum()) == 1  # the other channels and head 0 keep finite scales
+        deq = ref.unpack_planar(tri.k[9], bits).float() * tri.k_scale[9].float() + tri.k_zero[9].float()
+        assert torch.isnan(deq[:, 1, 5]).all() and not torch.isnan(deq[:, 1, :5]).any()
+        return
+    t = 21
+    x = strided_rows(t, gen)
+    x[4, 0, 7] = nan
+    x[11, 1, 0] = nan
+    slots = random_slots(t, gen)
+    twin = make_layer("int8" if kind == "int8" else "intn", bits, gen, poison=True)
+    tri = clone(twin)
+    if kind == "int8":
+        ref.write_kv_int8(x, x, twin, slots)
+        kv_quant.write_kv_int8(x, x, tri, slots)
+        codes, scale = tri.v.view(-1, KVH, D)[slots], tri.v_scale.view(-1, KVH)[slots].float()
+    else:
+        ref.write_v_intn(x, twin, slots)
+        kv_quant.write_v_intn(x, tri, slots)
+        codes = ref.unpack_planar(tri.v.view(-1, KVH, D * bits // 8)[slots], bits)
+        scale = tri.v_scale.view(-1, KVH)[slots].float()
+        assert torch.equal(torch.isnan(tri.v_zero.view(-1, KVH)[slots].float()), torch.isnan(scale))
+    assert_same_storage_up_to_nan_bits(twin, tri)
+    bad = torch.zeros(t, KVH, dtype=torch.bool, device=DEVICE)
+    bad[4, 0] = bad[11, 1] = True
+    assert torch.equal(torch.isnan(scale), bad)
+    assert int(codes[bad].abs().sum()) == 0
+
+
 # -- attention ------------------------------------------------------------------------
 
 # (context length, new tokens): decodes at odd lengths and block boundaries, a prefill

@@ -840,6 +840,54 @@ def test_w2a8_row_with_nan_or_inf_is_nan_and_alone(path):
     torch.testing.assert_close(y[good], want[good], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["dp4a", "gemv", "gemm", "wide", "decode", "rmsnorm", "binary", "dual", "int8"])
+def test_strided_and_expanded_vectors_are_read_right(path):
+    """Scales, biases and norm weights that are views with a stride (a column of a matrix) or
+    broadcast (a per-tensor scale ``expand``-ed to N: stride 0, N elements) give the twin's result:
+    the kernels read vectors at unit stride, so the wrappers make them contiguous (an expanded
+    scale was read as N floats from a 1-element storage -- out of bounds on a GPU)."""
+    n, k, m = 40, 64, 9 if path in ("gemm", "wide") else 3
+    g = gen("strided-vectors", path)
+    x = torch.randn(m, k, generator=g)
+    column = lambda size: (torch.rand(size, 3, generator=g) + 0.5)[:, 1]  # noqa: E731  stride 3
+    bias = column(n)
+    assert bias.stride(0) == 3
+    if path in ("dp4a", "gemv", "gemm", "wide", "decode", "rmsnorm"):
+        tern = pack_ternary(torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8))
+        for ws in (column(n), (torch.rand(1, generator=g) + 0.5).expand(n)):
+            if path == "rmsnorm":
+                w = column(k)
+                y = ternary.ternary_linear_rmsnorm(x, w, 1e-5, tern, ws, bias)
+                want = reference.ternary_linear_w2a8_rmsnorm(x, w.contiguous(), 1e-5, tern, ws.contiguous(),
+                                                             bias.contiguous())
+            elif path == "decode":
+                y = ternary.ternary_linear(x, tern, ws, bias, act_int8=False, path=path)
+                want = reference_lowbit.ternary_linear_w2a16(x, tern, ws.contiguous(), bias.contiguous())
+            else:
+                y = ternary.ternary_linear(x, tern, ws, bias, path=path)
+                want = reference.ternary_linear_w2a8(x, tern, ws.contiguous(), bias.contiguous())
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        return
+    if path == "binary":
+        bits = pack_sign_bits(torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8))
+        gin, hout = column(k), column(n)
+        y = binary.binary_linear(x, bits, gin, hout, None, bias)
+        want = reference_lowbit.binary_linear_w1a16(x, bits, gin.contiguous(), hout.contiguous(), None,
+                                                    bias.contiguous())
+    elif path == "dual":
+        dual = pack_dual_binary(torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8),
+                                torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8), 32)
+        a1, a2 = torch.rand(n, k // 32, generator=g), torch.rand(n, k // 32, generator=g)
+        y = binary.dual_binary_linear(x, dual, a1, a2, 32, bias)
+        want = reference_lowbit.dual_binary_linear(x, dual, a1, a2, 32, bias.contiguous())
+    else:
+        q, s = quantize_weight_int8_rows(torch.randn(n, k, generator=g))
+        y = int8_head.int8_linear(x, q, s, bias)
+        want = reference_lowbit.int8_linear(x, q, s, bias.contiguous())
+    # (float accumulation in another order than the twin's; a misread vector is off by O(1))
+    torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)
+
+
 def test_dp4a_path_checks_scale_and_bias():
     kernel_x = torch.randn(2, 64)
     tern = pack_ternary(torch.randint(-1, 2, (40, 64), dtype=torch.int8))
