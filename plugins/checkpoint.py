@@ -150,6 +150,9 @@ class CheckpointReader:
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise CheckpointError(f"{index}: malformed index ('weight_map' must map tensor names to file names)")
             files = sorted({self.folder / f for f in weight_map.values()})
+            outside = [str(f) for f in files if not f.resolve().is_relative_to(self.folder.resolve())]
+            if outside:  # ("../x", "/etc/..."): a checkpoint reads only its own folder
+                raise CheckpointError(f"{index}: shard(s) outside the checkpoint folder: {', '.join(outside)}")
             missing = [str(f) for f in files if not f.exists()]
             if missing:
                 raise CheckpointError(f"{index}: shard(s) listed but missing: {', '.join(missing)}")

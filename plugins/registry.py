@@ -23,7 +23,7 @@ class PluginError(ValueError):
     """A format plugin failed where bitserve called it (the message names the plugin)."""
 
 
-def _builtin(cls: type) -> bool:
+def is_builtin(cls: type) -> bool:
     return cls.__module__.startswith("bitserve.")
 
 
@@ -47,6 +47,7 @@ class FormatRegistry:
         """Plugins by their class's ``name`` (what users pass as --format and what is reported;
         the entry point's own name only when the class sets none)."""
         found: dict[str, type[FormatPlugin]] = {}
+        origin = {}  # name -> the entry point it came from
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             try:
                 cls = ep.load()
@@ -65,11 +66,15 @@ class FormatRegistry:
                 log.warning("format plugin entry point %r (%s) names its format %r: use --format %s", ep.name,
                             ep.value, name, name)
             if name in found:
-                if found[name] is not cls:  # (the same distribution seen twice on sys.path is fine)
+                (kept, kept_ep), (dropped, dropped_ep) = (found[name], origin[name]), (cls, ep)
+                if is_builtin(cls) and not is_builtin(kept):  # a built-in format keeps its name
+                    (kept, kept_ep), (dropped, dropped_ep) = (dropped, dropped_ep), (kept, kept_ep)
+                if kept is not dropped:  # (the same distribution seen twice on sys.path is fine)
                     log.warning("format %r of entry point %r (%s) is already provided by %s.%s; ignored", name,
-                                ep.name, ep.value, found[name].__module__, found[name].__qualname__)
+                                dropped_ep.name, dropped_ep.value, kept.__module__, kept.__qualname__)
+                found[name], origin[name] = kept, kept_ep
                 continue
-            found[name] = cls
+            found[name], origin[name] = cls, ep
         return found
 
     def names(self) -> list[str]:
@@ -85,7 +90,7 @@ class FormatRegistry:
         try:
             return cls(config)
         except Exception as e:
-            if _builtin(cls):
+            if is_builtin(cls):
                 raise
             raise PluginError(f"format plugin {_plugin_label(cls)} failed to start: {type(e).__name__}: {e}") from e
 
@@ -93,7 +98,7 @@ class FormatRegistry:
         """The highest-priority plugin that claims the checkpoint."""
         ordered = sorted(self._plugins.items(), key=lambda kv: (-kv[1].priority, kv[0]))
         for _, cls in ordered:
-            if _builtin(cls):
+            if is_builtin(cls):
                 plugin = cls(config)
                 if plugin.detect(config, tensor_names, reader):
                     return plugin

@@ -59,7 +59,7 @@ class SourceCheckpoint:
         plugin = (registry or FormatRegistry()).detect(config, self.reader.names(), self.reader)
         if plugin.name not in SOURCE_FORMATS:
             raise CheckpointError(f"{self.folder}: is a '{plugin.name}' checkpoint; bitserve converts from dense "
-                                  f"checkpoints (any target) and ternary ones, bitnet or GGUF (to bitnet, "
+                                  f"checkpoints (to bitnet, onebit, fbi, dual_binary) and ternary ones, bitnet or GGUF (to bitnet, "
                                   f"dual_binary, dense or GGUF)")
         if plugin.name == "dense":
             refuse_latent_bitnet(config, self.folder)

@@ -95,10 +95,15 @@ class BitNetTarget(Target):
             _need(bool((weight.scale == weight.scale[0]).all()), source, spec,
                   "its rows have different scales, and the bitnet layout has one per tensor "
                   "(convert to dual_binary or dense instead)")
-            scale = weight.scale[:1].to(TORCH_DTYPES[self.options.scale_dtype])
-            if not torch.equal(scale.float(), weight.scale[:1]):
-                scale = weight.scale[:1].float()  # keep the conversion exact
-            tensors = {f"{spec.prefix}.weight": hf_pack_ternary(weight.t), f"{spec.prefix}.weight_scale": scale}
+            codes, common = weight.t, weight.scale[:1]
+            if common.item() < 0:  # (GGUF blocks may carry a negative d): the same weights, a positive scale
+                codes, common = -codes, -common
+            elif common.item() == 0:  # an all-zero matrix; the bitnet loader wants a positive scale
+                codes, common = torch.zeros_like(codes), torch.ones_like(common)
+            scale = common.to(TORCH_DTYPES[self.options.scale_dtype])
+            if not torch.equal(scale.float(), common):
+                scale = common.float()  # keep the conversion exact
+            tensors = {f"{spec.prefix}.weight": hf_pack_ternary(codes), f"{spec.prefix}.weight_scale": scale}
             return tensors, 0.0
         t, gamma = absmean_ternary(weight)
         scale = torch.tensor([gamma]).to(TORCH_DTYPES[self.options.scale_dtype])

@@ -127,9 +127,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, progress: bool
 def _run_gguf(args: argparse.Namespace) -> int:
     from bitserve.convert_gguf import write_gguf
 
-    dst = Path(args.dst)
-    if dst.resolve() == Path(args.src).resolve():
+    dst, src = Path(args.dst), Path(args.src)
+    if dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: the destination must not be the source")
+    if src.is_dir() and dst.resolve().is_relative_to(src.resolve()):  # a second .gguf there breaks the source
+        raise ValueError(f"{dst}: the destination must not be inside the source folder {src}")
+    if dst.is_dir():
+        raise ValueError(f"{dst}: is a folder; the GGUF destination is a file path (e.g. {dst / 'model.gguf'})")
     if dst.exists() and not args.overwrite:
         raise FileExistsError(f"{dst}: already exists (pass --overwrite to replace it)")
     write_gguf(args.src, dst, linear_type=GGUF_TARGETS[args.to], progress=args.progress)

@@ -132,6 +132,9 @@ class LLM:
              params: SamplingParams | list[SamplingParams] | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        if isinstance(messages, (dict, str)) or not isinstance(messages, Sequence):
+            raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts (or a list of such lists), "
+                            f"not {type(messages).__name__}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prepared = []
         for conv in conversations:
@@ -145,6 +148,10 @@ class LLM:
         ids = [int(t) for t in token_ids]
         if not ids:
             raise ValueError("token_ids is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:  # (an embedding lookup out of range is an IndexError on the CPU, a device assert on CUDA)
+            raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
         if len(ids) > self.max_model_len:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.max_model_len}")
         with on_device(self.core.runner.device):

@@ -8,6 +8,7 @@ the file's metadata; everything after that is the same path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -18,10 +19,10 @@ from tqdm.auto import tqdm
 
 from bitserve.model import LlamaForCausalLM
 from bitserve.model_config import ModelConfig, token_ids
-from bitserve.plugins.base import FormatPlugin
+from bitserve.plugins.base import FormatPlugin, LinearSpec, QuantLinear
 from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader, read_json_object, require_finite
 from bitserve.plugins.gguf_paths import find_gguf
-from bitserve.plugins.registry import FormatRegistry, PluginError
+from bitserve.plugins.registry import FormatRegistry, PluginError, is_builtin
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,34 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
     if path.exists():
         raise CheckpointError(f"{model}: not a checkpoint folder or a .gguf file")
     raise CheckpointError(f"{model}: checkpoint folder does not exist")
+
+
+def _plugin_overrides(plugin: FormatPlugin, hf_config: dict, path: Path) -> dict:
+    """``plugin.model_overrides(hf_config)``; a third-party plugin's failure names the plugin."""
+    try:
+        overrides = plugin.model_overrides(hf_config)
+        unknown = set(overrides or {}) - {f.name for f in dataclasses.fields(ModelConfig)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig override(s): {sorted(unknown)}")
+        return overrides
+    except Exception as e:
+        if isinstance(e, (CheckpointError, PluginError)) or is_builtin(type(plugin)):
+            raise
+        raise PluginError(f"{path}: format plugin '{plugin.name}' failed in model_overrides: "
+                          f"{type(e).__name__}: {e}") from e
+
+
+def check_plugin_layer(layer, specs: list[LinearSpec], plugin_name: str, where: str) -> None:
+    """What a plugin's ``load_linear`` returned must be a QuantLinear of the requested shape (the
+    specs' out_features summed, one in_features): anything else fails here, naming the plugin,
+    instead of inside the first forward pass."""
+    if not isinstance(layer, QuantLinear):
+        raise PluginError(f"{where}: format plugin '{plugin_name}' returned a {type(layer).__name__}, "
+                          f"not a QuantLinear")
+    want_out, want_in = sum(s.out_features for s in specs), specs[0].in_features
+    if (layer.out_features, layer.in_features) != (want_out, want_in):
+        raise PluginError(f"{where}: format plugin '{plugin_name}' returned a layer of {layer.out_features} x "
+                          f"{layer.in_features} (out x in); the model needs {want_out} x {want_in}")
 
 
 def refuse_latent_bitnet(hf_config: dict, path: Path) -> None:
@@ -138,7 +167,7 @@ def load_model(
     plugin = registry.get(format, hf_config) if format else registry.detect(hf_config, reader.names(), reader)
     if plugin.name == "dense" and not format:
         refuse_latent_bitnet(hf_config, path)
-    cfg = ModelConfig.from_hf(hf_config, plugin.model_overrides(hf_config), config_source(reader, path))
+    cfg = ModelConfig.from_hf(hf_config, _plugin_overrides(plugin, hf_config, path), config_source(reader, path))
     check_layer_count(reader, cfg.num_layers, path)
     gen_path = path / "generation_config.json"
     if path.is_dir() and gen_path.exists():
@@ -150,14 +179,16 @@ def load_model(
                disable=(not progress) if progress is not None else None, leave=False)
 
     def build_linear(specs):
+        names = ", ".join(s.prefix for s in specs)
         try:
             layer = plugin.load_linear(reader, specs, device=dev, dtype=torch_dtype)
-        except (ValueError, OSError):  # CheckpointError & co. already name the file and tensor
-            raise
         except Exception as e:  # e.g. a torch shape error inside a plugin: say whose, and where
-            names = ", ".join(s.prefix for s in specs)
+            if isinstance(e, (CheckpointError, PluginError, OSError)) or (isinstance(e, ValueError)
+                                                                          and is_builtin(type(plugin))):
+                raise  # they name the file and tensor (or the plugin) already
             raise PluginError(f"{path}: format plugin '{plugin.name}' failed to load {names}: "
                               f"{type(e).__name__}: {e}") from e
+        check_plugin_layer(layer, specs, plugin.name, f"{path}: {names}")
         bar.update(1)
         return layer
 

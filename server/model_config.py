@@ -57,6 +57,9 @@ class ModelConfig:
             )
         hidden = config_int(config, "hidden_size", source=source)
         heads = config_int(config, "num_attention_heads", source=source)
+        if config.get("head_dim") is None and hidden % heads:
+            raise CheckpointError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                                  "(and no head_dim is given)")
         values = dict(
             vocab_size=config_int(config, "vocab_size", source=source),
             hidden_size=hidden,
@@ -84,6 +87,7 @@ class ModelConfig:
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise CheckpointError(f"{source}: rope_scaling type '{rope_type}' is not supported ({SUPPORTED_ROPE_TYPES})")
+            _check_rope_scaling(rope_scaling, rope_type, f"{source}: rope_scaling")
         if values["num_heads"] % values["num_kv_heads"]:
             raise CheckpointError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
         values.update(
@@ -91,7 +95,7 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=dict(rope_scaling) if rope_scaling else None,
             max_position_embeddings=config_int(config, "max_position_embeddings", 2048, source=source),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_config_bool(config, "tie_word_embeddings", False, source),
             hidden_act=act,
             attn_sub_norm=is_bitnet,
             ffn_sub_norm=is_bitnet,
@@ -143,6 +147,28 @@ def config_int(config: dict, key: str, default=_REQUIRED, *, minimum: int | None
 def config_float(config: dict, key: str, default=_REQUIRED, *, source: str = "config.json"):
     """A positive number field of config.json; absent or null gives ``default``."""
     return _number(config, key, default, float, None, source)
+
+
+def _config_bool(config: dict, key: str, default: bool, source: str) -> bool:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):  # bool("false") is True
+        raise CheckpointError(f"{source}: {key} must be true or false, not {value!r}")
+    return value
+
+
+def _check_rope_scaling(scaling: dict, rope_type: str, where: str) -> None:
+    """The fields each scaling type reads, present and positive (a missing factor was a KeyError at
+    load, a factor of 0 NaN logits)."""
+    if rope_type in ("linear", "llama3"):
+        config_float(scaling, "factor", source=where)
+    if rope_type == "llama3":
+        low = config_float(scaling, "low_freq_factor", source=where)
+        high = config_float(scaling, "high_freq_factor", source=where)
+        config_float(scaling, "original_max_position_embeddings", source=where)
+        if not high > low:
+            raise CheckpointError(f"{where}: high_freq_factor ({high}) must be larger than low_freq_factor ({low})")
 
 
 def _config_dict(config: dict, key: str, source: str) -> dict:

@@ -36,9 +36,13 @@ class ChatTemplateError(ValueError):
     """The conversation cannot be rendered (no template, or the template refused it)."""
 
 
-def _token_text(value: Any) -> str | None:
+def _token_text(value: Any, key: str = "token") -> str | None:
+    """A special token's text from tokenizer_config.json: a string, an AddedToken object
+    (``{"content": ...}``) or null; CheckpointError for anything else (an id, a list)."""
     if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
-        return value.get("content")
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"tokenizer_config.json: {key} must be the token's text, not {value!r}")
     return value
 
 
@@ -80,8 +84,11 @@ class Tokenizer:
                 raise CheckpointError(f"{tokenizer_json}: cannot parse tokenizer: {e}") from e
             if gguf_file is not None:
                 self._from_gguf(gguf_file, build=False)  # special tokens and template the sidecar lacks
-        self.bos_token = _token_text(self.config.get("bos_token"))
-        self.eos_token = _token_text(self.config.get("eos_token"))
+        # the template's special-token variables, checked once here (a bad one is the checkpoint's fault)
+        self._special = {key: _token_text(self.config.get(key), key)
+                         for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.bos_token = self._special["bos_token"]
+        self.eos_token = self._special["eos_token"]
         self.chat_template = self._find_template(folder)
         self._template = None
 
@@ -188,10 +195,7 @@ class Tokenizer:
                 raise ChatTemplateError(f"messages[{i}] must be a dict with 'role' and 'content'")
             if m["role"] not in ROLES:
                 raise ChatTemplateError(f"messages[{i}].role '{m['role']}' is not one of {ROLES}")
-        special = {
-            key: _token_text(self.config.get(key))
-            for key in ("bos_token", "eos_token", "unk_token", "pad_token")
-        }
+        special = self._special
         try:
             return self._compiled().render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt, **special, **kwargs
@@ -200,6 +204,9 @@ class Tokenizer:
             raise
         except (jinja2.TemplateError, TypeError) as e:  # TypeError: the template's operations on a message's values
             raise ChatTemplateError(f"chat template failed: {e}") from e
+        except (ArithmeticError, LookupError, RecursionError, ValueError, AttributeError, MemoryError) as e:
+            # the template's own code (1/0, range(10**8), a macro calling itself, ...): its failure, not ours
+            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """Token ids of the rendered conversation (the template emits any special tokens itself)."""

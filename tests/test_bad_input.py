@@ -12,7 +12,7 @@ from bitserve.loader import load_model
 from bitserve.plugins.checkpoint import CheckpointError
 from bitserve.plugins.registry import UnknownFormatError
 from bitserve.sampling_params import SamplingParams
-from bitserve.tokenizer import Tokenizer
+from bitserve.tokenizer import ChatTemplateError, Tokenizer
 from tiny_checkpoints import bitnet_config, random_bitnet_state, write_bitnet_checkpoint
 
 Q = "model.layers.1.self_attn.q_proj"
@@ -191,6 +191,15 @@ def test_missing_config_field(ckpt):
     ("rms_norm_eps", 0, ["rms_norm_eps", "positive"]),
     ("rope_theta", float("nan"), ["rope_theta", "positive"]),
     ("rope_scaling", "linear", ["rope_scaling", "object"]),
+    ("rope_scaling", {"rope_type": "linear"}, ["rope_scaling", "'factor' is missing"]),
+    ("rope_scaling", {"rope_type": "linear", "factor": 0}, ["rope_scaling", "factor must be positive"]),
+    ("rope_scaling", {"rope_type": "linear", "factor": -2.0}, ["rope_scaling", "factor must be positive"]),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}, ["rope_scaling", "'low_freq_factor' is missing"]),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192}, ["high_freq_factor (1.0) must be larger"]),
+    ("tie_word_embeddings", "false", ["tie_word_embeddings", "true or false"]),
+    ("hidden_size", 63, ["hidden_size 63 is not a multiple of num_attention_heads"]),
     ("eos_token_id", "x", ["eos_token_id", "token id"]),
     ("quantization_config", "bitnet", ["quantization_config", "object"]),
 ])
@@ -364,6 +373,44 @@ def test_llm_prompt_too_long(llm):
 def test_llm_token_ids_out_of_range(llm, ids):
     with pytest.raises(ValueError, match="out of range"):
         llm.generate([ids], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="out of range"):  # (was an IndexError from the embedding)
+        llm.logits(ids)
+
+
+def test_llm_chat_wants_a_list_of_messages(llm):
+    with pytest.raises(TypeError, match="list of"):
+        llm.chat({"role": "user", "content": "hi"})
+
+
+def test_shards_outside_the_checkpoint_folder_are_refused(tmp_path):
+    config = bitnet_config(num_hidden_layers=1)
+    folder = write_bitnet_checkpoint(tmp_path / "sharded", config, random_bitnet_state(config, 9), shards=2)
+    index = folder / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    (folder / "model-00002-of-00002.safetensors").rename(outside)
+    doc["weight_map"] = {k: ("../elsewhere.safetensors" if v.endswith("00002.safetensors") else v)
+                         for k, v in doc["weight_map"].items()}
+    index.write_text(json.dumps(doc))
+    _load_fails(folder, CheckpointError, str(index), "outside the checkpoint folder", "elsewhere.safetensors")
+
+
+@pytest.mark.parametrize("template", ["{{ 1 / 0 }}", "{% for i in range(10**9) %}{% endfor %}",
+                                      "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"])
+def test_chat_templates_that_fail_in_their_own_code(ckpt, template):
+    """A template's own runtime error (division by zero, a range too large, endless recursion) is
+    a ChatTemplateError naming it (INVALID_ARGUMENT over gRPC), not an internal error."""
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    with pytest.raises(ChatTemplateError, match="chat template failed"):
+        Tokenizer(ckpt).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_special_token_that_is_not_text(ckpt):
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": 5}))
+    with pytest.raises(CheckpointError, match="eos_token must be the token's text, not 5"):
+        Tokenizer(ckpt)
 
 
 def test_llm_empty_prompt(llm):

@@ -506,6 +506,44 @@ def test_gguf_to_bitnet_round_trip_is_exact(tmp_path, kind):
     assert [o.text for o in back.chat(messages, params)] == [o.text for o in original.chat(messages, params)]
 
 
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+def test_ternary_with_a_negative_or_zero_scale_repacks_to_a_loadable_bitnet_layer(scale):
+    """A ternary source (a GGUF whose blocks all carry d = -0.5, or an all-zero matrix) becomes the
+    same weights with a positive scale: the bitnet loader refuses scales <= 0, and the conversion
+    once wrote them as they were ("max error 0.0", then a checkpoint that does not load)."""
+    from bitserve.convert_options import ConvertOptions
+    from bitserve.convert_source import Ternary
+    from bitserve.convert_targets import BitNetTarget
+    from bitserve.kernels.packing import hf_unpack_ternary
+    from bitserve.plugins.base import LinearSpec
+
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(-1, 2, (8, 16), generator=g, dtype=torch.int8)
+    weight = Ternary(t, torch.full((8,), scale))
+    spec = LinearSpec("model.layers.0.mlp.down_proj", 8, 16)
+    tensors, err = BitNetTarget(ConvertOptions()).linear(spec, weight, source=None)
+    stored = tensors[f"{spec.prefix}.weight_scale"].float()
+    assert err == 0.0 and stored.item() > 0
+    codes = hf_unpack_ternary(tensors[f"{spec.prefix}.weight"]).reshape(8, 16)
+    assert torch.equal(codes.float() * stored, weight.dequantize())
+
+
+def test_gguf_destination_inside_the_source_folder_is_refused(tmp_path, capsys):
+    import shutil
+
+    from bitserve.cli import main
+    from bitserve.demo import DEMO_MODEL_PATH
+
+    src = tmp_path / "demo"
+    shutil.copytree(DEMO_MODEL_PATH, src)
+    assert main(["convert", str(src), str(src / "out.gguf"), "--to", "gguf-tq1_0", "--no-progress"]) == 2
+    assert "inside the source folder" in capsys.readouterr().err and not (src / "out.gguf").exists()
+    (tmp_path / "a_folder").mkdir()
+    assert main(["convert", str(src), str(tmp_path / "a_folder"), "--to", "gguf-tq1_0", "--overwrite",
+                 "--no-progress"]) == 2
+    assert "is a folder; the GGUF destination is a file path" in capsys.readouterr().err
+
+
 def _damaged(tmp_path, dense, name, change_tensors=None, change_config=None):
     import shutil
 

@@ -230,3 +230,78 @@ def test_plugin_failures_name_the_plugin(dense_folder):
     assert str(dense_folder) in str(err.value)
     with pytest.raises(registry_mod.PluginError, match=r"'init_raises' .*failed to start: RuntimeError: cannot start"):
         reg.get("init_raises")
+
+
+class ImpostorBitNet(DenseFormat):
+    """A third-party class claiming the built-in name "bitnet"."""
+
+    name = "bitnet"
+
+
+def test_a_built_in_format_keeps_its_name(monkeypatch, caplog, bitnet_folder):
+    """A third-party plugin met first (earlier on sys.path) under a built-in's name does not
+    replace the built-in: it is the one ignored, with a warning naming its entry point."""
+    installed(monkeypatch, ("impostor", f"{__name__}:ImpostorBitNet"), ("bitnet", "bitserve.plugins.bitnet:BitNetFormat"),
+              ("dense", "bitserve.plugins.dense:DenseFormat"))
+    with caplog.at_level(logging.WARNING, logger=registry_mod.__name__):
+        reg = FormatRegistry()
+    assert type(reg.get("bitnet")) is BitNetFormat
+    assert "'impostor'" in caplog.text and "already provided by bitserve.plugins.bitnet.BitNetFormat" in caplog.text
+    assert _detect(bitnet_folder, reg).name == "bitnet"
+
+
+class WrongShape(DenseFormat):
+    name = "wrong_shape"
+    priority = 100
+
+    def load_linear(self, reader, specs, *, device, dtype):
+        layer = super().load_linear(reader, specs, device=device, dtype=dtype)
+        layer.out_features += 1  # claims one output too many
+        return layer
+
+
+class NotAQuantLinear(DenseFormat):
+    name = "plain_linear"
+    priority = 100
+
+    def load_linear(self, reader, specs, *, device, dtype):
+        return torch.nn.Linear(specs[0].in_features, sum(s.out_features for s in specs))
+
+
+class OverridesRaise(DenseFormat):
+    name = "overrides_raise"
+    priority = 100
+
+    def model_overrides(self, config):
+        raise RuntimeError("no overrides today")
+
+
+class OverridesUnknown(DenseFormat):
+    name = "overrides_unknown"
+    priority = 100
+
+    def model_overrides(self, config):
+        return {"not_a_field": 1}
+
+
+class LoadValueError(DenseFormat):
+    name = "load_value_error"
+    priority = 100
+
+    def load_linear(self, reader, specs, *, device, dtype):
+        raise ValueError("odd tensor")
+
+
+@pytest.mark.parametrize("plugin,words", [
+    (WrongShape, r"'wrong_shape' returned a layer of \d+ x \d+ \(out x in\); the model needs"),
+    (NotAQuantLinear, r"'plain_linear' returned a Linear, not a QuantLinear"),
+    (OverridesRaise, r"'overrides_raise' failed in model_overrides: RuntimeError: no overrides today"),
+    (OverridesUnknown, r"'overrides_unknown' failed in model_overrides: ValueError: unknown ModelConfig override"),
+    (LoadValueError, r"'load_value_error' failed to load model\.layers\.0\.self_attn\.q_proj.*ValueError: odd tensor"),
+])
+def test_what_a_plugin_returns_or_raises_is_checked_and_named(dense_folder, plugin, words):
+    """A third-party plugin's layer of the wrong shape or type fails at load (it loaded, then broke
+    the first forward pass), and its errors in model_overrides or load_linear name the plugin."""
+    reg = FormatRegistry({"dense": DenseFormat, plugin.name: plugin})
+    with pytest.raises(registry_mod.PluginError, match=words):
+        load_model(dense_folder, registry=reg, device="cpu", dtype="float32")
