@@ -38,14 +38,16 @@ class FormatRegistry:
     """
 
     def __init__(self, plugins: Mapping[str, type[FormatPlugin]] | None = None):
+        self._unusable: dict[str, str] = {}  # entry point name -> why it was skipped (for --format NAME)
         if plugins is None:
-            plugins = self._from_entry_points()
+            plugins = self._from_entry_points(self._unusable)
         self._plugins = dict(plugins)
 
     @staticmethod
-    def _from_entry_points() -> dict[str, type[FormatPlugin]]:
+    def _from_entry_points(unusable: dict[str, str]) -> dict[str, type[FormatPlugin]]:
         """Plugins by their class's ``name`` (what users pass as --format and what is reported;
-        the entry point's own name only when the class sets none)."""
+        the entry point's own name only when the class sets none). ``unusable`` gets the entry
+        points that failed to import, by name."""
         found: dict[str, type[FormatPlugin]] = {}
         origin = {}  # name -> the entry point it came from
         for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -53,6 +55,7 @@ class FormatRegistry:
                 cls = ep.load()
             except Exception as e:  # a broken third-party plugin must not break loading
                 log.warning("format plugin %r (%s) failed to import: %s", ep.name, ep.value, e)
+                unusable[ep.name] = f"failed to import ({ep.value}): {type(e).__name__}: {e}"
                 continue
             if not (isinstance(cls, type) and issubclass(cls, FormatPlugin)):
                 log.warning("entry point %r (%s) is not a FormatPlugin subclass; ignored", ep.name, ep.value)
@@ -85,6 +88,9 @@ class FormatRegistry:
 
     def get(self, name: str, config: dict | None = None) -> FormatPlugin:
         cls = self._plugins.get(name)
+        if cls is None and name in self._unusable:
+            raise UnknownFormatError(f"format plugin '{name}' is installed but {self._unusable[name]}; "
+                                     f"usable formats: {self._installed()}")
         if cls is None:
             raise UnknownFormatError(f"unknown format '{name}'; installed formats: {self._installed()}")
         try:

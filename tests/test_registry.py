@@ -149,8 +149,11 @@ def test_broken_entry_point_is_skipped(monkeypatch, caplog):
     assert type(reg.get("dense")) is DenseFormat
     text = caplog.text
     assert "broken" in text and "notaplugin" in text and "raises" in text
-    with pytest.raises(UnknownFormatError, match="installed formats: bitnet, dense"):
+    with pytest.raises(UnknownFormatError, match="'broken' is installed but failed to import .*ModuleNotFoundError"
+                                                 ".*usable formats: bitnet, dense"):
         reg.get("broken")
+    with pytest.raises(UnknownFormatError, match="unknown format 'nope'; installed formats: bitnet, dense"):
+        reg.get("nope")
 
 
 class RenamedFormat(DenseFormat):
