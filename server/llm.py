@@ -72,14 +72,24 @@ class LLM:
             return [prompts]
         return list(prompts)
 
+    @staticmethod
+    def _per_prompt(value, count: int, what: str) -> list:
+        """``value`` for each of ``count`` prompts: a list of that length, or one value for all."""
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+        if len(values) != count:
+            raise ValueError(f"got {len(values)} {what} for {count} prompts")
+        return values
+
     def _run(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams | list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
-        param_list = params if isinstance(params, list) else [params] * len(prompts)
-        if len(param_list) != len(prompts):
-            raise ValueError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts")
+             use_tqdm: bool, priority: int | list[int] = 0,
+             cache_salt: str | None | list[str | None] = None) -> list[RequestOutput]:
+        param_list = self._per_prompt(params, len(prompts), "SamplingParams")
+        priorities = self._per_prompt(priority, len(prompts), "priorities")
+        salts = self._per_prompt(cache_salt, len(prompts), "cache salts")
         ids = [str(self._counter + i) for i in range(len(prompts))]
+        extra = {rid: (pr, salt) for rid, pr, salt in zip(ids, priorities, salts)}
         for rid, (_, prompt_ids), p in zip(ids, prompts, param_list):  # refuse a bad one before any runs
-            self.core.validate(EngineRequest(rid, prompt_ids, p))
+            self.core.validate(EngineRequest(rid, prompt_ids, p, *extra[rid]))
         self._counter += len(prompts)
         results = {rid: RequestOutput(text, prompt_ids, [CompletionOutput(i, "", [], "") for i in range(p.n)])
                    for rid, (text, prompt_ids), p in zip(ids, prompts, param_list)}
@@ -91,7 +101,7 @@ class LLM:
             while pending or self.engine.has_unfinished():
                 while pending and self.core.stats().num_waiting + pending[0][2].n <= max_queue:
                     rid, (_, prompt_ids), p = pending.popleft()
-                    self.engine.add_request(rid, prompt_ids, p)
+                    self.engine.add_request(rid, prompt_ids, p, *extra[rid])
                 for delta in self.engine.step():
                     self._accumulate(results[delta.request_id], delta, bar)
         except BaseException:  # interrupted (Ctrl-C) or failed: nothing stays queued
@@ -122,16 +132,21 @@ class LLM:
 
     # -- API ----------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids), all batched through the engine."""
+                 use_tqdm: bool = False, priority: int | list[int] = 0,
+                 cache_salt: str | None | list[str | None] = None) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids), all batched through the engine. ``priority``
+        (lower first, with ``scheduling_policy="priority"``) and ``cache_salt`` (prefix-cache
+        tenant): one for all prompts or a list, one per prompt."""
         batch = self._as_batch(prompts)
         prepared = [(p if isinstance(p, str) else None, self._prompt_ids(p)) for p in batch]
-        return self._run(prepared, params or SamplingParams(), use_tqdm)
+        return self._run(prepared, params or SamplingParams(), use_tqdm, priority, cache_salt)
 
     def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
              params: SamplingParams | list[SamplingParams] | None = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them."""
+             add_generation_prompt: bool = True, use_tqdm: bool = False, priority: int | list[int] = 0,
+             cache_salt: str | None | list[str | None] = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them
+        (``priority`` and ``cache_salt`` as in :meth:`generate`)."""
         if isinstance(messages, (dict, str)) or not isinstance(messages, Sequence):
             raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts (or a list of such lists), "
                             f"not {type(messages).__name__}")
@@ -140,7 +155,7 @@ class LLM:
         for conv in conversations:
             text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
             prepared.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
-        return self._run(prepared, params or SamplingParams(), use_tqdm)
+        return self._run(prepared, params or SamplingParams(), use_tqdm, priority, cache_salt)
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """float32 ``[len, vocab]`` next-token logits at every position of one sequence

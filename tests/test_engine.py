@@ -103,6 +103,34 @@ def test_prefix_cache_hits_and_salt(tiny_model, kv_dtype):
     assert all_blocks_free(llm)
 
 
+def test_llm_takes_priority_and_cache_salt_per_prompt(tiny_model):
+    """``LLM.generate(..., priority=, cache_salt=)`` as in vLLM: one value for all prompts or one per
+    prompt, reaching the engine (priority order under the priority policy; salts keep tenants apart)."""
+    llm = make_llm(tiny_model, scheduling_policy="priority", max_num_seqs=1)
+    prompt = random_prompts(1, seed=5, lo=37, hi=37)[0]
+    first = llm.generate([prompt], GREEDY, cache_salt="tenant-a")[0]
+    other, same = llm.generate([prompt, prompt], GREEDY, cache_salt=["tenant-b", "tenant-a"])
+    assert (first.num_cached_tokens, other.num_cached_tokens) == (0, 0) and same.num_cached_tokens >= 32
+    assert same.token_ids == other.token_ids == first.token_ids
+    finished = []
+    step = llm.engine.step
+
+    def recording_step():
+        deltas = step()
+        finished.extend(int(d.request_id) for d in deltas if d.finished)
+        return deltas
+
+    llm.engine.step = recording_step
+    prompts = random_prompts(3, seed=6)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), priority=[5, 1, 3])
+    assert [o.prompt_token_ids for o in outs] == prompts  # results in input order
+    base = min(finished)
+    assert [r - base for r in finished] == [1, 2, 0]  # one at a time, lowest priority value first
+    with pytest.raises(ValueError, match="2 priorities for 3 prompts"):
+        llm.generate(prompts, GREEDY, priority=[1, 2])
+    assert all_blocks_free(llm)
+
+
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("budget", [512, 16])
 def test_requests_sharing_a_prompt_compute_it_once(tiny_model, kv_dtype, budget):

@@ -360,6 +360,37 @@ def test_metrics_count_what_was_sent(server):
     assert delta("bitserve_grpc_server_handled_total", handled) == 3
 
 
+def test_choices_ended_by_a_stop_string_are_timed(server):
+    """A choice the front end ends on a stop string (the engine never saw it finish) carries its
+    timings: it is in the latency histograms and its usage has TTFT and e2e (they were left out,
+    so the TTFT metrics covered only requests that ended on length or EOS)."""
+    stub = server.stub()
+    base = stub.Chat(chat_request("timing", temperature=0.0, max_tokens=12, ignore_eos=True), timeout=30)
+    text = base.choices[0].text
+    assert len(text) >= 6, text
+    stop = text[len(text) // 2 - 2: len(text) // 2]
+
+    def ttft_and_e2e_counts():
+        counts = {}
+        for fam in text_string_to_metric_families(server.metrics.render().decode()):
+            for s in fam.samples:
+                if s.name in ("bitserve_time_to_first_token_seconds_count", "bitserve_e2e_request_latency_seconds_count"):
+                    counts[s.name] = s.value
+        return counts
+
+    wait_all_blocks_free(stub)
+    before = ttft_and_e2e_counts()
+    request = chat_request("timing", temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop])
+    reply = stub.Chat(request, timeout=30)
+    events = list(stub.ChatStream(request, timeout=30))
+    after = ttft_and_e2e_counts()
+    for choice, usage in ((reply.choices[0], reply.usage), (events[-1].end, events[-1].end.usage)):
+        assert choice.finish_reason == pb.FINISH_REASON_STOP_STRING and choice.stop_string == stop
+        assert 0 < usage.ttft_s <= usage.e2e_time_s
+    assert {k: after[k] - before[k] for k in after} == {k: 2 for k in after}
+    wait_all_blocks_free(stub)
+
+
 def test_health_and_drain(tiny_model):
     srv = ServerThread(tiny_model, start=False)
     try:

@@ -310,9 +310,9 @@ class EngineCore:
                 self._prompt_tokens += len(req.prompt_token_ids)
             timings.last_token = now
             stop = scheduler.check_stop(req, token)
-            if stop is None:
+            if stop is None:  # (timings too: the front end may end it on a stop string)
                 deltas.append(TokenDelta(req.request_id, [token], [result], None, None, len(req.prompt_token_ids),
-                                         req.num_cached_tokens))
+                                         req.num_cached_tokens, timings))
             else:
                 scheduler.finish(req, *stop)
                 self._release(req.request_id)

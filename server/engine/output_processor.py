@@ -7,6 +7,8 @@ reason STOP and the caller aborts the core request (its later tokens are dropped
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
 
 from bitserve.engine.core import EngineRequest, TokenDelta
@@ -49,6 +51,15 @@ class _Choice:
     detokenizer: IncrementalDetokenizer
     num_tokens: int = 0
     finished: bool = False
+    timings: Timings | None = None  # the newest the engine sent
+
+
+def _ended(timings: Timings | None) -> Timings | None:
+    """A copy of ``timings`` finished now (the engine's own object goes on changing until the abort
+    reaches it, in this process; its ``finished`` is set only when the engine ends the request)."""
+    if timings is None:
+        return None
+    return dataclasses.replace(timings, finished=time.monotonic())
 
 
 class RequestState:
@@ -92,11 +103,16 @@ class RequestState:
             text += choice.detokenizer.finish()
             if choice.detokenizer.stop_reason is not None:  # completed by the held-back text
                 reason, stop_reason = FinishReason.STOP, choice.detokenizer.stop_reason
+        if delta.timings is not None:
+            choice.timings = delta.timings
+        timings = choice.timings
         if reason is not None:
             choice.finished = True
+            if not delta.finished:  # ended here (stop string), not by the engine: a snapshot, ended now
+                timings = _ended(timings)
         return CompletionDelta(
             self.request_id, choice.index, text, list(token_ids), list(samples), reason, stop_reason,
-            delta.num_prompt_tokens, delta.num_cached_tokens, choice.num_tokens, delta.timings,
+            delta.num_prompt_tokens, delta.num_cached_tokens, choice.num_tokens, timings,
         ), abort_core
 
     def abort_all(self, reason: FinishReason = FinishReason.ABORT) -> list[CompletionDelta]:
@@ -107,5 +123,5 @@ class RequestState:
                 choice.finished = True
                 out.append(CompletionDelta(self.request_id, choice.index, "", [], finish_reason=reason,
                                            num_prompt_tokens=self.num_prompt_tokens,
-                                           num_output_tokens=choice.num_tokens))
+                                           num_output_tokens=choice.num_tokens, timings=_ended(choice.timings)))
         return out
