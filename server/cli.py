@@ -172,8 +172,8 @@ def _remote_answerer(args: argparse.Namespace, hint: str):
                       f"(start one with 'bitserve serve', or use --local)") from None
     ignored = _local_only_flags(args)
     if ignored:
-        print(f"note: {', '.join(ignored)} only apply with --local; the server at {args.address} serves its own "
-              f"model", file=sys.stderr)
+        print(f"note: ignored without --local: {', '.join(ignored)} (the server at {args.address} serves its "
+              f"own model)", file=sys.stderr)
     print(f"connected to {args.address}: '{info.name}' ({info.format}, {info.bits_per_weight:.2f} bits/weight)."
           f"{hint}", file=sys.stderr)
     params = dataclass_from_args(SamplingParams, args, seed=None)  # the same checks as --local

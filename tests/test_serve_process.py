@@ -173,7 +173,7 @@ def test_remote_chat_names_what_it_ignores_and_a_refused_token(monkeypatch, caps
     monkeypatch.setattr(client, "ChatClient", FakeClient)
     assert cli.main(["chat", "-m", "hi", "--model", "nope", "--dtype", "float32"]) == 0
     err = capsys.readouterr().err
-    assert "note: --model, --dtype only apply with --local" in err and "/reset" not in err
+    assert "note: ignored without --local: --model, --dtype" in err and "/reset" not in err
     assert cli.main(["chat", "-m", "hi"]) == 0
     assert "note:" not in capsys.readouterr().err
     refuse.append(True)
