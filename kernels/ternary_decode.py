@@ -6,8 +6,8 @@ holds, for each slab ``s``, the codes of columns ``s*Q + 4w .. s*Q + 4w + 3``, o
 bit ``2s`` of the byte. So ``(W >> 2s) & 0x03030303`` is four int8 codes, and the matching four
 activations are word ``s*Q/4 + w`` of the row's int8 activations, read as int32. One ``dp4a``
 (``dp4a.u32.s32``: four uint8 codes times four int8 activations, summed into an int32) then does
-four multiply-adds, so a word of 16 weights costs one shift, four masks and four ``dp4a`` instead of ~60 integer instructions
-unpacking bytes -- the first GEMV (:mod:`bitserve.kernels.ternary`) compiled to ~3.6 instructions
+four multiply-adds, so a word of 16 weights costs one shift, four masks and four ``dp4a`` instead
+of ~60 integer instructions unpacking bytes -- the first GEMV (:mod:`bitserve.kernels.ternary`) compiled to ~3.6 instructions
 and an eighth of a shared-memory barrier per weight, and ran at 8-16% of copy bandwidth on an H100.
 
 Activations arrive quantized (``int8[M, K]`` + ``s_x``, :func:`bitserve.kernels.tl_common.quantize_int8`):

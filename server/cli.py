@@ -152,7 +152,7 @@ def _local_answerer(args: argparse.Namespace, hint: str):
 def _local_only_flags(args: argparse.Namespace) -> list[str]:
     """The model-loading flags given on the command line (they apply only with --local)."""
     return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(ModelLoadConfig)
-            if hasattr(args, f.name) and getattr(args, f.name) != ModelLoadConfig.__dataclass_fields__[f.name].default]
+            if hasattr(args, f.name) and getattr(args, f.name) != f.default]
 
 
 def _remote_answerer(args: argparse.Namespace, hint: str):

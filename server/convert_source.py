@@ -59,8 +59,8 @@ class SourceCheckpoint:
         plugin = (registry or FormatRegistry()).detect(config, self.reader.names(), self.reader)
         if plugin.name not in SOURCE_FORMATS:
             raise CheckpointError(f"{self.folder}: is a '{plugin.name}' checkpoint; bitserve converts from dense "
-                                  f"checkpoints (to bitnet, onebit, fbi, dual_binary) and ternary ones, bitnet or GGUF (to bitnet, "
-                                  f"dual_binary, dense or GGUF)")
+                                  f"checkpoints (to bitnet, onebit, fbi, dual_binary) and ternary ones, bitnet "
+                                  f"or GGUF (to bitnet, dual_binary, dense or GGUF)")
         if plugin.name == "dense":
             refuse_latent_bitnet(config, self.folder)
         # a ternary GGUF converts like a bitnet checkpoint: the same layers, the same W2A8 semantics

@@ -8,7 +8,6 @@ the file's metadata; everything after that is the same path.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bitserve.model import LlamaForCausalLM
-from bitserve.model_config import ModelConfig, token_ids
+from bitserve.model_config import ModelConfig, check_overrides, token_ids
 from bitserve.plugins.base import FormatPlugin, LinearSpec, QuantLinear
 from bitserve.plugins.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader, read_json_object, require_finite
 from bitserve.plugins.gguf_paths import find_gguf
@@ -75,9 +74,7 @@ def _plugin_overrides(plugin: FormatPlugin, hf_config: dict, path: Path) -> dict
     """``plugin.model_overrides(hf_config)``; a third-party plugin's failure names the plugin."""
     try:
         overrides = plugin.model_overrides(hf_config)
-        unknown = set(overrides or {}) - {f.name for f in dataclasses.fields(ModelConfig)}
-        if unknown:
-            raise ValueError(f"unknown ModelConfig override(s): {sorted(unknown)}")
+        check_overrides(overrides or {})
         return overrides
     except Exception as e:
         if isinstance(e, (CheckpointError, PluginError)) or is_builtin(type(plugin)):

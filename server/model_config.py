@@ -105,9 +105,7 @@ class ModelConfig:
             eos_token_ids=token_ids(config.get("eos_token_id"), f"{source}: eos_token_id"),
         )
         if overrides:
-            unknown = set(overrides) - {f.name for f in fields(cls)}
-            if unknown:
-                raise ValueError(f"unknown ModelConfig override(s): {sorted(unknown)}")
+            check_overrides(overrides)
             values.update(overrides)
         return cls(**values)
 
@@ -117,6 +115,13 @@ class ModelConfig:
 
 
 _REQUIRED = object()
+
+
+def check_overrides(overrides: dict) -> None:
+    """ValueError naming the keys of a plugin's ``model_overrides`` that are not ModelConfig fields."""
+    unknown = set(overrides) - {f.name for f in fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"unknown ModelConfig override(s): {sorted(unknown)}")
 
 
 def _number(config: dict, key: str, default, kind: type, minimum, source: str):
